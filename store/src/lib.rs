@@ -1,0 +1,299 @@
+//! `em-store` owns persistence: the [`Store`] trait that every other crate talks to, and its two
+//! backends on `sqlx` — PostgreSQL (TimescaleDB hypertables when the extension exists, native
+//! time partitioning otherwise) and SQLite (the embedded default). Migrations, batched fix writes,
+//! alert + outbox transactions, the append-only audit log and retention live here. One
+//! conformance suite runs against both backends.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use em_model::*;
+use serde::{Deserialize, Serialize};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid data: {0}")]
+    Invalid(String),
+}
+
+/// A record as stored: the normalised record plus the subject it was attributed to
+/// (resolved through the assignment history at `device_time`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub subject_id: Option<SubjectId>,
+    pub record: Record,
+}
+
+/// One point of a subject's trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrailPoint {
+    pub device_id: DeviceId,
+    pub device_time: DateTime<Utc>,
+    pub received_time: DateTime<Utc>,
+    pub position: Position,
+    pub battery_pct: Option<u8>,
+}
+
+/// Latest known state of a subject's device, for the map and the subject page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatestState {
+    pub subject_id: SubjectId,
+    pub device_id: DeviceId,
+    pub last_contact: DateTime<Utc>,
+    pub position: Option<Position>,
+    pub position_time: Option<DateTime<Utc>>,
+    pub battery_pct: Option<u8>,
+    pub charging: Option<bool>,
+    pub beacon_in_range: Option<bool>,
+    pub strap_ok: Option<bool>,
+    pub case_ok: Option<bool>,
+}
+
+/// A new alert, or a repeat of an ongoing one (same subject + kind + zone while not resolved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAlert {
+    pub subject_id: SubjectId,
+    pub device_id: Option<DeviceId>,
+    pub kind: AlertKind,
+    pub severity: Severity,
+    pub zone_id: Option<ZoneId>,
+    pub message: String,
+    pub at: DateTime<Utc>,
+    pub evidence: serde_json::Value,
+}
+
+/// A change to an existing alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AlertUpdate {
+    Acknowledge {
+        by: UserId,
+        at: DateTime<Utc>,
+    },
+    Resolve {
+        by: Option<UserId>,
+        at: DateTime<Utc>,
+        code: String,
+        note: Option<String>,
+    },
+    /// The condition ended on its own (evidence time); the alert stays open for a human
+    /// unless the rules resolve it automatically (then `Resolve` follows with `by: None`).
+    ConditionEnded {
+        at: DateTime<Utc>,
+    },
+    Escalate {
+        at: DateTime<Utc>,
+    },
+}
+
+/// Result of [`Store::raise_alert`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RaisedAlert {
+    pub alert: Alert,
+    /// False when the raise was folded into an existing ongoing alert (a repeat).
+    pub created: bool,
+}
+
+/// One message waiting in the transactional outbox (OMS delivery, MQTT publication).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    pub id: i64,
+    /// Delivery channel, e.g. "oms".
+    pub channel: String,
+    /// Deliveries for one ordering key (the subject) go out in id order.
+    pub ordering_key: String,
+    /// Stable idempotency key sent to the receiver.
+    pub idempotency_key: String,
+    pub payload: serde_json::Value,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    Pending,
+    Delivered,
+    DeadLetter,
+}
+
+/// Filter for alert listings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AlertFilter {
+    /// Only these subjects (an officer's caseload); None = all.
+    pub subject_ids: Option<Vec<SubjectId>>,
+    pub states: Option<Vec<AlertState>>,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: Option<i64>,
+}
+
+/// Filter for the audit view.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditFilter {
+    pub actor_id: Option<UserId>,
+    pub subject_id: Option<SubjectId>,
+    pub target_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<i64>,
+}
+
+/// New audit record (id and time are assigned by the store; `at` defaults to now when None).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAudit {
+    pub at: Option<DateTime<Utc>>,
+    pub actor_id: Option<UserId>,
+    pub actor: String,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: Option<String>,
+    pub subject_id: Option<SubjectId>,
+    pub details: serde_json::Value,
+}
+
+/// Counts returned by a retention run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionReport {
+    pub positions_deleted: u64,
+    pub alerts_deleted: u64,
+    pub audit_deleted: u64,
+}
+
+/// The storage contract. Every method is durable when it returns `Ok` (the ingest pipeline
+/// ACKs devices only after `insert_records` returns).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for logs and metrics ("postgres", "timescaledb", "sqlite").
+    fn backend(&self) -> &'static str;
+
+    // --- registry -------------------------------------------------------------------------
+    async fn upsert_device(&self, device: &Device) -> Result<()>;
+    async fn get_device(&self, device_id: &str) -> Result<Option<Device>>;
+    async fn list_devices(&self) -> Result<Vec<Device>>;
+    /// Ends the device's current assignment (if any) at `from` and starts a new one.
+    async fn assign_device(
+        &self,
+        device_id: &str,
+        subject_id: SubjectId,
+        from: DateTime<Utc>,
+    ) -> Result<()>;
+    async fn unassign_device(&self, device_id: &str, at: DateTime<Utc>) -> Result<()>;
+    async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>>;
+    /// Subject wearing `device_id` at instant `at`, per the assignment history.
+    async fn subject_for_device_at(
+        &self,
+        device_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<SubjectId>>;
+    /// All current assignments (device → subject), loaded by ingest at start-up.
+    async fn current_assignments(&self) -> Result<Vec<Assignment>>;
+
+    /// Insert (id = 0) or update a subject; returns its id.
+    async fn upsert_subject(&self, subject: &Subject) -> Result<SubjectId>;
+    async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>>;
+    /// All subjects, or those of one officer's caseload.
+    async fn list_subjects(&self, officer: Option<UserId>) -> Result<Vec<Subject>>;
+
+    /// Insert (id = 0) or update a zone; returns its id.
+    async fn upsert_zone(&self, zone: &ZoneSpec) -> Result<ZoneId>;
+    async fn delete_zone(&self, id: ZoneId) -> Result<()>;
+    async fn get_zone(&self, id: ZoneId) -> Result<Option<ZoneSpec>>;
+    /// Zones of one subject (including group zones it is bound to), or all zones when None.
+    async fn list_zones(&self, subject: Option<SubjectId>) -> Result<Vec<ZoneSpec>>;
+
+    // --- telemetry ------------------------------------------------------------------------
+    /// Durably store a batch (one transaction, batched statement). Idempotent on
+    /// (device_id, device_time, seq): a device re-sending an un-ACKed record does not duplicate it.
+    async fn insert_records(&self, records: &[StoredRecord]) -> Result<()>;
+    /// Positions of a subject between `from` and `to`, oldest first.
+    async fn trail(
+        &self,
+        subject: SubjectId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrailPoint>>;
+    /// Latest state per subject (one row per subject with a device), optionally restricted.
+    async fn latest_states(&self, subjects: Option<&[SubjectId]>) -> Result<Vec<LatestState>>;
+    /// Count of stored records of one device (for tests and the decode/support tools).
+    async fn count_records(&self, device_id: &str) -> Result<i64>;
+    /// Records of one device, oldest first (support and tests).
+    async fn device_records(&self, device_id: &str, limit: i64) -> Result<Vec<Record>>;
+
+    // --- alerts + outbox (one transaction each) -------------------------------------------
+    /// Opens a new alert, or folds a repeat into the ongoing one (same subject, kind, zone,
+    /// not resolved): bumps `occurrences` and `last_seen_at`. Writes the audit record and,
+    /// when `outbox_channels` is non-empty, one outbox message per channel — all in one transaction.
+    async fn raise_alert(&self, alert: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert>;
+    /// Applies a lifecycle change, writes the audit record (with the previous state) and the
+    /// outbox messages in the same transaction. Errors with `Conflict` on an invalid transition.
+    async fn update_alert(
+        &self,
+        id: AlertId,
+        update: &AlertUpdate,
+        actor: &str,
+        outbox_channels: &[&str],
+    ) -> Result<Alert>;
+    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>>;
+    /// Newest and most severe first.
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>>;
+    /// The ongoing (not resolved) alert of this subject/kind/zone, if any.
+    async fn ongoing_alert(
+        &self,
+        subject: SubjectId,
+        kind: AlertKind,
+        zone: Option<ZoneId>,
+    ) -> Result<Option<Alert>>;
+    /// Open (unacknowledged, not escalated) alerts created before `before` — escalation input.
+    async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>>;
+
+    /// Up to `limit` pending messages of `channel` that are due at `now`, taking only the
+    /// oldest pending message of each ordering key (per-subject order is kept).
+    async fn due_outbox(
+        &self,
+        channel: &str,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>>;
+    async fn mark_outbox_delivered(&self, id: i64, at: DateTime<Utc>) -> Result<()>;
+    /// Record a failed attempt: next try at `next_attempt_at`, or dead-letter when `dead` is true.
+    async fn mark_outbox_failed(
+        &self,
+        id: i64,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+        dead: bool,
+    ) -> Result<()>;
+    async fn outbox_status(&self, id: i64) -> Result<Option<OutboxStatus>>;
+    async fn count_outbox(&self, channel: &str, status: OutboxStatus) -> Result<i64>;
+
+    // --- users + audit --------------------------------------------------------------------
+    /// Insert (id = 0) or update a user; returns its id.
+    async fn upsert_user(&self, user: &User) -> Result<UserId>;
+    async fn get_user(&self, id: UserId) -> Result<Option<User>>;
+    async fn get_user_by_name(&self, username: &str) -> Result<Option<User>>;
+    async fn list_users(&self) -> Result<Vec<User>>;
+    /// Append-only: there is no update or delete of audit records except retention.
+    async fn append_audit(&self, entry: &NewAudit) -> Result<i64>;
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+
+    // --- retention ------------------------------------------------------------------------
+    /// Delete positions older than `positions_before`; resolved alerts older than
+    /// `alerts_before` and audit older than `audit_before` when given.
+    async fn apply_retention(
+        &self,
+        positions_before: DateTime<Utc>,
+        alerts_before: Option<DateTime<Utc>>,
+        audit_before: Option<DateTime<Utc>>,
+    ) -> Result<RetentionReport>;
+}
