@@ -1,0 +1,1 @@
+//! Fleet simulator: drives simulated devices over GT06, Teltonika and MQTT.
