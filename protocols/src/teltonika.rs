@@ -1,0 +1,656 @@
+//! Teltonika Codec 8 and Codec 8 Extended over TCP.
+//!
+//! A connection starts with the IMEI handshake (`len u16` + ASCII IMEI); the server
+//! answers `0x01` (accept) or `0x00` (reject) — see [`imei_response`]. The codec only
+//! exposes the IMEI ([`TeltonikaFrame::Imei`]); accepting is the service's decision.
+//!
+//! Then the device sends AVL data packets (big-endian):
+//!
+//! ```text
+//! 00000000 | data length u32 | codec id u8 | count u8 | records … | count u8 | crc u32
+//! ```
+//!
+//! The CRC is CRC-16/ARC over codec id … second count, in the low 16 bits of the last
+//! field. Each record: timestamp (ms, u64), priority u8, GPS element (lon i32, lat i32
+//! in 1e-7°, altitude i16 m, angle u16°, satellites u8, speed u16 km/h), then the IO
+//! element: Codec 8 uses 1-byte ids and counts with groups of 1/2/4/8-byte values;
+//! Codec 8E uses 2-byte ids and counts and adds a group of variable-length (NX) values.
+//! The server acknowledges with the number of accepted records as u32
+//! ([`TeltonikaFrame::response`]).
+//!
+//! Teltonika has no start marker: a bad preamble, IMEI length or oversized data length
+//! loses the framing and is reported as a fatal error. A bad CRC or an unknown codec
+//! inside a well-delimited packet only drops that packet.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use em_model::{DeviceEventKind, FixSource, Position, Protocol, Record};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::util::{crc16_arc, hdop_to_accuracy_m, Reader};
+use crate::{CodecError, DecodeError, EncodeError};
+
+const P: Protocol = Protocol::Teltonika;
+
+/// Default limit on the AVL data length field.
+pub const DEFAULT_MAX_PACKET_LEN: usize = 64 * 1024;
+/// Longest IMEI handshake accepted.
+pub const MAX_IMEI_LEN: usize = 32;
+
+/// Well-known AVL IO element ids mapped into the model.
+pub mod io {
+    /// GSM signal 0..=5.
+    pub const GSM_SIGNAL: u16 = 21;
+    /// External (charger / vehicle) voltage, mV.
+    pub const EXTERNAL_VOLTAGE: u16 = 66;
+    /// Internal battery voltage, mV.
+    pub const BATTERY_VOLTAGE: u16 = 67;
+    /// GNSS status: 0 off, 1 on with fix, 2 on without fix, 3 sleep.
+    pub const GNSS_STATUS: u16 = 69;
+    /// Battery level, %.
+    pub const BATTERY_LEVEL: u16 = 113;
+    /// Charger connected: 0/1.
+    pub const CHARGER_CONNECTED: u16 = 116;
+    /// HDOP × 10.
+    pub const HDOP: u16 = 182;
+    pub const IGNITION: u16 = 239;
+    pub const MOVEMENT: u16 = 240;
+    /// GSM jamming detected: 0/1.
+    pub const JAMMING: u16 = 249;
+    /// Unplug (external power removed): 0/1.
+    pub const UNPLUG: u16 = 252;
+    /// GNSS jamming: 0 none, 1 warning, 2 critical.
+    pub const GNSS_JAMMING: u16 = 318;
+}
+
+/// Codec id of an AVL packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AvlCodec {
+    Codec8,
+    Codec8Extended,
+}
+
+impl AvlCodec {
+    pub fn id(self) -> u8 {
+        match self {
+            AvlCodec::Codec8 => 0x08,
+            AvlCodec::Codec8Extended => 0x8E,
+        }
+    }
+}
+
+/// Value of one IO element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoValue {
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+    /// Variable-length (NX) value, Codec 8 Extended only.
+    Bytes(Vec<u8>),
+}
+
+impl IoValue {
+    /// Numeric value (None for variable-length values).
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            IoValue::U8(v) => Some(u64::from(*v)),
+            IoValue::U16(v) => Some(u64::from(*v)),
+            IoValue::U32(v) => Some(u64::from(*v)),
+            IoValue::U64(v) => Some(*v),
+            IoValue::Bytes(_) => None,
+        }
+    }
+
+    fn group(&self) -> usize {
+        match self {
+            IoValue::U8(_) => 0,
+            IoValue::U16(_) => 1,
+            IoValue::U32(_) => 2,
+            IoValue::U64(_) => 3,
+            IoValue::Bytes(_) => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoElement {
+    pub id: u16,
+    pub value: IoValue,
+}
+
+/// GPS element of an AVL record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AvlGps {
+    /// Degrees (1e-7 resolution on the wire).
+    pub lon: f64,
+    pub lat: f64,
+    pub altitude_m: i16,
+    pub angle_deg: u16,
+    /// 0 when the record has no valid fix (then lat/lon are the last known fix).
+    pub satellites: u8,
+    pub speed_kmh: u16,
+}
+
+/// One AVL record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AvlRecord {
+    pub timestamp: DateTime<Utc>,
+    /// 0 low, 1 high, 2 panic.
+    pub priority: u8,
+    pub gps: AvlGps,
+    /// Id of the IO element whose change generated the record (0 = periodic).
+    pub event_io: u16,
+    /// Elements in wire order (grouped 1, 2, 4, 8 bytes, then variable length).
+    pub io: Vec<IoElement>,
+}
+
+impl AvlRecord {
+    /// Numeric value of IO element `id`, if present.
+    pub fn io_value(&self, id: u16) -> Option<u64> {
+        self.io.iter().find(|e| e.id == id).and_then(|e| e.value.as_u64())
+    }
+
+    /// The normalised record.
+    pub fn to_record(&self, device_id: &str, received: DateTime<Utc>) -> Record {
+        let mut r = Record::new(device_id, P, received);
+        r.device_time = self.timestamp;
+        r.received_time = received;
+        let g = &self.gps;
+        if !(g.lat == 0.0 && g.lon == 0.0 && g.satellites == 0) {
+            let valid = match self.io_value(io::GNSS_STATUS) {
+                Some(status) => status == 1 && g.satellites > 0,
+                None => g.satellites > 0,
+            };
+            r.position = Some(Position {
+                lat: g.lat,
+                lon: g.lon,
+                accuracy_m: self
+                    .io_value(io::HDOP)
+                    .map(|h| hdop_to_accuracy_m(h as f32 / 10.0)),
+                speed_kmh: Some(f32::from(g.speed_kmh)),
+                course_deg: Some(f32::from(g.angle_deg)),
+                altitude_m: Some(f32::from(g.altitude_m)),
+                satellites: Some(g.satellites),
+                valid,
+                source: FixSource::Gnss,
+            });
+        }
+        r.battery_pct = self
+            .io_value(io::BATTERY_LEVEL)
+            .map(|v| v.min(100) as u8);
+        r.gsm_signal = self
+            .io_value(io::GSM_SIGNAL)
+            .map(|v| (v.min(5) * 20) as u8);
+        r.charging = self.io_value(io::CHARGER_CONNECTED).map(|v| v != 0);
+        if self.priority == 2 {
+            r.events.push(DeviceEventKind::Sos);
+        }
+        if self.io_value(io::JAMMING).is_some_and(|v| v != 0)
+            || self.io_value(io::GNSS_JAMMING).is_some_and(|v| v != 0)
+        {
+            r.events.push(DeviceEventKind::GpsJamming);
+        }
+        if self.io_value(io::UNPLUG).is_some_and(|v| v != 0) {
+            r.events.push(DeviceEventKind::PowerCut);
+        }
+        if self.event_io == io::CHARGER_CONNECTED {
+            match r.charging {
+                Some(true) => r.events.push(DeviceEventKind::ChargerConnected),
+                Some(false) => r.events.push(DeviceEventKind::ChargerDisconnected),
+                None => {}
+            }
+        }
+        r
+    }
+}
+
+/// An AVL data packet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AvlPacket {
+    pub codec: AvlCodec,
+    pub records: Vec<AvlRecord>,
+}
+
+/// A decoded Teltonika message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TeltonikaFrame {
+    /// The IMEI handshake; answer with [`imei_response`].
+    Imei(String),
+    Avl(AvlPacket),
+}
+
+/// Server's answer to the IMEI handshake: `0x01` accept, `0x00` reject.
+pub fn imei_response(accept: bool) -> Bytes {
+    Bytes::from_static(if accept { &[0x01] } else { &[0x00] })
+}
+
+/// Server's acknowledgement of an AVL packet: the accepted record count as u32.
+pub fn avl_ack(records: u32) -> Bytes {
+    Bytes::copy_from_slice(&records.to_be_bytes())
+}
+
+impl TeltonikaFrame {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TeltonikaFrame::Imei(_) => "imei",
+            TeltonikaFrame::Avl(_) => "avl",
+        }
+    }
+
+    /// Records of an AVL packet; the IMEI handshake gives one `Login` record.
+    pub fn to_records(&self, device_id: &str, received: DateTime<Utc>) -> Vec<Record> {
+        match self {
+            TeltonikaFrame::Imei(_) => {
+                let mut r = Record::new(device_id, P, received);
+                r.events.push(DeviceEventKind::Login);
+                vec![r]
+            }
+            TeltonikaFrame::Avl(p) => p
+                .records
+                .iter()
+                .map(|rec| rec.to_record(device_id, received))
+                .collect(),
+        }
+    }
+
+    /// The acknowledgement for an AVL packet (all records accepted). `None` for the
+    /// IMEI handshake: the service decides and sends [`imei_response`].
+    pub fn response(&self) -> Option<Bytes> {
+        match self {
+            TeltonikaFrame::Imei(_) => None,
+            TeltonikaFrame::Avl(p) => Some(avl_ack(p.records.len() as u32)),
+        }
+    }
+
+    /// Append the wire form to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match self {
+            TeltonikaFrame::Imei(imei) => {
+                if imei.is_empty() || imei.len() > MAX_IMEI_LEN || !imei.is_ascii() {
+                    return Err(EncodeError::new(P, "imei", format!("{imei:?}")));
+                }
+                dst.put_u16(imei.len() as u16);
+                dst.put_slice(imei.as_bytes());
+            }
+            TeltonikaFrame::Avl(p) => {
+                let n = u8::try_from(p.records.len()).map_err(|_| {
+                    EncodeError::new(P, "records", format!("{} > 255", p.records.len()))
+                })?;
+                let mut data = BytesMut::with_capacity(64 * p.records.len() + 3);
+                data.put_u8(p.codec.id());
+                data.put_u8(n);
+                for rec in &p.records {
+                    encode_record(p.codec, rec, &mut data)?;
+                }
+                data.put_u8(n);
+                dst.reserve(data.len() + 12);
+                dst.put_u32(0);
+                dst.put_u32(data.len() as u32);
+                dst.put_slice(&data);
+                dst.put_u32(u32::from(crc16_arc(&data)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_bytes(&self) -> Result<Bytes, EncodeError> {
+        let mut b = BytesMut::new();
+        self.encode(&mut b)?;
+        Ok(b.freeze())
+    }
+}
+
+fn encode_coord(v: f64, max: f64, field: &'static str) -> Result<i32, EncodeError> {
+    if !v.is_finite() || v.abs() > max {
+        return Err(EncodeError::new(P, field, format!("{v} out of range")));
+    }
+    Ok((v * 1e7).round() as i32)
+}
+
+fn encode_record(codec: AvlCodec, rec: &AvlRecord, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let ms = u64::try_from(rec.timestamp.timestamp_millis())
+        .map_err(|_| EncodeError::new(P, "timestamp", "before 1970"))?;
+    out.put_u64(ms);
+    out.put_u8(rec.priority);
+    out.put_i32(encode_coord(rec.gps.lon, 180.0, "lon")?);
+    out.put_i32(encode_coord(rec.gps.lat, 90.0, "lat")?);
+    out.put_i16(rec.gps.altitude_m);
+    out.put_u16(rec.gps.angle_deg);
+    out.put_u8(rec.gps.satellites);
+    out.put_u16(rec.gps.speed_kmh);
+    let ext = codec == AvlCodec::Codec8Extended;
+    let put_n = |out: &mut BytesMut, n: usize, field: &'static str| -> Result<(), EncodeError> {
+        if ext {
+            let n = u16::try_from(n).map_err(|_| EncodeError::new(P, field, "too many"))?;
+            out.put_u16(n);
+        } else {
+            let n = u8::try_from(n).map_err(|_| EncodeError::new(P, field, "too many"))?;
+            out.put_u8(n);
+        }
+        Ok(())
+    };
+    let put_id = |out: &mut BytesMut, id: u16| -> Result<(), EncodeError> {
+        if ext {
+            out.put_u16(id);
+        } else {
+            let id = u8::try_from(id)
+                .map_err(|_| EncodeError::new(P, "io id", format!("{id} > 255 in Codec 8")))?;
+            out.put_u8(id);
+        }
+        Ok(())
+    };
+    put_id(out, rec.event_io)?;
+    put_n(out, rec.io.len(), "io count")?;
+    for group in 0..5 {
+        if group == 4 && !ext {
+            if rec.io.iter().any(|e| e.value.group() == 4) {
+                return Err(EncodeError::new(P, "io", "variable-length values need Codec 8E"));
+            }
+            break;
+        }
+        let members: Vec<&IoElement> = rec.io.iter().filter(|e| e.value.group() == group).collect();
+        put_n(out, members.len(), "io group count")?;
+        for e in members {
+            put_id(out, e.id)?;
+            match &e.value {
+                IoValue::U8(v) => out.put_u8(*v),
+                IoValue::U16(v) => out.put_u16(*v),
+                IoValue::U32(v) => out.put_u32(*v),
+                IoValue::U64(v) => out.put_u64(*v),
+                IoValue::Bytes(b) => {
+                    let len = u16::try_from(b.len())
+                        .map_err(|_| EncodeError::new(P, "io value", "longer than 65535"))?;
+                    out.put_u16(len);
+                    out.put_slice(b);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn decode_record(codec: AvlCodec, r: &mut Reader<'_>) -> Result<AvlRecord, DecodeError> {
+    let ms = r.u64("timestamp")?;
+    let timestamp = i64::try_from(ms)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .ok_or_else(|| DecodeError::malformed(P, "timestamp", format!("{ms} ms out of range")))?;
+    let priority = r.u8("priority")?;
+    let lon = f64::from(r.u32("longitude")? as i32) / 1e7;
+    let lat = f64::from(r.u32("latitude")? as i32) / 1e7;
+    if lat.abs() > 90.0 || lon.abs() > 180.0 {
+        return Err(DecodeError::malformed(
+            P,
+            "coordinates",
+            format!("lat {lat} / lon {lon} out of range"),
+        ));
+    }
+    let gps = AvlGps {
+        lon,
+        lat,
+        altitude_m: r.u16("altitude")? as i16,
+        angle_deg: r.u16("angle")?,
+        satellites: r.u8("satellites")?,
+        speed_kmh: r.u16("speed")?,
+    };
+    let ext = codec == AvlCodec::Codec8Extended;
+    let read_n = |r: &mut Reader<'_>, f| -> Result<usize, DecodeError> {
+        Ok(if ext {
+            usize::from(r.u16(f)?)
+        } else {
+            usize::from(r.u8(f)?)
+        })
+    };
+    let read_id = |r: &mut Reader<'_>| -> Result<u16, DecodeError> {
+        Ok(if ext { r.u16("io id")? } else { u16::from(r.u8("io id")?) })
+    };
+    let event_io = read_id(r)?;
+    let _total = read_n(r, "io total count")?;
+    let mut io = Vec::new();
+    for group in 0..5 {
+        if group == 4 && !ext {
+            break;
+        }
+        let n = read_n(r, "io group count")?;
+        // Each element takes at least 2 bytes: refuse counts the packet cannot hold
+        // before allocating anything.
+        if n > r.remaining() / 2 {
+            return Err(DecodeError::malformed(
+                P,
+                "io group count",
+                format!("{n} elements cannot fit in {} bytes", r.remaining()),
+            ));
+        }
+        io.reserve(n);
+        for _ in 0..n {
+            let id = read_id(r)?;
+            let value = match group {
+                0 => IoValue::U8(r.u8("io value")?),
+                1 => IoValue::U16(r.u16("io value")?),
+                2 => IoValue::U32(r.u32("io value")?),
+                3 => IoValue::U64(r.u64("io value")?),
+                _ => {
+                    let len = usize::from(r.u16("io value length")?);
+                    IoValue::Bytes(r.bytes(len, "io value")?.to_vec())
+                }
+            };
+            io.push(IoElement { id, value });
+        }
+    }
+    Ok(AvlRecord {
+        timestamp,
+        priority,
+        gps,
+        event_io,
+        io,
+    })
+}
+
+/// Parse the AVL data field (codec id … second record count).
+pub fn parse_avl_data(data: &[u8]) -> Result<AvlPacket, DecodeError> {
+    let mut r = Reader::new(data, P);
+    let codec = match r.u8("codec id")? {
+        0x08 => AvlCodec::Codec8,
+        0x8E => AvlCodec::Codec8Extended,
+        other => {
+            return Err(DecodeError::UnknownType {
+                protocol: P,
+                kind: format!("codec {other:#04x}"),
+            })
+        }
+    };
+    let n1 = r.u8("record count")?;
+    // A record is at least 24 bytes: do not trust the count for allocation.
+    let mut records = Vec::with_capacity(usize::from(n1).min(r.remaining() / 24));
+    for _ in 0..n1 {
+        records.push(decode_record(codec, &mut r)?);
+    }
+    let n2 = r.u8("second record count")?;
+    if n1 != n2 {
+        return Err(DecodeError::malformed(
+            P,
+            "record count",
+            format!("first count {n1} differs from second count {n2}"),
+        ));
+    }
+    if r.remaining() != 0 {
+        return Err(DecodeError::malformed(
+            P,
+            "data length",
+            format!("{} bytes after the last record", r.remaining()),
+        ));
+    }
+    Ok(AvlPacket { codec, records })
+}
+
+/// Stateful per-connection Teltonika codec (IMEI handshake, then AVL packets).
+///
+/// `Decoder::Item` is `Result<TeltonikaFrame, DecodeError>` for non-fatal errors; lost
+/// framing is `Err(CodecError::Fatal(_))`, after which the connection must be closed.
+#[derive(Debug, Clone)]
+pub struct TeltonikaCodec {
+    imei: Option<String>,
+    max_packet_len: usize,
+}
+
+impl Default for TeltonikaCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TeltonikaCodec {
+    pub fn new() -> Self {
+        TeltonikaCodec {
+            imei: None,
+            max_packet_len: DEFAULT_MAX_PACKET_LEN,
+        }
+    }
+
+    /// A codec whose handshake already happened (tests, the CLI's `--imei`).
+    pub fn with_imei(imei: impl Into<String>) -> Self {
+        TeltonikaCodec {
+            imei: Some(imei.into()),
+            max_packet_len: DEFAULT_MAX_PACKET_LEN,
+        }
+    }
+
+    /// Limit on the AVL data length field (default [`DEFAULT_MAX_PACKET_LEN`]).
+    pub fn with_max_packet_len(mut self, max: usize) -> Self {
+        self.max_packet_len = max;
+        self
+    }
+
+    /// IMEI from the handshake of this connection.
+    pub fn imei(&self) -> Option<&str> {
+        self.imei.as_deref()
+    }
+
+    fn decode_one(&mut self, src: &mut BytesMut) -> Result<Option<Result<TeltonikaFrame, DecodeError>>, DecodeError> {
+        if src.len() < 2 {
+            return Ok(None);
+        }
+        if src[0] == 0 && src[1] == 0 {
+            // AVL packet (a zero IMEI length is not a valid handshake).
+            if src.len() < 8 {
+                if src[..src.len().min(4)].iter().any(|&b| b != 0) {
+                    return Err(DecodeError::Framing {
+                        protocol: P,
+                        detail: format!("bad preamble {}", hex::encode(&src[..4.min(src.len())])),
+                    });
+                }
+                return Ok(None);
+            }
+            if src[..4] != [0, 0, 0, 0] {
+                return Err(DecodeError::Framing {
+                    protocol: P,
+                    detail: format!("bad preamble {}", hex::encode(&src[..4])),
+                });
+            }
+            let len = u32::from_be_bytes([src[4], src[5], src[6], src[7]]) as usize;
+            if len > self.max_packet_len {
+                return Err(DecodeError::Oversized {
+                    protocol: P,
+                    len,
+                    max: self.max_packet_len,
+                });
+            }
+            if len < 3 {
+                return Err(DecodeError::Framing {
+                    protocol: P,
+                    detail: format!("data length {len} too short"),
+                });
+            }
+            let total = 8 + len + 4;
+            if src.len() < total {
+                src.reserve(total - src.len());
+                return Ok(None);
+            }
+            let expected = u32::from_be_bytes([src[total - 4], src[total - 3], src[total - 2], src[total - 1]]);
+            let computed = u32::from(crc16_arc(&src[8..8 + len]));
+            if expected != computed {
+                src.advance(total);
+                return Ok(Some(Err(DecodeError::BadChecksum {
+                    protocol: P,
+                    expected,
+                    computed,
+                })));
+            }
+            if self.imei.is_none() {
+                src.advance(total);
+                return Ok(Some(Err(DecodeError::NotLoggedIn { protocol: P })));
+            }
+            let parsed = parse_avl_data(&src[8..8 + len]);
+            src.advance(total);
+            Ok(Some(parsed.map(TeltonikaFrame::Avl)))
+        } else {
+            let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
+            if len > MAX_IMEI_LEN {
+                return Err(DecodeError::Framing {
+                    protocol: P,
+                    detail: format!(
+                        "expected an IMEI handshake (length ≤ {MAX_IMEI_LEN}) or an AVL preamble, got {}",
+                        hex::encode(&src[..2])
+                    ),
+                });
+            }
+            if src.len() < 2 + len {
+                return Ok(None);
+            }
+            let raw = &src[2..2 + len];
+            let result = match std::str::from_utf8(raw) {
+                Ok(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                    let imei = s.to_owned();
+                    self.imei = Some(imei.clone());
+                    Ok(TeltonikaFrame::Imei(imei))
+                }
+                _ => Err(DecodeError::malformed(
+                    P,
+                    "imei",
+                    format!("not ASCII digits: {}", hex::encode(raw)),
+                )),
+            };
+            src.advance(2 + len);
+            Ok(Some(result))
+        }
+    }
+}
+
+impl Decoder for TeltonikaCodec {
+    type Item = Result<TeltonikaFrame, DecodeError>;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        self.decode_one(src).map_err(CodecError::Fatal)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                let remaining = src.len();
+                src.clear();
+                Ok(Some(Err(DecodeError::Truncated {
+                    protocol: P,
+                    remaining,
+                })))
+            }
+        }
+    }
+}
+
+impl Encoder<TeltonikaFrame> for TeltonikaCodec {
+    type Error = std::io::Error;
+    fn encode(&mut self, item: TeltonikaFrame, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        item.encode(dst).map_err(Into::into)
+    }
+}
+
+impl Encoder<&TeltonikaFrame> for TeltonikaCodec {
+    type Error = std::io::Error;
+    fn encode(&mut self, item: &TeltonikaFrame, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        item.encode(dst).map_err(Into::into)
+    }
+}
