@@ -1,1 +1,400 @@
-//! placeholder
+//! `em-dashboard` owns the probation dashboard: the JSON REST API (documented by the OpenAPI 3
+//! document at `/api/openapi.json`), login with argon2-hashed passwords and server-side sessions,
+//! role and caseload enforcement (officer: own caseload; supervisor: all; admin: users, devices,
+//! assignments), the audit trail of every read and change of a subject's data, live alerts over
+//! server-sent events, the zone/curfew editor with per-field validation (publishing
+//! [`OrderChange`]s to the ingest pipeline), the curfew-compliance report (JSON and CSV), and the
+//! embedded single-page web UI (plain HTML/CSS/JS with an SVG map; no external resources).
+
+mod access;
+mod api;
+pub mod auth;
+pub mod curfew;
+pub mod error;
+pub mod zone_input;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use axum::Router;
+use em_alerts::AlertService;
+use em_model::{Subject, ZoneId, ZoneSpec};
+use em_store::Store;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::{ensure_user, hash_password, verify_password, AuthError, CurrentUser};
+pub use error::{ApiError, FieldErrors};
+
+/// Dashboard settings (the `[dashboard]` section of the service configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Listen address. Default `127.0.0.1:8080`.
+    pub bind: SocketAddr,
+    /// PEM certificate chain; with `tls_key`, the dashboard is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Idle timeout of a login session, seconds. Default 8 hours.
+    pub session_ttl_secs: u64,
+    /// Optional XYZ raster tile URL template (`https://tiles.example/{z}/{x}/{y}.png`) drawn
+    /// under the vector map; None = vector map only (offline installations).
+    pub tile_url: Option<String>,
+    /// Delay added to every failed login, milliseconds. Default 750.
+    pub login_failure_delay_ms: u64,
+    /// Mark the session cookie `Secure` even without TLS here (TLS terminated by a proxy).
+    pub secure_cookie: bool,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
+            session_ttl_secs: 8 * 3600,
+            tile_url: None,
+            login_failure_delay_ms: 750,
+            secure_cookie: false,
+        }
+    }
+}
+
+/// A change to a supervision order made in the dashboard. The ingest pipeline subscribes
+/// (via [`AppState::order_changes`]) to keep its geofence engine current.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderChange {
+    ZoneUpserted(ZoneSpec),
+    ZoneDeleted(ZoneId),
+    SubjectUpserted(Subject),
+}
+
+/// Settings applied from [`DashboardConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub session_ttl: Duration,
+    pub tile_url: Option<String>,
+    pub login_failure_delay: Duration,
+    pub secure_cookie: bool,
+}
+
+impl Settings {
+    fn from_config(c: &DashboardConfig) -> Self {
+        Settings {
+            session_ttl: Duration::from_secs(c.session_ttl_secs.max(1)),
+            tile_url: c.tile_url.clone().filter(|u| !u.trim().is_empty()),
+            login_failure_delay: Duration::from_millis(c.login_failure_delay_ms),
+            secure_cookie: c.secure_cookie || (c.tls_cert.is_some() && c.tls_key.is_some()),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub alerts: Arc<AlertService>,
+    pub changes: broadcast::Sender<OrderChange>,
+    pub sessions: auth::Sessions,
+    pub throttle: auth::Throttle,
+}
+
+/// Shared state of the dashboard: the store, the alert service, the order-change channel,
+/// sessions and settings. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) settings: Arc<Settings>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("store", &self.inner.store.backend())
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl AppState {
+    /// State with the default [`DashboardConfig`] settings; [`serve`] applies its config.
+    pub fn new(store: Arc<dyn Store>, alerts: Arc<AlertService>) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                alerts,
+                changes,
+                sessions: auth::Sessions::new(),
+                throttle: auth::Throttle::new(),
+            }),
+            settings: Arc::new(Settings::from_config(&DashboardConfig::default())),
+        }
+    }
+
+    /// Apply session TTL, tile URL, login delay and cookie settings from `config`.
+    pub fn with_config(mut self, config: &DashboardConfig) -> Self {
+        self.settings = Arc::new(Settings::from_config(config));
+        self
+    }
+
+    /// Zone and subject changes saved through the dashboard, for the ingest pipeline.
+    pub fn order_changes(&self) -> broadcast::Receiver<OrderChange> {
+        self.inner.changes.subscribe()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn alerts(&self) -> &Arc<AlertService> {
+        &self.inner.alerts
+    }
+
+    pub(crate) fn session_ttl(&self) -> Duration {
+        self.settings.session_ttl
+    }
+
+    pub(crate) fn publish(&self, change: OrderChange) {
+        // No subscriber (ingest not running, tests) is not an error.
+        let _ = self.inner.changes.send(change);
+    }
+}
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const APP_CSS: &str = include_str!("../assets/app.css");
+/// The OpenAPI 3 document of the API, served at `/api/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../assets/openapi.json");
+
+/// Every API route as (path, method), in the axum path syntax (`{id}`), which is also the
+/// OpenAPI syntax. The router is built from the same table.
+pub fn api_routes() -> Vec<(&'static str, Method)> {
+    api::route_table()
+        .into_iter()
+        .map(|(path, method, _)| (path, method))
+        .collect()
+}
+
+/// The complete HTTP application: API, web page, security headers and CSRF protection.
+pub fn router(state: AppState) -> Router {
+    let mut api_router: Router<AppState> = Router::new();
+    for (path, _method, handler) in api::route_table() {
+        api_router = api_router.route(path, handler);
+    }
+    let api_router = api_router
+        .route(
+            "/api/{*rest}",
+            axum::routing::any(|| async { ApiError::NotFound("no such API route".into()) }),
+        )
+        .layer(middleware::from_fn(csrf_guard))
+        .layer(middleware::from_fn(no_store));
+
+    Router::new()
+        .route("/", get(index))
+        .route(
+            "/assets/app.js",
+            static_asset(APP_JS, "text/javascript; charset=utf-8"),
+        )
+        .route(
+            "/assets/app.css",
+            static_asset(APP_CSS, "text/css; charset=utf-8"),
+        )
+        .merge(api_router)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(1024 * 1024))
+        .with_state(state)
+}
+
+fn static_asset(body: &'static str, content_type: &'static str) -> MethodRouter<AppState> {
+    get(move || async move {
+        (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+    })
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        INDEX_HTML,
+    )
+}
+
+/// Origin (`scheme://host[:port]`) of a tile URL template, for the CSP `img-src`.
+fn url_origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "https" && scheme != "http" {
+        return None;
+    }
+    let host = rest.split('/').next()?;
+    if host.is_empty() || host.contains(['{', '}', ' ', '\'', ';']) {
+        return None;
+    }
+    Some(format!("{scheme}://{host}"))
+}
+
+async fn security_headers(
+    State(state): State<AppState>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    let mut res = next.run(req).await;
+    let img_src = match state.settings.tile_url.as_deref().and_then(url_origin) {
+        Some(origin) => format!("'self' data: {origin}"),
+        None => "'self' data:".to_string(),
+    };
+    let csp = format!(
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src {img_src}; \
+         connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    );
+    let h = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    res
+}
+
+async fn no_store(req: Request<Body>, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    res.headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    res
+}
+
+/// CSRF protection for mutating API requests: besides the SameSite=Strict cookie, a request
+/// must carry a JSON content type, an `X-Requested-With` header, or a bearer token — none of
+/// which a cross-site form can send without a CORS preflight (which this server never grants).
+async fn csrf_guard(req: Request<Body>, next: Next) -> Response {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        let h = req.headers();
+        let json = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        let xrw = h.contains_key("x-requested-with");
+        let bearer = h
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("Bearer "));
+        if !(json || xrw || bearer) {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(serde_json::json!({
+                    "error": "mutating requests need a JSON content type or an X-Requested-With header (CSRF protection)"
+                })),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Serve the dashboard until `shutdown` is cancelled. With `tls_cert` and `tls_key` set the
+/// dashboard is served over HTTPS (rustls) and the session cookie is marked `Secure`.
+pub async fn serve(
+    config: DashboardConfig,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = state.with_config(&config);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "loading dashboard TLS certificate {} and key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            let handle = axum_server::Handle::new();
+            let h2 = handle.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                h2.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            tracing::info!(bind = %config.bind, "dashboard listening (HTTPS)");
+            axum_server::bind_rustls(config.bind, tls)
+                .handle(handle)
+                .serve(app)
+                .await
+                .with_context(|| format!("dashboard HTTPS server on {}", config.bind))?;
+        }
+        (None, None) => {
+            let listener = tokio::net::TcpListener::bind(config.bind)
+                .await
+                .with_context(|| format!("binding dashboard to {}", config.bind))?;
+            tracing::info!(bind = %listener.local_addr()?, "dashboard listening (HTTP)");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+                .context("dashboard HTTP server")?;
+        }
+        _ => anyhow::bail!("dashboard: tls_cert and tls_key must be set together"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_parsing() {
+        let c = DashboardConfig::default();
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        let c: DashboardConfig =
+            serde_json::from_str(r#"{"bind":"0.0.0.0:9000","session_ttl_secs":60}"#)
+                .expect("parse");
+        assert_eq!(c.bind.port(), 9000);
+        assert_eq!(c.session_ttl_secs, 60);
+        assert!(serde_json::from_str::<DashboardConfig>(r#"{"nope":1}"#).is_err());
+    }
+
+    #[test]
+    fn tile_origin() {
+        assert_eq!(
+            url_origin("https://tiles.example.org/{z}/{x}/{y}.png").as_deref(),
+            Some("https://tiles.example.org")
+        );
+        assert_eq!(url_origin("javascript:alert(1)"), None);
+        assert_eq!(url_origin("https://a b/x"), None);
+    }
+}

@@ -1,0 +1,415 @@
+//! Administration: users, devices and device assignments (admin only; supervisors may list
+//! users to assign caseloads).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use chrono::Utc;
+use em_model::{Device, Protocol, Role, SubjectId, User, UserId};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::JsonBody;
+use crate::auth::{hash_password, CurrentUser, MIN_PASSWORD_LEN};
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::AppState;
+
+pub(crate) async fn list_users(
+    State(st): State<AppState>,
+    me: CurrentUser,
+) -> ApiResult<Json<Vec<User>>> {
+    st.require_role(&me, &[Role::Supervisor, Role::Admin], "user.list", "user")
+        .await?;
+    let users = st.inner.store.list_users().await?;
+    st.audit(
+        &me,
+        "user.list",
+        "user",
+        None,
+        None,
+        json!({ "count": users.len() }),
+    )
+    .await?;
+    Ok(Json(users))
+}
+
+fn valid_username(s: &str) -> bool {
+    (3..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+}
+
+async fn hash(pw: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || hash_password(&pw))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn role_field(v: Option<&Value>, errors: &mut FieldErrors) -> Option<Role> {
+    match v.and_then(Value::as_str).map(str::parse::<Role>) {
+        Some(Ok(r)) => Some(r),
+        _ => {
+            errors.insert("role".into(), "must be officer, supervisor or admin".into());
+            None
+        }
+    }
+}
+
+fn password_field(v: Option<&Value>, errors: &mut FieldErrors) -> Option<String> {
+    match v.and_then(Value::as_str) {
+        Some(p) if p.chars().count() >= MIN_PASSWORD_LEN && p.len() <= 1024 => Some(p.to_string()),
+        _ => {
+            errors.insert(
+                "password".into(),
+                format!("must have at least {MIN_PASSWORD_LEN} characters"),
+            );
+            None
+        }
+    }
+}
+
+fn display_name_field(v: Option<&Value>, errors: &mut FieldErrors) -> Option<String> {
+    match v.and_then(Value::as_str).map(str::trim) {
+        Some(n) if !n.is_empty() && n.chars().count() <= 100 => Some(n.to_string()),
+        _ => {
+            errors.insert("display_name".into(), "must be 1..100 characters".into());
+            None
+        }
+    }
+}
+
+pub(crate) async fn create_user(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    JsonBody(input): JsonBody<Value>,
+) -> ApiResult<Json<User>> {
+    st.require_role(&me, &[Role::Admin], "user.create", "user")
+        .await?;
+    let mut errors = FieldErrors::new();
+    let username = input
+        .get("username")
+        .and_then(Value::as_str)
+        .map(|s| s.trim().to_string())
+        .filter(|s| valid_username(s));
+    if username.is_none() {
+        errors.insert(
+            "username".into(),
+            "must be 3..64 characters: a-z, 0-9, '.', '_' or '-'".into(),
+        );
+    }
+    let display_name = display_name_field(input.get("display_name"), &mut errors);
+    let role = role_field(input.get("role"), &mut errors);
+    let password = password_field(input.get("password"), &mut errors);
+    let (Some(username), Some(display_name), Some(role), Some(password)) =
+        (username, display_name, role, password)
+    else {
+        return Err(ApiError::Validation(errors));
+    };
+    if st.inner.store.get_user_by_name(&username).await?.is_some() {
+        return Err(ApiError::field("username", "is already taken"));
+    }
+    let mut user = User {
+        id: 0,
+        username,
+        display_name,
+        role,
+        password_hash: hash(password).await?,
+        active: true,
+    };
+    user.id = st.inner.store.upsert_user(&user).await?;
+    st.audit(
+        &me,
+        "user.create",
+        "user",
+        Some(user.id.to_string()),
+        None,
+        json!({ "username": user.username, "role": user.role }),
+    )
+    .await?;
+    Ok(Json(user))
+}
+
+pub(crate) async fn update_user(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    Path(id): Path<UserId>,
+    JsonBody(input): JsonBody<Value>,
+) -> ApiResult<Json<User>> {
+    st.require_role(&me, &[Role::Admin], "user.update", "user")
+        .await?;
+    let before = st
+        .inner
+        .store
+        .get_user(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {id}")))?;
+    let mut user = before.clone();
+    let mut errors = FieldErrors::new();
+    let mut changed = Vec::new();
+    if input.get("display_name").is_some() {
+        if let Some(n) = display_name_field(input.get("display_name"), &mut errors) {
+            user.display_name = n;
+            changed.push("display_name");
+        }
+    }
+    if input.get("role").is_some() {
+        if let Some(r) = role_field(input.get("role"), &mut errors) {
+            if id == me.id() && r != Role::Admin {
+                errors.insert(
+                    "role".into(),
+                    "you cannot remove your own admin role".into(),
+                );
+            }
+            user.role = r;
+            changed.push("role");
+        }
+    }
+    match input.get("active") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(a)) => {
+            if id == me.id() && !a {
+                errors.insert("active".into(), "you cannot deactivate yourself".into());
+            }
+            user.active = *a;
+            changed.push("active");
+        }
+        Some(_) => {
+            errors.insert("active".into(), "must be true or false".into());
+        }
+    }
+    let new_password = match input.get("password") {
+        None | Some(Value::Null) => None,
+        Some(v) => password_field(Some(v), &mut errors),
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    if let Some(pw) = new_password {
+        user.password_hash = hash(pw).await?;
+        changed.push("password");
+    }
+    st.inner.store.upsert_user(&user).await?;
+    if changed.contains(&"password") || !user.active || user.role != before.role {
+        // Existing sessions of this user end (the current one too, if it is their own).
+        if id != me.id() {
+            st.inner.sessions.remove_user(id);
+        }
+    }
+    st.audit(
+        &me,
+        "user.update",
+        "user",
+        Some(id.to_string()),
+        None,
+        json!({ "changed": changed, "before": { "display_name": before.display_name,
+                "role": before.role, "active": before.active } }),
+    )
+    .await?;
+    Ok(Json(user))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DeviceRow {
+    device_id: String,
+    protocol: Protocol,
+    active: bool,
+    has_secret: bool,
+    subject_id: Option<SubjectId>,
+    assigned_from: Option<chrono::DateTime<Utc>>,
+}
+
+pub(crate) async fn list_devices(
+    State(st): State<AppState>,
+    me: CurrentUser,
+) -> ApiResult<Json<Vec<DeviceRow>>> {
+    st.require_role(&me, &[Role::Admin], "device.list", "device")
+        .await?;
+    let devices = st.inner.store.list_devices().await?;
+    let assignments = st.inner.store.current_assignments().await?;
+    let rows: Vec<DeviceRow> = devices
+        .into_iter()
+        .map(|d| {
+            let a = assignments.iter().find(|a| a.device_id == d.device_id);
+            DeviceRow {
+                has_secret: d.secret.is_some(),
+                subject_id: a.map(|a| a.subject_id),
+                assigned_from: a.map(|a| a.from),
+                device_id: d.device_id,
+                protocol: d.protocol,
+                active: d.active,
+            }
+        })
+        .collect();
+    st.audit(
+        &me,
+        "device.list",
+        "device",
+        None,
+        None,
+        json!({ "count": rows.len() }),
+    )
+    .await?;
+    Ok(Json(rows))
+}
+
+fn valid_device_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+pub(crate) async fn upsert_device(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    JsonBody(input): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    st.require_role(&me, &[Role::Admin], "device.upsert", "device")
+        .await?;
+    let mut errors = FieldErrors::new();
+    let device_id = input
+        .get("device_id")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| valid_device_id(s))
+        .map(str::to_string);
+    if device_id.is_none() {
+        errors.insert(
+            "device_id".into(),
+            "must be 1..64 characters: letters, digits, '-', '_', '.', ':'".into(),
+        );
+    }
+    let protocol = match input
+        .get("protocol")
+        .and_then(Value::as_str)
+        .map(str::parse::<Protocol>)
+    {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            errors.insert("protocol".into(), e);
+            None
+        }
+        None => {
+            errors.insert("protocol".into(), "is required".into());
+            None
+        }
+    };
+    let secret = match input.get("secret") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if s.len() >= 8 && s.len() <= 256 => Some(s.clone()),
+        Some(_) => {
+            errors.insert("secret".into(), "must be 8..256 characters".into());
+            None
+        }
+    };
+    let active = match input.get("active") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.insert("active".into(), "must be true or false".into());
+            true
+        }
+    };
+    let (Some(device_id), Some(protocol)) = (device_id, protocol) else {
+        return Err(ApiError::Validation(errors));
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let existing = st.inner.store.get_device(&device_id).await?;
+    let created = existing.is_none();
+    let device = Device {
+        secret: secret.or_else(|| existing.and_then(|d| d.secret)),
+        device_id,
+        protocol,
+        active,
+    };
+    st.inner.store.upsert_device(&device).await?;
+    st.audit(
+        &me,
+        if created {
+            "device.create"
+        } else {
+            "device.update"
+        },
+        "device",
+        Some(device.device_id.clone()),
+        None,
+        json!({ "protocol": device.protocol, "active": device.active,
+                "has_secret": device.secret.is_some() }),
+    )
+    .await?;
+    Ok(Json(json!({
+        "device_id": device.device_id, "protocol": device.protocol,
+        "active": device.active, "has_secret": device.secret.is_some(),
+    })))
+}
+
+pub(crate) async fn assign_device(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    Path(device_id): Path<String>,
+    JsonBody(input): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    st.require_role(&me, &[Role::Admin], "device.assign", "device")
+        .await?;
+    if st.inner.store.get_device(&device_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("device {device_id}")));
+    }
+    let Some(subject_id) = input.get("subject_id").and_then(Value::as_i64) else {
+        return Err(ApiError::field("subject_id", "must be a subject id"));
+    };
+    if st.inner.store.get_subject(subject_id).await?.is_none() {
+        return Err(ApiError::field("subject_id", "no such subject"));
+    }
+    let at = Utc::now();
+    st.inner
+        .store
+        .assign_device(&device_id, subject_id, at)
+        .await?;
+    st.audit(
+        &me,
+        "device.assign",
+        "device",
+        Some(device_id.clone()),
+        Some(subject_id),
+        json!({ "from": at }),
+    )
+    .await?;
+    Ok(Json(
+        json!({ "device_id": device_id, "subject_id": subject_id, "from": at }),
+    ))
+}
+
+pub(crate) async fn unassign_device(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    st.require_role(&me, &[Role::Admin], "device.unassign", "device")
+        .await?;
+    let previous = st
+        .inner
+        .store
+        .current_assignments()
+        .await?
+        .into_iter()
+        .find(|a| a.device_id == device_id);
+    let Some(previous) = previous else {
+        return Err(ApiError::NotFound(format!(
+            "device {device_id} is not assigned"
+        )));
+    };
+    let at = Utc::now();
+    st.inner.store.unassign_device(&device_id, at).await?;
+    st.audit(
+        &me,
+        "device.unassign",
+        "device",
+        Some(device_id.clone()),
+        Some(previous.subject_id),
+        json!({ "at": at }),
+    )
+    .await?;
+    Ok(Json(json!({ "device_id": device_id, "unassigned_at": at })))
+}
