@@ -4,10 +4,62 @@
 //! alert + outbox transactions, the append-only audit log and retention live here. One
 //! conformance suite runs against both backends.
 
+//!
+//! Entry point: [`connect`] picks the backend from the URL and runs the migrations.
+//! [`testing`] gives other crates' tests a fresh, migrated store of either backend.
+
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use em_model::*;
 use serde::{Deserialize, Serialize};
+
+mod common;
+pub mod postgres;
+pub mod sqlite;
+pub mod testing;
+
+pub use common::{alert_idempotency_key, subject_ordering_key};
+pub use postgres::{PgStore, PositionsLayout};
+pub use sqlite::SqliteStore;
+
+/// Opens the store at `url` and brings its schema up to date.
+///
+/// * `sqlite://path?mode=rwc`, `sqlite:path`, `sqlite::memory:` → [`SqliteStore`]
+/// * `postgres://…` / `postgresql://…` → [`PgStore`] (TimescaleDB layout when the extension
+///   is available, native time partitioning otherwise)
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "unsupported database URL {:?}: expected sqlite:… or postgres://…",
+            redact_url(url)
+        )))
+    }
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -203,6 +255,11 @@ pub trait Store: Send + Sync + 'static {
     async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>>;
     /// All subjects, or those of one officer's caseload.
     async fn list_subjects(&self, officer: Option<UserId>) -> Result<Vec<Subject>>;
+    /// (Added) Binds a subject to exactly these zone groups (replacing earlier bindings):
+    /// group zones (`ZoneSpec::group`) of these groups are listed by `list_zones(Some(subject))`.
+    async fn set_subject_zone_groups(&self, subject: SubjectId, groups: &[String]) -> Result<()>;
+    /// (Added) The zone groups a subject is bound to, sorted.
+    async fn subject_zone_groups(&self, subject: SubjectId) -> Result<Vec<String>>;
 
     /// Insert (id = 0) or update a zone; returns its id.
     async fn upsert_zone(&self, zone: &ZoneSpec) -> Result<ZoneId>;

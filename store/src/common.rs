@@ -1,0 +1,638 @@
+//! Backend-independent pieces: enum ↔ column encodings, the alert lifecycle state machine,
+//! outbox payloads, the per-subject latest-state fold and input validation.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use em_model::*;
+use serde::{Deserialize, Serialize};
+
+use crate::{AlertUpdate, Result, StoreError, StoredRecord};
+
+/// `seq` column value for records whose protocol has no sequence number (keeps the
+/// (device_id, device_time, seq) uniqueness meaningful: NULLs would never conflict).
+pub(crate) const NO_SEQ: i64 = -1;
+
+pub(crate) fn seq_to_db(seq: Option<u64>) -> Result<i64> {
+    match seq {
+        None => Ok(NO_SEQ),
+        Some(v) => i64::try_from(v).map_err(|_| {
+            StoreError::Invalid(format!("sequence number {v} exceeds the storable range"))
+        }),
+    }
+}
+
+pub(crate) fn seq_from_db(seq: i64) -> Option<u64> {
+    u64::try_from(seq).ok()
+}
+
+pub(crate) fn severity_to_db(s: Severity) -> i16 {
+    match s {
+        Severity::Low => 0,
+        Severity::Medium => 1,
+        Severity::High => 2,
+        Severity::Critical => 3,
+    }
+}
+
+pub(crate) fn severity_from_db(v: i64) -> Result<Severity> {
+    match v {
+        0 => Ok(Severity::Low),
+        1 => Ok(Severity::Medium),
+        2 => Ok(Severity::High),
+        3 => Ok(Severity::Critical),
+        _ => Err(StoreError::Invalid(format!(
+            "stored severity {v} is not 0..=3"
+        ))),
+    }
+}
+
+pub(crate) fn parse_col<T: std::str::FromStr<Err = String>>(what: &str, v: &str) -> Result<T> {
+    v.parse::<T>()
+        .map_err(|e| StoreError::Invalid(format!("stored {what}: {e}")))
+}
+
+pub(crate) fn small_u8(what: &str, v: Option<i64>) -> Result<Option<u8>> {
+    v.map(|v| {
+        u8::try_from(v).map_err(|_| StoreError::Invalid(format!("stored {what} {v} out of range")))
+    })
+    .transpose()
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    v: serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| StoreError::Invalid(format!("stored {what}: {e}")))
+}
+
+pub(crate) fn to_json<T: Serialize>(what: &str, v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| StoreError::Invalid(format!("cannot encode {what}: {e}")))
+}
+
+pub(crate) fn check_limit(limit: i64) -> Result<i64> {
+    if limit < 0 {
+        Err(StoreError::Invalid(format!(
+            "limit must be >= 0, got {limit}"
+        )))
+    } else {
+        Ok(limit)
+    }
+}
+
+/// Fields of a record that are not hot columns; stored as JSON (`extra`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RecordExtra {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub course_deg: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub altitude_m: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub satellites: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<FixSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gsm_signal: Option<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<DeviceEventKind>,
+}
+
+impl RecordExtra {
+    pub fn of(r: &Record) -> Self {
+        RecordExtra {
+            course_deg: r.position.and_then(|p| p.course_deg),
+            altitude_m: r.position.and_then(|p| p.altitude_m),
+            satellites: r.position.and_then(|p| p.satellites),
+            source: r.position.map(|p| p.source),
+            gsm_signal: r.gsm_signal,
+            events: r.events.clone(),
+        }
+    }
+}
+
+/// Validated, column-shaped form of one record, shared by both backends' insert paths.
+pub(crate) struct RecordRow {
+    pub device_id: String,
+    pub device_time: DateTime<Utc>,
+    pub seq: i64,
+    pub received_time: DateTime<Utc>,
+    pub subject_id: Option<i64>,
+    pub protocol: &'static str,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    pub accuracy_m: Option<f32>,
+    pub speed_kmh: Option<f32>,
+    pub valid: Option<bool>,
+    pub battery_pct: Option<i16>,
+    pub charging: Option<bool>,
+    pub beacon_in_range: Option<bool>,
+    pub extra: String,
+}
+
+impl RecordRow {
+    pub fn from_stored(sr: &StoredRecord) -> Result<Self> {
+        let r = &sr.record;
+        if r.device_id.is_empty() {
+            return Err(StoreError::Invalid("record without device id".into()));
+        }
+        if let Some(p) = &r.position {
+            if !(p.lat.is_finite() && (-90.0..=90.0).contains(&p.lat)) {
+                return Err(StoreError::Invalid(format!(
+                    "device {}: latitude {} out of range",
+                    r.device_id, p.lat
+                )));
+            }
+            if !(p.lon.is_finite() && (-180.0..=180.0).contains(&p.lon)) {
+                return Err(StoreError::Invalid(format!(
+                    "device {}: longitude {} out of range",
+                    r.device_id, p.lon
+                )));
+            }
+        }
+        if let Some(b) = r.battery_pct {
+            if b > 100 {
+                return Err(StoreError::Invalid(format!(
+                    "device {}: battery {b}% above 100",
+                    r.device_id
+                )));
+            }
+        }
+        let extra = serde_json::to_string(&RecordExtra::of(r))
+            .map_err(|e| StoreError::Invalid(format!("cannot encode record extras: {e}")))?;
+        Ok(RecordRow {
+            device_id: r.device_id.clone(),
+            device_time: r.device_time,
+            seq: seq_to_db(r.seq)?,
+            received_time: r.received_time,
+            subject_id: sr.subject_id,
+            protocol: r.protocol.as_str(),
+            lat: r.position.map(|p| p.lat),
+            lon: r.position.map(|p| p.lon),
+            accuracy_m: r.position.and_then(|p| p.accuracy_m),
+            speed_kmh: r.position.and_then(|p| p.speed_kmh),
+            valid: r.position.map(|p| p.valid),
+            battery_pct: r.battery_pct.map(i16::from),
+            charging: r.charging,
+            beacon_in_range: r.beacon_in_range,
+            extra,
+        })
+    }
+}
+
+/// Rebuilds a [`Record`] from its stored columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_from_parts(
+    device_id: String,
+    protocol: &str,
+    device_time: DateTime<Utc>,
+    received_time: DateTime<Utc>,
+    seq: i64,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    accuracy_m: Option<f32>,
+    speed_kmh: Option<f32>,
+    valid: Option<bool>,
+    battery_pct: Option<i64>,
+    charging: Option<bool>,
+    beacon_in_range: Option<bool>,
+    extra: serde_json::Value,
+) -> Result<Record> {
+    let extra: RecordExtra = from_json("record extras", extra)?;
+    let position = match (lat, lon) {
+        (Some(lat), Some(lon)) => Some(Position {
+            lat,
+            lon,
+            accuracy_m,
+            speed_kmh,
+            course_deg: extra.course_deg,
+            altitude_m: extra.altitude_m,
+            satellites: extra.satellites,
+            valid: valid.unwrap_or(false),
+            source: extra.source.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok(Record {
+        device_id,
+        protocol: parse_col("protocol", protocol)?,
+        device_time,
+        received_time,
+        seq: seq_from_db(seq),
+        position,
+        battery_pct: small_u8("battery", battery_pct)?,
+        charging,
+        gsm_signal: extra.gsm_signal,
+        beacon_in_range,
+        events: extra.events,
+    })
+}
+
+/// What one batch contributes to a subject's latest state (folded in device-time order).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LatestDelta {
+    pub subject_id: SubjectId,
+    pub device_id: DeviceId,
+    pub last_contact: DateTime<Utc>,
+    pub position: Option<Position>,
+    pub position_time: Option<DateTime<Utc>>,
+    /// Device time of the newest record that reported any status field.
+    pub status_time: Option<DateTime<Utc>>,
+    pub battery_pct: Option<u8>,
+    pub charging: Option<bool>,
+    pub beacon_in_range: Option<bool>,
+    pub strap_ok: Option<bool>,
+    pub case_ok: Option<bool>,
+}
+
+/// Folds a batch into one delta per subject. Records without subject are not part of any
+/// subject's state.
+pub(crate) fn fold_latest(records: &[StoredRecord]) -> Vec<LatestDelta> {
+    let mut sorted: Vec<&StoredRecord> =
+        records.iter().filter(|r| r.subject_id.is_some()).collect();
+    sorted.sort_by_key(|r| (r.record.device_time, r.record.seq));
+    let mut by_subject: BTreeMap<SubjectId, LatestDelta> = BTreeMap::new();
+    for sr in sorted {
+        let Some(subject_id) = sr.subject_id else {
+            continue;
+        };
+        let r = &sr.record;
+        let d = by_subject.entry(subject_id).or_insert_with(|| LatestDelta {
+            subject_id,
+            device_id: r.device_id.clone(),
+            last_contact: r.received_time,
+            position: None,
+            position_time: None,
+            status_time: None,
+            battery_pct: None,
+            charging: None,
+            beacon_in_range: None,
+            strap_ok: None,
+            case_ok: None,
+        });
+        d.device_id = r.device_id.clone();
+        d.last_contact = d.last_contact.max(r.received_time);
+        if let Some(p) = r.position {
+            d.position = Some(p);
+            d.position_time = Some(r.device_time);
+        }
+        let mut status = false;
+        if let Some(b) = r.battery_pct {
+            d.battery_pct = Some(b);
+            status = true;
+        }
+        if let Some(c) = r.charging {
+            d.charging = Some(c);
+            status = true;
+        }
+        if let Some(b) = r.beacon_in_range {
+            d.beacon_in_range = Some(b);
+            status = true;
+        }
+        for e in &r.events {
+            let (strap, case) = match e {
+                DeviceEventKind::StrapTamper => (Some(false), None),
+                DeviceEventKind::StrapRestored => (Some(true), None),
+                DeviceEventKind::CaseTamper => (None, Some(false)),
+                DeviceEventKind::CaseRestored => (None, Some(true)),
+                DeviceEventKind::ChargerConnected => {
+                    d.charging = Some(true);
+                    status = true;
+                    (None, None)
+                }
+                DeviceEventKind::ChargerDisconnected => {
+                    d.charging = Some(false);
+                    status = true;
+                    (None, None)
+                }
+                DeviceEventKind::BeaconInRange => {
+                    d.beacon_in_range = Some(true);
+                    status = true;
+                    (None, None)
+                }
+                DeviceEventKind::BeaconOutOfRange => {
+                    d.beacon_in_range = Some(false);
+                    status = true;
+                    (None, None)
+                }
+                _ => (None, None),
+            };
+            if strap.is_some() {
+                d.strap_ok = strap;
+                status = true;
+            }
+            if case.is_some() {
+                d.case_ok = case;
+                status = true;
+            }
+        }
+        if status {
+            d.status_time = Some(r.device_time);
+        }
+    }
+    by_subject.into_values().collect()
+}
+
+/// Result of applying an [`AlertUpdate`] to an alert: the new alert, the outbox event type and
+/// the audit action.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Transition {
+    pub alert: Alert,
+    pub event: &'static str,
+    pub action: &'static str,
+}
+
+/// The alert lifecycle: open → acknowledged → resolved, open → resolved; resolved is final.
+/// Escalation applies to open, not yet escalated alerts; `ConditionEnded` records the end of
+/// the condition on an alert that is not resolved.
+pub(crate) fn apply_alert_update(current: &Alert, update: &AlertUpdate) -> Result<Transition> {
+    let mut a = current.clone();
+    if current.state == AlertState::Resolved {
+        return Err(StoreError::Conflict(format!(
+            "alert {} is resolved; resolved alerts are final",
+            current.id
+        )));
+    }
+    match update {
+        AlertUpdate::Acknowledge { by, at } => {
+            if current.state != AlertState::Open {
+                return Err(StoreError::Conflict(format!(
+                    "alert {} is already {}",
+                    current.id,
+                    current.state.as_str()
+                )));
+            }
+            a.state = AlertState::Acknowledged;
+            a.acknowledged_by = Some(*by);
+            a.acknowledged_at = Some(*at);
+            Ok(Transition {
+                alert: a,
+                event: "alert.acknowledged",
+                action: "alert.acknowledge",
+            })
+        }
+        AlertUpdate::Resolve { by, at, code, note } => {
+            if code.trim().is_empty() {
+                return Err(StoreError::Invalid(
+                    "a resolution code is required to resolve an alert".into(),
+                ));
+            }
+            a.state = AlertState::Resolved;
+            a.resolved_by = *by;
+            a.resolved_at = Some(*at);
+            a.resolution_code = Some(code.clone());
+            a.resolution_note = note.clone();
+            Ok(Transition {
+                alert: a,
+                event: "alert.resolved",
+                action: "alert.resolve",
+            })
+        }
+        AlertUpdate::ConditionEnded { at } => {
+            a.ended_at = Some(*at);
+            Ok(Transition {
+                alert: a,
+                event: "alert.updated",
+                action: "alert.condition_ended",
+            })
+        }
+        AlertUpdate::Escalate { .. } => {
+            if current.state != AlertState::Open {
+                return Err(StoreError::Conflict(format!(
+                    "alert {} is {}; only open alerts escalate",
+                    current.id,
+                    current.state.as_str()
+                )));
+            }
+            if current.escalated {
+                return Err(StoreError::Conflict(format!(
+                    "alert {} is already escalated",
+                    current.id
+                )));
+            }
+            a.escalated = true;
+            Ok(Transition {
+                alert: a,
+                event: "alert.escalated",
+                action: "alert.escalate",
+            })
+        }
+    }
+}
+
+/// Ordering key of everything concerning one subject (outbox per-subject ordering).
+pub fn subject_ordering_key(subject: SubjectId) -> String {
+    format!("subject:{subject}")
+}
+
+/// Stable idempotency key of one version of an alert.
+pub fn alert_idempotency_key(id: AlertId, version: i64) -> String {
+    format!("alert-{id}-v{version}")
+}
+
+/// Outbox payload of an alert change: `{"event", "idempotency_key", "alert"}`.
+pub(crate) fn alert_payload(event: &str, alert: &Alert, version: i64) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "event": event,
+        "idempotency_key": alert_idempotency_key(alert.id, version),
+        "version": version,
+        "alert": to_json("alert", alert)?,
+    }))
+}
+
+/// Maps unique-constraint violations to [`StoreError::Conflict`].
+pub(crate) fn map_unique(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match e.as_database_error() {
+        Some(db) if db.is_unique_violation() => StoreError::Conflict(what()),
+        _ => StoreError::Db(e),
+    }
+}
+
+/// Rejects zone specs that cannot be evaluated.
+pub(crate) fn validate_zone(z: &ZoneSpec) -> Result<()> {
+    if z.name.trim().is_empty() {
+        return Err(StoreError::Invalid("zone name must not be empty".into()));
+    }
+    if z.subject_id.is_none() && z.group.as_deref().map_or(true, |g| g.trim().is_empty()) {
+        return Err(StoreError::Invalid(format!(
+            "zone {:?} has neither a subject nor a group",
+            z.name
+        )));
+    }
+    Ok(())
+}
+
+/// The user behind an alert update, for the audit record.
+pub(crate) fn update_actor_id(u: &AlertUpdate) -> Option<UserId> {
+    match u {
+        AlertUpdate::Acknowledge { by, .. } => Some(*by),
+        AlertUpdate::Resolve { by, .. } => *by,
+        AlertUpdate::ConditionEnded { .. } | AlertUpdate::Escalate { .. } => None,
+    }
+}
+
+pub(crate) fn outbox_status_str(s: crate::OutboxStatus) -> &'static str {
+    match s {
+        crate::OutboxStatus::Pending => "pending",
+        crate::OutboxStatus::Delivered => "delivered",
+        crate::OutboxStatus::DeadLetter => "dead_letter",
+    }
+}
+
+pub(crate) fn outbox_status_from_str(s: &str) -> Result<crate::OutboxStatus> {
+    match s {
+        "pending" => Ok(crate::OutboxStatus::Pending),
+        "delivered" => Ok(crate::OutboxStatus::Delivered),
+        "dead_letter" => Ok(crate::OutboxStatus::DeadLetter),
+        other => Err(StoreError::Invalid(format!(
+            "stored outbox status {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + s, 0)
+            .single()
+            .expect("valid time")
+    }
+
+    fn alert(state: AlertState) -> Alert {
+        Alert {
+            id: 7,
+            subject_id: 1,
+            device_id: None,
+            kind: AlertKind::StrapTamper,
+            severity: Severity::High,
+            state,
+            zone_id: None,
+            message: "m".into(),
+            started_at: t(0),
+            last_seen_at: t(0),
+            ended_at: None,
+            escalated: false,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            resolved_by: None,
+            resolved_at: None,
+            resolution_code: None,
+            resolution_note: None,
+            evidence: serde_json::json!({}),
+            occurrences: 1,
+        }
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        let ack = AlertUpdate::Acknowledge { by: 3, at: t(5) };
+        let res = AlertUpdate::Resolve {
+            by: Some(3),
+            at: t(9),
+            code: "false_alarm".into(),
+            note: None,
+        };
+        let open = alert(AlertState::Open);
+        let acked = apply_alert_update(&open, &ack).expect("open→ack");
+        assert_eq!(acked.alert.state, AlertState::Acknowledged);
+        assert_eq!(acked.event, "alert.acknowledged");
+        assert!(matches!(
+            apply_alert_update(&acked.alert, &ack),
+            Err(StoreError::Conflict(_))
+        ));
+        let resolved = apply_alert_update(&acked.alert, &res).expect("ack→resolved");
+        assert_eq!(resolved.alert.state, AlertState::Resolved);
+        for u in [
+            ack.clone(),
+            res.clone(),
+            AlertUpdate::ConditionEnded { at: t(1) },
+            AlertUpdate::Escalate { at: t(1) },
+        ] {
+            assert!(matches!(
+                apply_alert_update(&resolved.alert, &u),
+                Err(StoreError::Conflict(_))
+            ));
+        }
+        assert_eq!(
+            apply_alert_update(&open, &res)
+                .expect("open→resolved")
+                .alert
+                .state,
+            AlertState::Resolved
+        );
+        let esc = apply_alert_update(&open, &AlertUpdate::Escalate { at: t(2) }).expect("esc");
+        assert!(esc.alert.escalated);
+        assert!(apply_alert_update(&esc.alert, &AlertUpdate::Escalate { at: t(3) }).is_err());
+        assert!(apply_alert_update(&acked.alert, &AlertUpdate::Escalate { at: t(3) }).is_err());
+        let blank = AlertUpdate::Resolve {
+            by: None,
+            at: t(1),
+            code: " ".into(),
+            note: None,
+        };
+        assert!(matches!(
+            apply_alert_update(&open, &blank),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn fold_latest_takes_newest_per_field() {
+        let mut a = Record::new("d1", Protocol::Em, t(10));
+        a.battery_pct = Some(50);
+        a.position = Some(Position {
+            lat: 1.0,
+            lon: 2.0,
+            accuracy_m: None,
+            speed_kmh: None,
+            course_deg: None,
+            altitude_m: None,
+            satellites: None,
+            valid: true,
+            source: FixSource::Gnss,
+        });
+        let mut b = Record::new("d1", Protocol::Em, t(5));
+        b.battery_pct = Some(80);
+        b.events = vec![DeviceEventKind::StrapTamper];
+        let recs = vec![
+            StoredRecord {
+                subject_id: Some(1),
+                record: a,
+            },
+            StoredRecord {
+                subject_id: Some(1),
+                record: b,
+            },
+            StoredRecord {
+                subject_id: None,
+                record: Record::new("d9", Protocol::Em, t(1)),
+            },
+        ];
+        let d = fold_latest(&recs);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].battery_pct, Some(50));
+        assert_eq!(d[0].strap_ok, Some(false));
+        assert_eq!(d[0].position_time, Some(t(10)));
+        assert_eq!(d[0].status_time, Some(t(10)));
+        assert_eq!(d[0].last_contact, t(10));
+    }
+
+    #[test]
+    fn seq_encoding() {
+        assert_eq!(seq_to_db(None).expect("none"), NO_SEQ);
+        assert_eq!(seq_from_db(NO_SEQ), None);
+        assert_eq!(seq_from_db(seq_to_db(Some(42)).expect("42")), Some(42));
+        assert!(seq_to_db(Some(u64::MAX)).is_err());
+        for s in [
+            Severity::Low,
+            Severity::Medium,
+            Severity::High,
+            Severity::Critical,
+        ] {
+            assert_eq!(severity_from_db(severity_to_db(s).into()).expect("sev"), s);
+        }
+        assert!(severity_from_db(9).is_err());
+    }
+}

@@ -1,0 +1,1728 @@
+//! PostgreSQL backend.
+//!
+//! The common schema comes from versioned migrations (`store/migrations/postgres`). The
+//! positions table is laid out at start-up, once, by [`choose_positions_layout`]:
+//!
+//! * **TimescaleDB** (extension available): hypertable on `device_time` (1-day chunks),
+//!   compression after 7 days (segmented by device), a retention policy, and the continuous
+//!   aggregate `positions_hourly` (records, last position per subject and hour).
+//! * **Native partitions** (otherwise): `PARTITION BY RANGE (device_time)` with monthly
+//!   partitions created ahead by `em_ensure_position_partitions` (called at connect and when a
+//!   batch touches a month not yet prepared) and a DEFAULT partition, so nothing is rejected.
+//!
+//! Batches are written with one `INSERT … SELECT FROM UNNEST(arrays)` per batch plus one
+//! `latest_state` upsert, in one transaction; `ON CONFLICT DO NOTHING` on
+//! (device_id, device_time, seq) makes re-sent records harmless.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
+use em_model::*;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+
+use crate::common::*;
+use crate::*;
+
+/// Embedded migrations of the PostgreSQL schema (`store/migrations/postgres`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const POSITIONS_NATIVE_SQL: &str = include_str!("../sql/positions_native.sql");
+
+/// Days of positions the TimescaleDB retention policy keeps (the explicit
+/// [`Store::apply_retention`] run by the operator may cut earlier).
+pub const TIMESCALE_RETENTION_DAYS: u32 = 400;
+
+/// TimescaleDB layout, one statement per step (continuous aggregates must not run inside a
+/// multi-statement implicit transaction).
+fn timescale_steps() -> Vec<String> {
+    vec![
+        "CREATE EXTENSION IF NOT EXISTS timescaledb".into(),
+        "CREATE TABLE IF NOT EXISTS positions (
+            device_id       TEXT NOT NULL,
+            device_time     TIMESTAMPTZ NOT NULL,
+            seq             BIGINT NOT NULL,
+            received_time   TIMESTAMPTZ NOT NULL,
+            subject_id      BIGINT,
+            protocol        TEXT NOT NULL,
+            lat             DOUBLE PRECISION,
+            lon             DOUBLE PRECISION,
+            accuracy_m      REAL,
+            speed_kmh       REAL,
+            valid           BOOLEAN,
+            battery_pct     SMALLINT,
+            charging        BOOLEAN,
+            beacon_in_range BOOLEAN,
+            extra           JSONB NOT NULL,
+            CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq))"
+            .into(),
+        "SELECT create_hypertable('positions', 'device_time',
+            chunk_time_interval => INTERVAL '1 day', if_not_exists => TRUE)"
+            .into(),
+        "CREATE INDEX IF NOT EXISTS positions_subject_time ON positions (subject_id, device_time)"
+            .into(),
+        "ALTER TABLE positions SET (timescaledb.compress,
+            timescaledb.compress_segmentby = 'device_id',
+            timescaledb.compress_orderby = 'device_time DESC, seq DESC')"
+            .into(),
+        "SELECT add_compression_policy('positions', INTERVAL '7 days', if_not_exists => TRUE)".into(),
+        format!(
+            "SELECT add_retention_policy('positions', INTERVAL '{TIMESCALE_RETENTION_DAYS} days', if_not_exists => TRUE)"
+        ),
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS positions_hourly
+            WITH (timescaledb.continuous) AS
+            SELECT subject_id,
+                   time_bucket(INTERVAL '1 hour', device_time) AS bucket,
+                   count(*) AS records,
+                   max(device_time) AS last_time,
+                   last(lat, device_time) AS last_lat,
+                   last(lon, device_time) AS last_lon
+            FROM positions
+            GROUP BY subject_id, bucket
+            WITH NO DATA"
+            .into(),
+        "SELECT add_continuous_aggregate_policy('positions_hourly',
+            start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour',
+            schedule_interval => INTERVAL '30 minutes', if_not_exists => TRUE)"
+            .into(),
+    ]
+}
+
+/// How the positions table is laid out in this database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionsLayout {
+    /// TimescaleDB hypertable with compression, retention and a continuous aggregate.
+    Timescale,
+    /// Native `PARTITION BY RANGE (device_time)`, monthly partitions plus a default partition.
+    NativePartitions,
+}
+
+/// What a schema already has under the name `positions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingPositions {
+    Missing,
+    Hypertable,
+    Partitioned,
+    /// A plain table neither partitioned nor a hypertable (not created by this store).
+    Plain,
+}
+
+/// The layout decision: an existing table keeps its layout (data is never converted behind
+/// the operator's back); a new one is a hypertable exactly when TimescaleDB is available.
+pub fn choose_positions_layout(
+    existing: ExistingPositions,
+    timescale_available: bool,
+) -> Result<PositionsLayout> {
+    match existing {
+        ExistingPositions::Hypertable => Ok(PositionsLayout::Timescale),
+        ExistingPositions::Partitioned => Ok(PositionsLayout::NativePartitions),
+        ExistingPositions::Plain => Err(StoreError::Invalid(
+            "table positions exists but is neither partitioned nor a TimescaleDB hypertable; \
+             migrate it manually"
+                .into(),
+        )),
+        ExistingPositions::Missing if timescale_available => Ok(PositionsLayout::Timescale),
+        ExistingPositions::Missing => Ok(PositionsLayout::NativePartitions),
+    }
+}
+
+/// Month index (year*12 + month0) of a time; the unit of native partitions.
+fn month_index(t: DateTime<Utc>) -> i32 {
+    t.year() * 12 + t.month0() as i32
+}
+
+fn month_start(index: i32) -> Option<NaiveDate> {
+    NaiveDate::from_ymd_opt(index.div_euclid(12), index.rem_euclid(12) as u32 + 1, 1)
+}
+
+/// Parses `positions_pYYYYMM` into the exclusive end of that month.
+fn partition_end(name: &str) -> Option<DateTime<Utc>> {
+    let digits = name.strip_prefix("positions_p")?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let year: i32 = digits.get(..4)?.parse().ok()?;
+    let month: u32 = digits.get(4..)?.parse().ok()?;
+    let start = NaiveDate::from_ymd_opt(year, month, 1)?;
+    let end = start.checked_add_months(Months::new(1))?;
+    Some(end.and_hms_opt(0, 0, 0)?.and_utc())
+}
+
+fn validate_schema_name(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "schema name {schema:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, ≤ 63 bytes)"
+        )))
+    }
+}
+
+/// The PostgreSQL implementation of [`Store`].
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    layout: PositionsLayout,
+    /// Months whose native partition is known to exist (avoids a round trip per batch).
+    ensured_months: Mutex<HashSet<i32>>,
+}
+
+impl PgStore {
+    /// Connects to `url` (default schema `public`), migrates, prepares the positions layout.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let opts = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        Self::init(pool).await
+    }
+
+    /// Connects with `search_path` set to `schema, public` on every connection (creating the
+    /// schema when missing) — one database can hold many independent stores (tests, tenants).
+    pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self> {
+        validate_schema_name(schema)?;
+        let base = PgConnectOptions::from_str(url)?;
+        {
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(base.clone())
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+        }
+        let opts = base.options([("search_path", format!("{schema},public"))]);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        Self::init(pool).await
+    }
+
+    async fn init(pool: PgPool) -> Result<Self> {
+        MIGRATOR.run(&pool).await?;
+        let layout = Self::prepare_positions(&pool).await?;
+        let store = PgStore {
+            pool,
+            layout,
+            ensured_months: Mutex::new(HashSet::new()),
+        };
+        if layout == PositionsLayout::NativePartitions {
+            // Last month through two months ahead.
+            let created: i32 = sqlx::query_scalar(
+                "SELECT em_ensure_position_partitions((now() AT TIME ZONE 'UTC')::date - 31, 3)",
+            )
+            .fetch_one(&store.pool)
+            .await?;
+            tracing::debug!(created, "position partitions prepared");
+        }
+        tracing::info!(layout = ?layout, "PostgreSQL store ready");
+        Ok(store)
+    }
+
+    async fn prepare_positions(pool: &PgPool) -> Result<PositionsLayout> {
+        let mut conn = pool.acquire().await?;
+        // Serialise concurrent start-ups of the same schema.
+        sqlx::query(
+            "SELECT pg_advisory_lock(hashtext(current_schema() || '.em_positions_layout'))",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let res = Self::prepare_positions_locked(&mut conn).await;
+        sqlx::query(
+            "SELECT pg_advisory_unlock(hashtext(current_schema() || '.em_positions_layout'))",
+        )
+        .execute(&mut *conn)
+        .await?;
+        res
+    }
+
+    async fn prepare_positions_locked(conn: &mut PgConnection) -> Result<PositionsLayout> {
+        let existing = Self::existing_positions(conn).await?;
+        let available: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let layout = choose_positions_layout(existing, available)?;
+        match layout {
+            PositionsLayout::Timescale => {
+                for step in timescale_steps() {
+                    sqlx::raw_sql(&step).execute(&mut *conn).await?;
+                }
+            }
+            PositionsLayout::NativePartitions => {
+                sqlx::raw_sql(POSITIONS_NATIVE_SQL)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        Ok(layout)
+    }
+
+    async fn existing_positions(conn: &mut PgConnection) -> Result<ExistingPositions> {
+        let kind: Option<String> = sqlx::query_scalar(
+            "SELECT c.relkind::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = current_schema() AND c.relname = 'positions'",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(match kind.as_deref() {
+            None => ExistingPositions::Missing,
+            Some("p") => ExistingPositions::Partitioned,
+            Some(_) => {
+                let hyper: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+                )
+                .fetch_one(&mut *conn)
+                .await?
+                    && sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                           WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions')",
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if hyper {
+                    ExistingPositions::Hypertable
+                } else {
+                    ExistingPositions::Plain
+                }
+            }
+        })
+    }
+
+    /// Layout of the positions table chosen for this database.
+    pub fn layout(&self) -> PositionsLayout {
+        self.layout
+    }
+
+    /// The underlying pool (tools, backend-specific tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates native partitions for the months of a batch (within two years back and two
+    /// months ahead; anything else lands in the default partition). Failures are logged, never
+    /// fatal: the default partition accepts every row.
+    async fn ensure_partitions_for(&self, rows: &[RecordRow]) {
+        if self.layout != PositionsLayout::NativePartitions {
+            return;
+        }
+        let now = month_index(Utc::now());
+        let wanted: HashSet<i32> = rows
+            .iter()
+            .map(|r| month_index(r.device_time))
+            .filter(|m| (now - 24..=now + 2).contains(m))
+            .collect();
+        let missing: Vec<i32> = match self.ensured_months.lock() {
+            Ok(known) => wanted.difference(&known).copied().collect(),
+            Err(_) => wanted.into_iter().collect(),
+        };
+        for m in missing {
+            let Some(start) = month_start(m) else {
+                continue;
+            };
+            match sqlx::query_scalar::<_, bool>("SELECT em_create_position_partition($1)")
+                .bind(start)
+                .fetch_one(&self.pool)
+                .await
+            {
+                Ok(_) => {
+                    if let Ok(mut known) = self.ensured_months.lock() {
+                        known.insert(m);
+                    }
+                }
+                Err(e) => tracing::warn!(month = %start, error = %e,
+                    "could not create positions partition; rows go to the default partition"),
+            }
+        }
+    }
+
+    async fn alert_row(
+        conn: &mut PgConnection,
+        id: AlertId,
+        lock: bool,
+    ) -> Result<Option<(Alert, i64)>> {
+        let sql = if lock {
+            "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
+        } else {
+            "SELECT * FROM alerts WHERE id = $1"
+        };
+        let row = sqlx::query(sql).bind(id).fetch_optional(&mut *conn).await?;
+        row.map(|r| alert_from_row(&r)).transpose()
+    }
+
+    async fn insert_audit(conn: &mut PgConnection, e: &NewAudit) -> Result<i64> {
+        let at = e.at.unwrap_or_else(Utc::now);
+        Ok(sqlx::query_scalar(
+            "INSERT INTO audit (at, actor_id, actor, action, target_type, target_id, subject_id, details)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        )
+        .bind(at)
+        .bind(e.actor_id)
+        .bind(&e.actor)
+        .bind(&e.action)
+        .bind(&e.target_type)
+        .bind(&e.target_id)
+        .bind(e.subject_id)
+        .bind(&e.details)
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+
+    async fn insert_outbox(
+        conn: &mut PgConnection,
+        channels: &[&str],
+        alert: &Alert,
+        version: i64,
+        event: &str,
+    ) -> Result<()> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let payload = alert_payload(event, alert, version)?;
+        let key = alert_idempotency_key(alert.id, version);
+        let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+        sqlx::query(
+            "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, next_attempt_at, created_at)
+             SELECT ch, $2, $3, $4, now(), now() FROM UNNEST($1::text[]) AS ch
+             ON CONFLICT (channel, idempotency_key) DO NOTHING",
+        )
+        .bind(&channels)
+        .bind(subject_ordering_key(alert.subject_id))
+        .bind(&key)
+        .bind(&payload)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn outbox_status_locked(conn: &mut PgConnection, id: i64) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT status FROM outbox WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?,
+        )
+    }
+}
+
+fn device_from_row(r: &PgRow) -> Result<Device> {
+    Ok(Device {
+        device_id: r.try_get("device_id")?,
+        protocol: parse_col("protocol", r.try_get::<&str, _>("protocol")?)?,
+        secret: r.try_get("secret")?,
+        active: r.try_get("active")?,
+    })
+}
+
+fn assignment_from_row(r: &PgRow) -> Result<Assignment> {
+    Ok(Assignment {
+        device_id: r.try_get("device_id")?,
+        subject_id: r.try_get("subject_id")?,
+        from: r.try_get("valid_from")?,
+        to: r.try_get("valid_to")?,
+    })
+}
+
+fn subject_from_row(r: &PgRow) -> Result<Subject> {
+    Ok(Subject {
+        id: r.try_get("id")?,
+        reference: r.try_get("reference")?,
+        display_name: r.try_get("display_name")?,
+        officer_id: r.try_get("officer_id")?,
+        timezone: r.try_get("timezone")?,
+        order_start: r.try_get("order_start")?,
+        order_end: r.try_get("order_end")?,
+        rules: from_json("breach rules", r.try_get("rules")?)?,
+    })
+}
+
+fn zone_from_row(r: &PgRow) -> Result<ZoneSpec> {
+    let kind: String = r.try_get("kind")?;
+    let schedule: Option<serde_json::Value> = r.try_get("schedule")?;
+    Ok(ZoneSpec {
+        id: r.try_get("id")?,
+        subject_id: r.try_get("subject_id")?,
+        group: r.try_get("group_name")?,
+        name: r.try_get("name")?,
+        kind: from_json("zone kind", serde_json::Value::String(kind))?,
+        geometry: from_json("zone geometry", r.try_get("geometry")?)?,
+        schedule: schedule
+            .map(|v| from_json("zone schedule", v))
+            .transpose()?,
+        is_curfew_home: r.try_get("is_curfew_home")?,
+    })
+}
+
+fn user_from_row(r: &PgRow) -> Result<User> {
+    Ok(User {
+        id: r.try_get("id")?,
+        username: r.try_get("username")?,
+        display_name: r.try_get("display_name")?,
+        role: parse_col("role", r.try_get::<&str, _>("role")?)?,
+        password_hash: r.try_get("password_hash")?,
+        active: r.try_get("active")?,
+    })
+}
+
+fn alert_from_row(r: &PgRow) -> Result<(Alert, i64)> {
+    let alert = Alert {
+        id: r.try_get("id")?,
+        subject_id: r.try_get("subject_id")?,
+        device_id: r.try_get("device_id")?,
+        kind: parse_col("alert kind", r.try_get::<&str, _>("kind")?)?,
+        severity: severity_from_db(r.try_get::<i16, _>("severity")?.into())?,
+        state: parse_col("alert state", r.try_get::<&str, _>("state")?)?,
+        zone_id: r.try_get("zone_id")?,
+        message: r.try_get("message")?,
+        started_at: r.try_get("started_at")?,
+        last_seen_at: r.try_get("last_seen_at")?,
+        ended_at: r.try_get("ended_at")?,
+        escalated: r.try_get("escalated")?,
+        acknowledged_by: r.try_get("acknowledged_by")?,
+        acknowledged_at: r.try_get("acknowledged_at")?,
+        resolved_by: r.try_get("resolved_by")?,
+        resolved_at: r.try_get("resolved_at")?,
+        resolution_code: r.try_get("resolution_code")?,
+        resolution_note: r.try_get("resolution_note")?,
+        evidence: r.try_get("evidence")?,
+        occurrences: r.try_get("occurrences")?,
+    };
+    Ok((alert, r.try_get("version")?))
+}
+
+fn outbox_from_row(r: &PgRow) -> Result<OutboxMessage> {
+    Ok(OutboxMessage {
+        id: r.try_get("id")?,
+        channel: r.try_get("channel")?,
+        ordering_key: r.try_get("ordering_key")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        payload: r.try_get("payload")?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_error: r.try_get("last_error")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn audit_from_row(r: &PgRow) -> Result<AuditEntry> {
+    Ok(AuditEntry {
+        id: r.try_get("id")?,
+        at: r.try_get("at")?,
+        actor_id: r.try_get("actor_id")?,
+        actor: r.try_get("actor")?,
+        action: r.try_get("action")?,
+        target_type: r.try_get("target_type")?,
+        target_id: r.try_get("target_id")?,
+        subject_id: r.try_get("subject_id")?,
+        details: r.try_get("details")?,
+    })
+}
+
+fn record_from_row(r: &PgRow) -> Result<Record> {
+    record_from_parts(
+        r.try_get("device_id")?,
+        r.try_get::<&str, _>("protocol")?,
+        r.try_get("device_time")?,
+        r.try_get("received_time")?,
+        r.try_get("seq")?,
+        r.try_get("lat")?,
+        r.try_get("lon")?,
+        r.try_get("accuracy_m")?,
+        r.try_get("speed_kmh")?,
+        r.try_get("valid")?,
+        r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
+        r.try_get("charging")?,
+        r.try_get("beacon_in_range")?,
+        r.try_get("extra")?,
+    )
+}
+
+fn zone_kind_str(k: ZoneKind) -> &'static str {
+    match k {
+        ZoneKind::Inclusion => "inclusion",
+        ZoneKind::Exclusion => "exclusion",
+    }
+}
+
+const RECORDS_INSERT: &str = "
+INSERT INTO positions (device_id, device_time, seq, received_time, subject_id, protocol, lat, lon,
+    accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra)
+SELECT d, t, s, rt, sub, p, la, lo, acc, spd, v, bat, chg, bcn, ex::jsonb
+FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[], $5::int8[], $6::text[],
+    $7::float8[], $8::float8[], $9::float4[], $10::float4[], $11::bool[], $12::int2[], $13::bool[],
+    $14::bool[], $15::text[])
+    AS u(d, t, s, rt, sub, p, la, lo, acc, spd, v, bat, chg, bcn, ex)
+ON CONFLICT (device_id, device_time, seq) DO NOTHING";
+
+/// One statement for all subjects of a batch; each field only moves forward in device time.
+const LATEST_UPSERT: &str = "
+INSERT INTO latest_state AS ls (subject_id, device_id, last_contact, lat, lon, accuracy_m, speed_kmh,
+    valid, position_extra, position_time, status_time, battery_pct, charging, beacon_in_range,
+    strap_ok, case_ok)
+SELECT sub, dev, lc, la, lo, acc, spd, v, px::jsonb, pt, st, bat, chg, bcn, strap, cse
+FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::float8[], $5::float8[], $6::float4[],
+    $7::float4[], $8::bool[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::int2[],
+    $13::bool[], $14::bool[], $15::bool[], $16::bool[])
+    AS u(sub, dev, lc, la, lo, acc, spd, v, px, pt, st, bat, chg, bcn, strap, cse)
+ON CONFLICT (subject_id) DO UPDATE SET
+    device_id = CASE WHEN EXCLUDED.last_contact >= ls.last_contact THEN EXCLUDED.device_id ELSE ls.device_id END,
+    last_contact = GREATEST(ls.last_contact, EXCLUDED.last_contact),
+    lat = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.lat ELSE ls.lat END,
+    lon = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.lon ELSE ls.lon END,
+    accuracy_m = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.accuracy_m ELSE ls.accuracy_m END,
+    speed_kmh = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.speed_kmh ELSE ls.speed_kmh END,
+    valid = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.valid ELSE ls.valid END,
+    position_extra = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.position_extra ELSE ls.position_extra END,
+    position_time = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
+               THEN EXCLUDED.position_time ELSE ls.position_time END,
+    battery_pct = CASE WHEN EXCLUDED.battery_pct IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.battery_pct ELSE ls.battery_pct END,
+    charging = CASE WHEN EXCLUDED.charging IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.charging ELSE ls.charging END,
+    beacon_in_range = CASE WHEN EXCLUDED.beacon_in_range IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.beacon_in_range ELSE ls.beacon_in_range END,
+    strap_ok = CASE WHEN EXCLUDED.strap_ok IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.strap_ok ELSE ls.strap_ok END,
+    case_ok = CASE WHEN EXCLUDED.case_ok IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.case_ok ELSE ls.case_ok END,
+    status_time = CASE WHEN EXCLUDED.status_time IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
+               THEN EXCLUDED.status_time ELSE ls.status_time END";
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        match self.layout {
+            PositionsLayout::Timescale => "timescaledb",
+            PositionsLayout::NativePartitions => "postgres",
+        }
+    }
+
+    async fn upsert_device(&self, device: &Device) -> Result<()> {
+        if device.device_id.is_empty() {
+            return Err(StoreError::Invalid("device id must not be empty".into()));
+        }
+        sqlx::query(
+            "INSERT INTO devices (device_id, protocol, secret, active) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (device_id) DO UPDATE SET protocol = EXCLUDED.protocol,
+               secret = EXCLUDED.secret, active = EXCLUDED.active",
+        )
+        .bind(&device.device_id)
+        .bind(device.protocol.as_str())
+        .bind(&device.secret)
+        .bind(device.active)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
+        sqlx::query("SELECT * FROM devices WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| device_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_devices(&self) -> Result<Vec<Device>> {
+        sqlx::query("SELECT * FROM devices ORDER BY device_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(device_from_row)
+            .collect()
+    }
+
+    async fn assign_device(
+        &self,
+        device_id: &str,
+        subject_id: SubjectId,
+        from: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        // Serialise assignment changes of one device.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('em_assign:' || $1))")
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        let current = sqlx::query(
+            "SELECT * FROM assignments WHERE device_id = $1 AND valid_to IS NULL FOR UPDATE",
+        )
+        .bind(device_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| assignment_from_row(&r))
+        .transpose()?;
+        if let Some(cur) = current {
+            if from < cur.from {
+                return Err(StoreError::Invalid(format!(
+                    "device {device_id}: new assignment at {from} precedes the current one (from {})",
+                    cur.from
+                )));
+            }
+            sqlx::query(
+                "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
+            )
+            .bind(from)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO assignments (device_id, subject_id, valid_from) VALUES ($1, $2, $3)",
+        )
+        .bind(device_id)
+        .bind(subject_id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn unassign_device(&self, device_id: &str, at: DateTime<Utc>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(
+            "SELECT * FROM assignments WHERE device_id = $1 AND valid_to IS NULL FOR UPDATE",
+        )
+        .bind(device_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| assignment_from_row(&r))
+        .transpose()?
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("no current assignment of device {device_id}"))
+        })?;
+        if at < current.from {
+            return Err(StoreError::Invalid(format!(
+                "device {device_id}: unassignment at {at} precedes the assignment start {}",
+                current.from
+            )));
+        }
+        sqlx::query(
+            "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
+        )
+        .bind(at)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>> {
+        sqlx::query("SELECT * FROM assignments WHERE device_id = $1 ORDER BY valid_from, id")
+            .bind(device_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(assignment_from_row)
+            .collect()
+    }
+
+    async fn subject_for_device_at(
+        &self,
+        device_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<SubjectId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT subject_id FROM assignments WHERE device_id = $1 AND valid_from <= $2
+               AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_from DESC, id DESC LIMIT 1",
+        )
+        .bind(device_id)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn current_assignments(&self) -> Result<Vec<Assignment>> {
+        sqlx::query("SELECT * FROM assignments WHERE valid_to IS NULL ORDER BY device_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(assignment_from_row)
+            .collect()
+    }
+
+    async fn upsert_subject(&self, s: &Subject) -> Result<SubjectId> {
+        let rules = to_json("breach rules", &s.rules)?;
+        if s.id == 0 {
+            Ok(sqlx::query_scalar(
+                "INSERT INTO subjects (reference, display_name, officer_id, timezone, order_start, order_end, rules)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            )
+            .bind(&s.reference)
+            .bind(&s.display_name)
+            .bind(s.officer_id)
+            .bind(&s.timezone)
+            .bind(s.order_start)
+            .bind(s.order_end)
+            .bind(rules)
+            .fetch_one(&self.pool)
+            .await?)
+        } else {
+            sqlx::query_scalar(
+                "UPDATE subjects SET reference = $1, display_name = $2, officer_id = $3, timezone = $4,
+                   order_start = $5, order_end = $6, rules = $7 WHERE id = $8 RETURNING id",
+            )
+            .bind(&s.reference)
+            .bind(&s.display_name)
+            .bind(s.officer_id)
+            .bind(&s.timezone)
+            .bind(s.order_start)
+            .bind(s.order_end)
+            .bind(rules)
+            .bind(s.id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))
+        }
+    }
+
+    async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>> {
+        sqlx::query("SELECT * FROM subjects WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| subject_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_subjects(&self, officer: Option<UserId>) -> Result<Vec<Subject>> {
+        sqlx::query(
+            "SELECT * FROM subjects WHERE ($1::int8 IS NULL OR officer_id = $1) ORDER BY id",
+        )
+        .bind(officer)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(subject_from_row)
+        .collect()
+    }
+
+    async fn set_subject_zone_groups(&self, subject: SubjectId, groups: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM subject_zone_groups WHERE subject_id = $1")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO subject_zone_groups (subject_id, group_name)
+             SELECT $1, g FROM UNNEST($2::text[]) AS g ON CONFLICT DO NOTHING",
+        )
+        .bind(subject)
+        .bind(groups)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn subject_zone_groups(&self, subject: SubjectId) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT group_name FROM subject_zone_groups WHERE subject_id = $1 ORDER BY group_name",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn upsert_zone(&self, z: &ZoneSpec) -> Result<ZoneId> {
+        validate_zone(z)?;
+        let geometry = to_json("zone geometry", &z.geometry)?;
+        let schedule = z
+            .schedule
+            .as_ref()
+            .map(|s| to_json("zone schedule", s))
+            .transpose()?;
+        if z.id == 0 {
+            Ok(sqlx::query_scalar(
+                "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule, is_curfew_home)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            )
+            .bind(z.subject_id)
+            .bind(&z.group)
+            .bind(&z.name)
+            .bind(zone_kind_str(z.kind))
+            .bind(geometry)
+            .bind(schedule)
+            .bind(z.is_curfew_home)
+            .fetch_one(&self.pool)
+            .await?)
+        } else {
+            sqlx::query_scalar(
+                "UPDATE zones SET subject_id = $1, group_name = $2, name = $3, kind = $4, geometry = $5,
+                   schedule = $6, is_curfew_home = $7 WHERE id = $8 RETURNING id",
+            )
+            .bind(z.subject_id)
+            .bind(&z.group)
+            .bind(&z.name)
+            .bind(zone_kind_str(z.kind))
+            .bind(geometry)
+            .bind(schedule)
+            .bind(z.is_curfew_home)
+            .bind(z.id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))
+        }
+    }
+
+    async fn delete_zone(&self, id: ZoneId) -> Result<()> {
+        let n = sqlx::query("DELETE FROM zones WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("zone {id}")));
+        }
+        Ok(())
+    }
+
+    async fn get_zone(&self, id: ZoneId) -> Result<Option<ZoneSpec>> {
+        sqlx::query("SELECT * FROM zones WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| zone_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_zones(&self, subject: Option<SubjectId>) -> Result<Vec<ZoneSpec>> {
+        sqlx::query(
+            "SELECT * FROM zones WHERE $1::int8 IS NULL OR subject_id = $1
+               OR (subject_id IS NULL AND group_name IN
+                   (SELECT group_name FROM subject_zone_groups WHERE subject_id = $1))
+             ORDER BY id",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(zone_from_row)
+        .collect()
+    }
+
+    async fn insert_records(&self, records: &[StoredRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows = records
+            .iter()
+            .map(RecordRow::from_stored)
+            .collect::<Result<Vec<_>>>()?;
+        self.ensure_partitions_for(&rows).await;
+        let n = rows.len();
+        let mut device_id = Vec::with_capacity(n);
+        let mut device_time = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut received = Vec::with_capacity(n);
+        let mut subject = Vec::with_capacity(n);
+        let mut protocol = Vec::with_capacity(n);
+        let mut lat = Vec::with_capacity(n);
+        let mut lon = Vec::with_capacity(n);
+        let mut acc = Vec::with_capacity(n);
+        let mut speed = Vec::with_capacity(n);
+        let mut valid = Vec::with_capacity(n);
+        let mut battery = Vec::with_capacity(n);
+        let mut charging = Vec::with_capacity(n);
+        let mut beacon = Vec::with_capacity(n);
+        let mut extra = Vec::with_capacity(n);
+        for r in rows {
+            device_id.push(r.device_id);
+            device_time.push(r.device_time);
+            seq.push(r.seq);
+            received.push(r.received_time);
+            subject.push(r.subject_id);
+            protocol.push(r.protocol);
+            lat.push(r.lat);
+            lon.push(r.lon);
+            acc.push(r.accuracy_m);
+            speed.push(r.speed_kmh);
+            valid.push(r.valid);
+            battery.push(r.battery_pct);
+            charging.push(r.charging);
+            beacon.push(r.beacon_in_range);
+            extra.push(r.extra);
+        }
+        let deltas = fold_latest(records);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(RECORDS_INSERT)
+            .bind(&device_id)
+            .bind(&device_time)
+            .bind(&seq)
+            .bind(&received)
+            .bind(&subject)
+            .bind(&protocol)
+            .bind(&lat)
+            .bind(&lon)
+            .bind(&acc)
+            .bind(&speed)
+            .bind(&valid)
+            .bind(&battery)
+            .bind(&charging)
+            .bind(&beacon)
+            .bind(&extra)
+            .execute(&mut *tx)
+            .await?;
+        if !deltas.is_empty() {
+            let mut pos_extra: Vec<Option<String>> = Vec::with_capacity(deltas.len());
+            for d in &deltas {
+                pos_extra.push(
+                    d.position
+                        .map(|p| {
+                            serde_json::to_string(&RecordExtra {
+                                course_deg: p.course_deg,
+                                altitude_m: p.altitude_m,
+                                satellites: p.satellites,
+                                source: Some(p.source),
+                                ..RecordExtra::default()
+                            })
+                            .map_err(|e| {
+                                StoreError::Invalid(format!("cannot encode position extras: {e}"))
+                            })
+                        })
+                        .transpose()?,
+                );
+            }
+            sqlx::query(LATEST_UPSERT)
+                .bind(deltas.iter().map(|d| d.subject_id).collect::<Vec<_>>())
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.device_id.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(deltas.iter().map(|d| d.last_contact).collect::<Vec<_>>())
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.position.map(|p| p.lat))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.position.map(|p| p.lon))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.position.and_then(|p| p.accuracy_m))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.position.and_then(|p| p.speed_kmh))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.position.map(|p| p.valid))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(pos_extra)
+                .bind(deltas.iter().map(|d| d.position_time).collect::<Vec<_>>())
+                .bind(deltas.iter().map(|d| d.status_time).collect::<Vec<_>>())
+                .bind(
+                    deltas
+                        .iter()
+                        .map(|d| d.battery_pct.map(i16::from))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(deltas.iter().map(|d| d.charging).collect::<Vec<_>>())
+                .bind(deltas.iter().map(|d| d.beacon_in_range).collect::<Vec<_>>())
+                .bind(deltas.iter().map(|d| d.strap_ok).collect::<Vec<_>>())
+                .bind(deltas.iter().map(|d| d.case_ok).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn trail(
+        &self,
+        subject: SubjectId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrailPoint>> {
+        let limit = check_limit(limit)?;
+        let rows = sqlx::query(
+            "SELECT * FROM positions WHERE subject_id = $1 AND device_time >= $2 AND device_time <= $3
+               AND lat IS NOT NULL AND lon IS NOT NULL ORDER BY device_time, seq, device_id LIMIT $4",
+        )
+        .bind(subject)
+        .bind(from)
+        .bind(to)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let rec = record_from_row(r)?;
+                let position = rec
+                    .position
+                    .ok_or_else(|| StoreError::Invalid("trail row without position".into()))?;
+                Ok(TrailPoint {
+                    device_id: rec.device_id,
+                    device_time: rec.device_time,
+                    received_time: rec.received_time,
+                    position,
+                    battery_pct: rec.battery_pct,
+                })
+            })
+            .collect()
+    }
+
+    async fn latest_states(&self, subjects: Option<&[SubjectId]>) -> Result<Vec<LatestState>> {
+        let rows = sqlx::query(
+            "SELECT * FROM latest_state WHERE $1::int8[] IS NULL OR subject_id = ANY($1)
+             ORDER BY subject_id",
+        )
+        .bind(subjects)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let lat: Option<f64> = r.try_get("lat")?;
+                let lon: Option<f64> = r.try_get("lon")?;
+                let position = match (lat, lon) {
+                    (Some(lat), Some(lon)) => {
+                        let extra: RecordExtra =
+                            match r.try_get::<Option<serde_json::Value>, _>("position_extra")? {
+                                Some(v) => from_json("position extras", v)?,
+                                None => RecordExtra::default(),
+                            };
+                        Some(Position {
+                            lat,
+                            lon,
+                            accuracy_m: r.try_get("accuracy_m")?,
+                            speed_kmh: r.try_get("speed_kmh")?,
+                            course_deg: extra.course_deg,
+                            altitude_m: extra.altitude_m,
+                            satellites: extra.satellites,
+                            valid: r.try_get::<Option<bool>, _>("valid")?.unwrap_or(false),
+                            source: extra.source.unwrap_or_default(),
+                        })
+                    }
+                    _ => None,
+                };
+                Ok(LatestState {
+                    subject_id: r.try_get("subject_id")?,
+                    device_id: r.try_get("device_id")?,
+                    last_contact: r.try_get("last_contact")?,
+                    position,
+                    position_time: r.try_get("position_time")?,
+                    battery_pct: small_u8(
+                        "battery",
+                        r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
+                    )?,
+                    charging: r.try_get("charging")?,
+                    beacon_in_range: r.try_get("beacon_in_range")?,
+                    strap_ok: r.try_get("strap_ok")?,
+                    case_ok: r.try_get("case_ok")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_records(&self, device_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM positions WHERE device_id = $1")
+                .bind(device_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn device_records(&self, device_id: &str, limit: i64) -> Result<Vec<Record>> {
+        let limit = check_limit(limit)?;
+        sqlx::query(
+            "SELECT * FROM positions WHERE device_id = $1 ORDER BY device_time, seq LIMIT $2",
+        )
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(record_from_row)
+        .collect()
+    }
+
+    async fn raise_alert(&self, a: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key, message,
+                 started_at, last_seen_at, evidence, occurrences, version)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $8, $9, 1, 1)
+             ON CONFLICT (subject_id, kind, zone_key) WHERE state <> 'resolved' DO UPDATE SET
+                 occurrences = alerts.occurrences + 1,
+                 last_seen_at = GREATEST(alerts.last_seen_at, EXCLUDED.last_seen_at),
+                 severity = GREATEST(alerts.severity, EXCLUDED.severity),
+                 device_id = COALESCE(alerts.device_id, EXCLUDED.device_id),
+                 version = alerts.version + 1
+             RETURNING *",
+        )
+        .bind(a.subject_id)
+        .bind(&a.device_id)
+        .bind(a.kind.as_str())
+        .bind(severity_to_db(a.severity))
+        .bind(a.zone_id)
+        .bind(a.zone_id.unwrap_or(0))
+        .bind(&a.message)
+        .bind(a.at)
+        .bind(&a.evidence)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (alert, version) = alert_from_row(&row)?;
+        let created = alert.occurrences == 1;
+        let (event, action) = if created {
+            ("alert.created", "alert.create")
+        } else {
+            ("alert.updated", "alert.repeat")
+        };
+        Self::insert_audit(
+            &mut tx,
+            &NewAudit {
+                at: Some(Utc::now()),
+                actor_id: None,
+                actor: "system:alerts".into(),
+                action: action.into(),
+                target_type: "alert".into(),
+                target_id: Some(alert.id.to_string()),
+                subject_id: Some(alert.subject_id),
+                details: serde_json::json!({
+                    "kind": alert.kind.as_str(),
+                    "occurrences": alert.occurrences,
+                    "at": a.at,
+                    "message": a.message,
+                }),
+            },
+        )
+        .await?;
+        Self::insert_outbox(&mut tx, outbox_channels, &alert, version, event).await?;
+        tx.commit().await?;
+        Ok(RaisedAlert { alert, created })
+    }
+
+    async fn update_alert(
+        &self,
+        id: AlertId,
+        update: &AlertUpdate,
+        actor: &str,
+        outbox_channels: &[&str],
+    ) -> Result<Alert> {
+        let mut tx = self.pool.begin().await?;
+        let (current, _) = Self::alert_row(&mut tx, id, true)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("alert {id}")))?;
+        let t = apply_alert_update(&current, update)?;
+        let a = &t.alert;
+        let row = sqlx::query(
+            "UPDATE alerts SET state = $1, ended_at = $2, escalated = $3, acknowledged_by = $4,
+                 acknowledged_at = $5, resolved_by = $6, resolved_at = $7, resolution_code = $8,
+                 resolution_note = $9, version = version + 1
+             WHERE id = $10 RETURNING *",
+        )
+        .bind(a.state.as_str())
+        .bind(a.ended_at)
+        .bind(a.escalated)
+        .bind(a.acknowledged_by)
+        .bind(a.acknowledged_at)
+        .bind(a.resolved_by)
+        .bind(a.resolved_at)
+        .bind(&a.resolution_code)
+        .bind(&a.resolution_note)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (alert, new_version) = alert_from_row(&row)?;
+        Self::insert_audit(
+            &mut tx,
+            &NewAudit {
+                at: Some(Utc::now()),
+                actor_id: update_actor_id(update),
+                actor: actor.to_string(),
+                action: t.action.into(),
+                target_type: "alert".into(),
+                target_id: Some(id.to_string()),
+                subject_id: Some(alert.subject_id),
+                details: serde_json::json!({
+                    "previous": to_json("alert", &current)?,
+                    "update": to_json("alert update", update)?,
+                }),
+            },
+        )
+        .await?;
+        Self::insert_outbox(&mut tx, outbox_channels, &alert, new_version, t.event).await?;
+        tx.commit().await?;
+        Ok(alert)
+    }
+
+    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(Self::alert_row(&mut conn, id, false).await?.map(|(a, _)| a))
+    }
+
+    async fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>> {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM alerts WHERE true");
+        if let Some(ids) = &f.subject_ids {
+            qb.push(" AND subject_id = ANY(")
+                .push_bind(ids.clone())
+                .push(")");
+        }
+        if let Some(states) = &f.states {
+            let states: Vec<&'static str> = states.iter().map(|s| s.as_str()).collect();
+            qb.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+        if let Some(since) = f.since {
+            qb.push(" AND started_at >= ").push_bind(since);
+        }
+        qb.push(" ORDER BY started_at DESC, severity DESC, id DESC");
+        if let Some(limit) = f.limit {
+            qb.push(" LIMIT ").push_bind(check_limit(limit)?);
+        }
+        qb.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| alert_from_row(r).map(|(a, _)| a))
+            .collect()
+    }
+
+    async fn ongoing_alert(
+        &self,
+        subject: SubjectId,
+        kind: AlertKind,
+        zone: Option<ZoneId>,
+    ) -> Result<Option<Alert>> {
+        sqlx::query(
+            "SELECT * FROM alerts WHERE subject_id = $1 AND kind = $2 AND zone_key = $3
+               AND state <> 'resolved'",
+        )
+        .bind(subject)
+        .bind(kind.as_str())
+        .bind(zone.unwrap_or(0))
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| alert_from_row(&r).map(|(a, _)| a))
+        .transpose()
+    }
+
+    async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
+        sqlx::query(
+            "SELECT * FROM alerts WHERE state = 'open' AND NOT escalated AND started_at < $1
+             ORDER BY started_at, id",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| alert_from_row(r).map(|(a, _)| a))
+        .collect()
+    }
+
+    async fn due_outbox(
+        &self,
+        channel: &str,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>> {
+        let limit = check_limit(limit)?;
+        sqlx::query(
+            "SELECT o.* FROM outbox o
+             WHERE o.channel = $1 AND o.status = 'pending' AND o.next_attempt_at <= $2
+               AND o.id = (SELECT min(p.id) FROM outbox p WHERE p.channel = o.channel
+                             AND p.ordering_key = o.ordering_key AND p.status = 'pending')
+             ORDER BY o.id LIMIT $3",
+        )
+        .bind(channel)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(outbox_from_row)
+        .collect()
+    }
+
+    async fn mark_outbox_delivered(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        match Self::outbox_status_locked(&mut tx, id).await?.as_deref() {
+            None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
+            Some("pending") => {}
+            Some("delivered") => return Ok(()),
+            Some(other) => {
+                return Err(StoreError::Conflict(format!(
+                    "outbox message {id} is {other}"
+                )))
+            }
+        }
+        sqlx::query("UPDATE outbox SET status = 'delivered', delivered_at = $1 WHERE id = $2")
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn mark_outbox_failed(
+        &self,
+        id: i64,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+        dead: bool,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        match Self::outbox_status_locked(&mut tx, id).await?.as_deref() {
+            None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
+            Some("pending") => {}
+            Some(other) => {
+                return Err(StoreError::Conflict(format!(
+                    "outbox message {id} is {other}, not pending"
+                )))
+            }
+        }
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2,
+                 status = $3 WHERE id = $4",
+        )
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(if dead { "dead_letter" } else { "pending" })
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_status(&self, id: i64) -> Result<Option<OutboxStatus>> {
+        let s: Option<String> = sqlx::query_scalar("SELECT status FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        s.map(|s| outbox_status_from_str(&s)).transpose()
+    }
+
+    async fn count_outbox(&self, channel: &str, status: OutboxStatus) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE channel = $1 AND status = $2")
+                .bind(channel)
+                .bind(outbox_status_str(status))
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn upsert_user(&self, u: &User) -> Result<UserId> {
+        if u.username.trim().is_empty() {
+            return Err(StoreError::Invalid("username must not be empty".into()));
+        }
+        let res = if u.id == 0 {
+            sqlx::query_scalar(
+                "INSERT INTO users (username, display_name, role, password_hash, active)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            )
+            .bind(&u.username)
+            .bind(&u.display_name)
+            .bind(u.role.as_str())
+            .bind(&u.password_hash)
+            .bind(u.active)
+            .fetch_one(&self.pool)
+            .await
+        } else {
+            sqlx::query_scalar(
+                "UPDATE users SET username = $1, display_name = $2, role = $3, password_hash = $4,
+                   active = $5 WHERE id = $6 RETURNING id",
+            )
+            .bind(&u.username)
+            .bind(&u.display_name)
+            .bind(u.role.as_str())
+            .bind(&u.password_hash)
+            .bind(u.active)
+            .bind(u.id)
+            .fetch_optional(&self.pool)
+            .await
+            .and_then(|o| o.ok_or(sqlx::Error::RowNotFound))
+        };
+        match res {
+            Ok(id) => Ok(id),
+            Err(sqlx::Error::RowNotFound) => Err(StoreError::NotFound(format!("user {}", u.id))),
+            Err(e) => Err(map_unique(e, || {
+                format!("username {:?} is already taken", u.username)
+            })),
+        }
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>> {
+        sqlx::query("SELECT * FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| user_from_row(&r))
+            .transpose()
+    }
+
+    async fn get_user_by_name(&self, username: &str) -> Result<Option<User>> {
+        sqlx::query("SELECT * FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| user_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        sqlx::query("SELECT * FROM users ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(user_from_row)
+            .collect()
+    }
+
+    async fn append_audit(&self, entry: &NewAudit) -> Result<i64> {
+        let mut conn = self.pool.acquire().await?;
+        Self::insert_audit(&mut conn, entry).await
+    }
+
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM audit WHERE true");
+        if let Some(a) = f.actor_id {
+            qb.push(" AND actor_id = ").push_bind(a);
+        }
+        if let Some(s) = f.subject_id {
+            qb.push(" AND subject_id = ").push_bind(s);
+        }
+        if let Some(t) = &f.target_type {
+            qb.push(" AND target_type = ").push_bind(t.clone());
+        }
+        if let Some(t) = f.since {
+            qb.push(" AND at >= ").push_bind(t);
+        }
+        if let Some(t) = f.until {
+            qb.push(" AND at < ").push_bind(t);
+        }
+        qb.push(" ORDER BY at DESC, id DESC");
+        if let Some(limit) = f.limit {
+            qb.push(" LIMIT ").push_bind(check_limit(limit)?);
+        }
+        qb.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+    }
+
+    async fn apply_retention(
+        &self,
+        positions_before: DateTime<Utc>,
+        alerts_before: Option<DateTime<Utc>>,
+        audit_before: Option<DateTime<Utc>>,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        match self.layout {
+            PositionsLayout::NativePartitions => {
+                // Whole partitions first: dropping a month is cheap and leaves no bloat.
+                let parts: Vec<String> = sqlx::query_scalar(
+                    "SELECT c.relname::text FROM pg_inherits i
+                       JOIN pg_class c ON c.oid = i.inhrelid
+                     WHERE i.inhparent = 'positions'::regclass",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                for part in parts {
+                    let Some(end) = partition_end(&part) else {
+                        continue;
+                    };
+                    if end > positions_before {
+                        continue;
+                    }
+                    let mut tx = self.pool.begin().await?;
+                    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{part}\""))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    sqlx::query(&format!("DROP TABLE \"{part}\""))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    report.positions_deleted += u64::try_from(n).unwrap_or(0);
+                    if let Some(m) = part
+                        .strip_prefix("positions_p")
+                        .and_then(|d| d.parse::<i32>().ok())
+                    {
+                        if let Ok(mut known) = self.ensured_months.lock() {
+                            known.remove(&((m / 100) * 12 + (m % 100) - 1));
+                        }
+                    }
+                }
+            }
+            PositionsLayout::Timescale => {
+                let mut tx = self.pool.begin().await?;
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM positions WHERE device_time < $1")
+                        .bind(positions_before)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query("SELECT drop_chunks('positions', older_than => $1)")
+                    .bind(positions_before)
+                    .execute(&mut *tx)
+                    .await?;
+                // Rows in chunks that straddle the cut-off.
+                sqlx::query("DELETE FROM positions WHERE device_time < $1")
+                    .bind(positions_before)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                report.positions_deleted = u64::try_from(n).unwrap_or(0);
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        if self.layout == PositionsLayout::NativePartitions {
+            report.positions_deleted += sqlx::query("DELETE FROM positions WHERE device_time < $1")
+                .bind(positions_before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if let Some(t) = alerts_before {
+            report.alerts_deleted =
+                sqlx::query("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < $1")
+                    .bind(t)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+        }
+        if let Some(t) = audit_before {
+            sqlx::query("INSERT INTO audit_retention_gate (open) VALUES (true)")
+                .execute(&mut *tx)
+                .await?;
+            report.audit_deleted = sqlx::query("DELETE FROM audit WHERE at < $1")
+                .bind(t)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM audit_retention_gate")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_decision() {
+        use ExistingPositions::*;
+        assert_eq!(
+            choose_positions_layout(Missing, true).expect("ts"),
+            PositionsLayout::Timescale
+        );
+        assert_eq!(
+            choose_positions_layout(Missing, false).expect("native"),
+            PositionsLayout::NativePartitions
+        );
+        // An existing table keeps its layout whatever is installed now.
+        assert_eq!(
+            choose_positions_layout(Partitioned, true).expect("keep native"),
+            PositionsLayout::NativePartitions
+        );
+        assert_eq!(
+            choose_positions_layout(Hypertable, false).expect("keep ts"),
+            PositionsLayout::Timescale
+        );
+        assert!(matches!(
+            choose_positions_layout(Plain, true),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn timescale_steps_cover_policies() {
+        let all = timescale_steps().join("\n");
+        for needle in [
+            "CREATE EXTENSION IF NOT EXISTS timescaledb",
+            "create_hypertable",
+            "add_compression_policy",
+            "add_retention_policy",
+            "timescaledb.continuous",
+            "add_continuous_aggregate_policy",
+        ] {
+            assert!(all.contains(needle), "missing {needle}");
+        }
+    }
+
+    #[test]
+    fn partition_names_and_months() {
+        let end = partition_end("positions_p202402").expect("parse");
+        assert_eq!(end.to_rfc3339(), "2024-03-01T00:00:00+00:00");
+        assert_eq!(
+            partition_end("positions_p202412")
+                .expect("dec")
+                .to_rfc3339(),
+            "2025-01-01T00:00:00+00:00"
+        );
+        assert!(partition_end("positions_default").is_none());
+        assert!(partition_end("positions_p2024").is_none());
+        assert!(partition_end("positions_p202413").is_none());
+        let t = DateTime::parse_from_rfc3339("2024-02-15T10:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        assert_eq!(
+            month_start(month_index(t)).expect("start"),
+            NaiveDate::from_ymd_opt(2024, 2, 1).expect("date")
+        );
+        assert_eq!(
+            month_start(month_index(t) - 2).expect("start"),
+            NaiveDate::from_ymd_opt(2023, 12, 1).expect("date")
+        );
+    }
+
+    #[test]
+    fn schema_names() {
+        assert!(validate_schema_name("em_test_1_2_3").is_ok());
+        assert!(validate_schema_name("").is_err());
+        assert!(validate_schema_name("Bad").is_err());
+        assert!(validate_schema_name("x; drop table y").is_err());
+        assert!(validate_schema_name("1abc").is_err());
+    }
+}
