@@ -1,0 +1,2 @@
+//! Geofence benchmarks (filled in below).
+fn main() {}
