@@ -1,0 +1,458 @@
+//! The alert engine: raising, folding, ending, acknowledging, resolving and escalating alerts.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use em_model::{Alert, AlertId, AlertKind, Severity, SubjectId, User};
+use em_store::{AlertUpdate, NewAlert, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Mutex, MutexGuard};
+use tracing::{debug, info, warn};
+
+use crate::config::{AlertConfig, ConfigError};
+use crate::events;
+use crate::message::{auto_resolve_note, describe, parse_tz, MessageContext};
+use crate::signal::{Phase, Signal};
+
+/// Audit actor of changes the engine makes on its own (raise, fold, end, auto-resolve, escalate).
+pub const SYSTEM_ACTOR: &str = "system:alerts";
+
+/// Largest accepted evidence document (serialised JSON bytes).
+const MAX_EVIDENCE_BYTES: usize = 64 * 1024;
+/// Longest accepted resolution note (characters).
+const MAX_NOTE_CHARS: usize = 4000;
+/// Number of subject lock stripes.
+const LOCK_STRIPES: usize = 64;
+
+/// Why an alert operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("alert {0} not found")]
+    NotFound(AlertId),
+    #[error("subject {0} not found")]
+    UnknownSubject(SubjectId),
+    #[error("alert {id} cannot be changed: {reason}")]
+    InvalidTransition { id: AlertId, reason: String },
+    #[error("unknown resolution code {code:?} (allowed: {allowed})")]
+    UnknownResolutionCode { code: String, allowed: String },
+    #[error("user {0:?} is deactivated and cannot change alerts")]
+    InactiveUser(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A change of an alert, as published on the live feed (dashboard SSE, MQTT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertNotice {
+    /// `alert.created`, `alert.updated`, `alert.acknowledged`, `alert.resolved` or `alert.escalated`.
+    pub event: String,
+    /// The alert after the change.
+    pub alert: Alert,
+}
+
+/// The alert engine. Cheap to share as `Arc<AlertService>`.
+///
+/// Changes to one subject's alerts are serialised inside the service (striped locks), so a
+/// repeat and a concurrent resolution cannot interleave between the "is there an ongoing
+/// alert" check and the write. Run one `AlertService` per database.
+pub struct AlertService {
+    store: Arc<dyn Store>,
+    config: AlertConfig,
+    notices: broadcast::Sender<AlertNotice>,
+    locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for AlertService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertService")
+            .field("backend", &self.store.backend())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn map_store(id: AlertId, e: StoreError) -> AlertError {
+    match e {
+        StoreError::NotFound(_) => AlertError::NotFound(id),
+        StoreError::Conflict(reason) | StoreError::Invalid(reason) => {
+            AlertError::InvalidTransition { id, reason }
+        }
+        other => AlertError::Store(other),
+    }
+}
+
+impl AlertService {
+    /// Validates `config` and builds the service.
+    pub fn new(store: Arc<dyn Store>, config: AlertConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let (notices, _) = broadcast::channel(config.notice_buffer);
+        Ok(AlertService {
+            store,
+            config,
+            notices,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn config(&self) -> &AlertConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Live feed of alert changes. Each receiver sees every notice sent after it subscribed;
+    /// one that falls more than `notice_buffer` behind gets `RecvError::Lagged`.
+    pub fn subscribe(&self) -> broadcast::Receiver<AlertNotice> {
+        self.notices.subscribe()
+    }
+
+    async fn lock(&self, subject: SubjectId) -> MutexGuard<'_, ()> {
+        let idx = usize::try_from(subject.rem_euclid(LOCK_STRIPES as i64)).unwrap_or(0);
+        match self.locks.get(idx) {
+            Some(m) => m.lock().await,
+            // Unreachable: idx < LOCK_STRIPES == locks.len(); fall back to the first stripe.
+            None => self.locks[0].lock().await,
+        }
+    }
+
+    fn notify(&self, event: &str, alert: &Alert) {
+        metrics::counter!("em_alerts_notices_total", "event" => event.to_string()).increment(1);
+        // No receiver is not an error: the feed is best-effort, the store is the record.
+        let _ = self.notices.send(AlertNotice {
+            event: event.to_string(),
+            alert: alert.clone(),
+        });
+    }
+
+    /// Applies a signal: `Started`/`Ongoing` raise a new alert or fold a repeat into the
+    /// ongoing one; `Ended` records the end and, per the kind's `auto_resolve`, resolves it.
+    /// Returns the alert concerned, or `None` when the kind is disabled or an `Ended` signal
+    /// has no ongoing alert.
+    pub async fn handle(&self, signal: Signal) -> Result<Option<Alert>, AlertError> {
+        let rule = self.config.rule(signal.kind);
+        if !rule.enabled {
+            debug!(
+                kind = signal.kind.as_str(),
+                "alert kind disabled; signal ignored"
+            );
+            return Ok(None);
+        }
+        let evidence_len = serde_json::to_vec(&signal.evidence)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if evidence_len > MAX_EVIDENCE_BYTES {
+            return Err(AlertError::Invalid(format!(
+                "evidence of a {} signal is {evidence_len} bytes (limit {MAX_EVIDENCE_BYTES})",
+                signal.kind.as_str()
+            )));
+        }
+        let _guard = self.lock(signal.subject_id).await;
+        match signal.phase {
+            Phase::Started | Phase::Ongoing => self.raise(signal, rule.severity).await.map(Some),
+            Phase::Ended => self.end(signal, rule.auto_resolve).await,
+        }
+    }
+
+    async fn raise(&self, signal: Signal, severity: Severity) -> Result<Alert, AlertError> {
+        let ongoing = self
+            .store
+            .ongoing_alert(signal.subject_id, signal.kind, signal.zone_id)
+            .await?;
+        let (message, channels) = match &ongoing {
+            // A repeat: one alert, and no OMS message per repeat (that would be a flood).
+            Some(a) => (a.message.clone(), &[][..]),
+            None => (self.compose(&signal).await?, self.config.outbox_channels()),
+        };
+        let raised = self
+            .store
+            .raise_alert(
+                &NewAlert {
+                    subject_id: signal.subject_id,
+                    device_id: signal.device_id.clone(),
+                    kind: signal.kind,
+                    severity,
+                    zone_id: signal.zone_id,
+                    message,
+                    at: signal.at,
+                    evidence: signal.evidence,
+                },
+                channels,
+            )
+            .await?;
+        if raised.created {
+            if ongoing.is_some() && self.config.oms.enabled {
+                // The ongoing alert was resolved by another process between our check and the
+                // write: the new alert has no OMS message. Make it visible.
+                warn!(
+                    alert_id = raised.alert.id,
+                    "alert created without OMS message (concurrent resolution elsewhere)"
+                );
+            }
+            info!(
+                alert_id = raised.alert.id,
+                subject_id = raised.alert.subject_id,
+                kind = raised.alert.kind.as_str(),
+                "alert raised"
+            );
+            metrics::counter!("em_alerts_raised_total", "kind" => raised.alert.kind.as_str())
+                .increment(1);
+            self.notify(events::CREATED, &raised.alert);
+        } else {
+            self.notify(events::UPDATED, &raised.alert);
+        }
+        Ok(raised.alert)
+    }
+
+    async fn end(&self, signal: Signal, auto_resolve: bool) -> Result<Option<Alert>, AlertError> {
+        let Some(mut alert) = self
+            .store
+            .ongoing_alert(signal.subject_id, signal.kind, signal.zone_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let channels = self.config.outbox_channels();
+        // A repeated end (same or older evidence) changes nothing.
+        let already = alert
+            .ended_at
+            .is_some_and(|e| e >= signal.at && e >= alert.last_seen_at);
+        if !already {
+            alert = self
+                .store
+                .update_alert(
+                    alert.id,
+                    &AlertUpdate::ConditionEnded { at: signal.at },
+                    SYSTEM_ACTOR,
+                    channels,
+                )
+                .await
+                .map_err(|e| map_store(alert.id, e))?;
+            self.notify(events::UPDATED, &alert);
+        }
+        if auto_resolve {
+            let tz = match self.store.get_subject(signal.subject_id).await? {
+                Some(s) => parse_tz(&s.timezone).0,
+                None => chrono_tz::Tz::UTC,
+            };
+            let note = auto_resolve_note(alert.kind, signal.at, Utc::now(), tz);
+            alert = self
+                .store
+                .update_alert(
+                    alert.id,
+                    &AlertUpdate::Resolve {
+                        by: None,
+                        at: Utc::now(),
+                        code: self.config.auto_resolve_code.clone(),
+                        note: Some(note),
+                    },
+                    SYSTEM_ACTOR,
+                    channels,
+                )
+                .await
+                .map_err(|e| map_store(alert.id, e))?;
+            info!(alert_id = alert.id, "alert resolved automatically");
+            self.notify(events::RESOLVED, &alert);
+        }
+        Ok(Some(alert))
+    }
+
+    /// The plain-words message of a new alert (subject's time zone, zone name and window).
+    async fn compose(&self, signal: &Signal) -> Result<String, AlertError> {
+        let subject = self
+            .store
+            .get_subject(signal.subject_id)
+            .await?
+            .ok_or(AlertError::UnknownSubject(signal.subject_id))?;
+        let (tz, known) = parse_tz(&subject.timezone);
+        if !known {
+            warn!(
+                subject_id = subject.id,
+                timezone = subject.timezone.as_str(),
+                "subject has an unknown time zone; alert times are shown in UTC"
+            );
+        }
+        let zone = match signal.zone_id {
+            Some(id) => self.store.get_zone(id).await?,
+            None => None,
+        };
+        let mut text = describe(&MessageContext {
+            kind: signal.kind,
+            at: signal.at,
+            now: Utc::now(),
+            tz,
+            zone: zone.as_ref(),
+            evidence: &signal.evidence,
+        });
+        if !known {
+            text.push_str(" (Times in UTC.)");
+        }
+        Ok(text)
+    }
+
+    async fn existing(&self, id: AlertId) -> Result<Alert, AlertError> {
+        self.store
+            .get_alert(id)
+            .await?
+            .ok_or(AlertError::NotFound(id))
+    }
+
+    fn check_user(by: &User) -> Result<(), AlertError> {
+        if by.active {
+            Ok(())
+        } else {
+            Err(AlertError::InactiveUser(by.username.clone()))
+        }
+    }
+
+    /// An officer takes the alert: open → acknowledged (audited with the username).
+    pub async fn acknowledge(&self, id: AlertId, by: &User) -> Result<Alert, AlertError> {
+        Self::check_user(by)?;
+        let current = self.existing(id).await?;
+        let _guard = self.lock(current.subject_id).await;
+        let alert = self
+            .store
+            .update_alert(
+                id,
+                &AlertUpdate::Acknowledge {
+                    by: by.id,
+                    at: Utc::now(),
+                },
+                &by.username,
+                self.config.outbox_channels(),
+            )
+            .await
+            .map_err(|e| map_store(id, e))?;
+        info!(
+            alert_id = id,
+            user = by.username.as_str(),
+            "alert acknowledged"
+        );
+        self.notify(events::ACKNOWLEDGED, &alert);
+        Ok(alert)
+    }
+
+    /// Resolves the alert with a configured reason code and an optional note.
+    pub async fn resolve(
+        &self,
+        id: AlertId,
+        by: &User,
+        code: &str,
+        note: Option<String>,
+    ) -> Result<Alert, AlertError> {
+        Self::check_user(by)?;
+        if !self.config.resolution_codes.iter().any(|c| c == code) {
+            return Err(AlertError::UnknownResolutionCode {
+                code: code.to_string(),
+                allowed: self.config.resolution_codes.join(", "),
+            });
+        }
+        let note = note.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+        if let Some(n) = &note {
+            let chars = n.chars().count();
+            if chars > MAX_NOTE_CHARS {
+                return Err(AlertError::Invalid(format!(
+                    "resolution note is {chars} characters (limit {MAX_NOTE_CHARS})"
+                )));
+            }
+        }
+        let current = self.existing(id).await?;
+        let _guard = self.lock(current.subject_id).await;
+        let alert = self
+            .store
+            .update_alert(
+                id,
+                &AlertUpdate::Resolve {
+                    by: Some(by.id),
+                    at: Utc::now(),
+                    code: code.to_string(),
+                    note,
+                },
+                &by.username,
+                self.config.outbox_channels(),
+            )
+            .await
+            .map_err(|e| map_store(id, e))?;
+        info!(
+            alert_id = id,
+            user = by.username.as_str(),
+            code,
+            "alert resolved"
+        );
+        self.notify(events::RESOLVED, &alert);
+        Ok(alert)
+    }
+
+    /// How long an alert of this kind and severity may stay unacknowledged; None = never escalates.
+    pub fn escalate_after(&self, kind: AlertKind, severity: Severity) -> Option<Duration> {
+        self.config.escalate_after(kind, severity)
+    }
+
+    /// Escalates every open alert that has not been acknowledged within its time (counted from
+    /// the start of the condition) as of `now`. Returns the escalated alerts.
+    pub async fn escalate_due(&self, now: DateTime<Utc>) -> Result<Vec<Alert>, AlertError> {
+        let mut limits: BTreeSet<Duration> = BTreeSet::new();
+        for sev in [
+            Severity::Low,
+            Severity::Medium,
+            Severity::High,
+            Severity::Critical,
+        ] {
+            for kind in AlertKind::ALL {
+                if let Some(d) = self.escalate_after(kind, sev) {
+                    limits.insert(d);
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        let mut escalated = Vec::new();
+        for limit in limits {
+            let Ok(limit_td) = chrono::Duration::from_std(limit) else {
+                continue;
+            };
+            let Some(before) = now.checked_sub_signed(limit_td) else {
+                continue;
+            };
+            for alert in self.store.unacknowledged_alerts(before).await? {
+                if self.escalate_after(alert.kind, alert.severity) != Some(limit)
+                    || !seen.insert(alert.id)
+                {
+                    continue;
+                }
+                match self
+                    .store
+                    .update_alert(
+                        alert.id,
+                        &AlertUpdate::Escalate { at: now },
+                        SYSTEM_ACTOR,
+                        self.config.outbox_channels(),
+                    )
+                    .await
+                {
+                    Ok(a) => {
+                        warn!(
+                            alert_id = a.id,
+                            subject_id = a.subject_id,
+                            kind = a.kind.as_str(),
+                            "alert not acknowledged in time; escalated to supervisors"
+                        );
+                        metrics::counter!("em_alerts_escalated_total").increment(1);
+                        self.notify(events::ESCALATED, &a);
+                        escalated.push(a);
+                    }
+                    // Acknowledged or resolved meanwhile: nothing to escalate.
+                    Err(StoreError::Conflict(reason)) => {
+                        debug!(alert_id = alert.id, reason, "escalation skipped");
+                    }
+                    Err(e) => return Err(AlertError::Store(e)),
+                }
+            }
+        }
+        Ok(escalated)
+    }
+}
