@@ -104,7 +104,8 @@ impl OsmandReport {
         let mut q = form_urlencoded::Serializer::new(String::new());
         q.append_pair("id", &self.id);
         if let Some(t) = self.time {
-            if t.timestamp_subsec_nanos() == 0 {
+            // Unix seconds only where `decode` reads them back as seconds.
+            if t.timestamp_subsec_nanos() == 0 && (0..100_000_000_000).contains(&t.timestamp()) {
                 q.append_pair("timestamp", &t.timestamp().to_string());
             } else {
                 q.append_pair("timestamp", &t.to_rfc3339());
