@@ -17,7 +17,10 @@
 
 use crate::GeofenceError;
 use em_model::{LonLat, ZoneGeometry, ZoneId};
-use geo::{Area, Coord, Distance, Haversine, InteriorPoint, Intersects, LineString, MultiPolygon, Point, Polygon};
+use geo::{
+    Area, Coord, Distance, Haversine, InteriorPoint, Intersects, LineString, MultiPolygon, Point,
+    Polygon,
+};
 
 /// Mean earth radius (IUGG), metres; the same value `geo`'s haversine uses.
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
@@ -88,7 +91,9 @@ impl CompiledGeometry {
     /// Validate and compile a zone geometry.
     pub fn compile(zone_id: ZoneId, geometry: &ZoneGeometry) -> Result<Self, GeofenceError> {
         match geometry {
-            ZoneGeometry::Polygon { rings } => compile_polygons(zone_id, std::slice::from_ref(rings)),
+            ZoneGeometry::Polygon { rings } => {
+                compile_polygons(zone_id, std::slice::from_ref(rings))
+            }
             ZoneGeometry::MultiPolygon { polygons } => compile_polygons(zone_id, polygons),
             ZoneGeometry::Circle { center, radius_m } => {
                 check_radius(zone_id, *radius_m)?;
@@ -105,7 +110,10 @@ impl CompiledGeometry {
                     bbox,
                 })
             }
-            ZoneGeometry::Dynamic { device_id, radius_m } => {
+            ZoneGeometry::Dynamic {
+                device_id,
+                radius_m,
+            } => {
                 check_radius(zone_id, *radius_m)?;
                 if device_id.trim().is_empty() {
                     return Err(GeofenceError::InvalidGeometry {
@@ -124,7 +132,9 @@ impl CompiledGeometry {
     /// Bounding box (None for dynamic zones, whose centre moves).
     pub fn bbox(&self) -> Option<BBox> {
         match self {
-            CompiledGeometry::Polygons { bbox, .. } | CompiledGeometry::Circle { bbox, .. } => Some(*bbox),
+            CompiledGeometry::Polygons { bbox, .. } | CompiledGeometry::Circle { bbox, .. } => {
+                Some(*bbox)
+            }
             CompiledGeometry::Dynamic { .. } => None,
         }
     }
@@ -133,7 +143,8 @@ impl CompiledGeometry {
     pub fn depth_m(&self) -> f64 {
         match self {
             CompiledGeometry::Polygons { depth_m, .. } => *depth_m,
-            CompiledGeometry::Circle { radius_m, .. } | CompiledGeometry::Dynamic { radius_m, .. } => *radius_m,
+            CompiledGeometry::Circle { radius_m, .. }
+            | CompiledGeometry::Dynamic { radius_m, .. } => *radius_m,
         }
     }
 
@@ -146,7 +157,9 @@ impl CompiledGeometry {
                 let x = shift_into_frame(lon, bbox.centre_lon());
                 Some(polygon_signed_distance(shape, x, lat))
             }
-            CompiledGeometry::Circle { center, radius_m, .. } => Some(haversine_m([lon, lat], *center) - radius_m),
+            CompiledGeometry::Circle {
+                center, radius_m, ..
+            } => Some(haversine_m([lon, lat], *center) - radius_m),
             CompiledGeometry::Dynamic { .. } => None,
         }
     }
@@ -198,7 +211,12 @@ fn check_point(zone_id: ZoneId, p: LonLat) -> Result<(), GeofenceError> {
 
 /// Validate one ring, drop the closing point and repeated points, unwrap longitudes so
 /// consecutive points never differ by more than 180°.
-fn clean_ring(zone_id: ZoneId, polygon: usize, ring: usize, pts: &[LonLat]) -> Result<Vec<Coord<f64>>, GeofenceError> {
+fn clean_ring(
+    zone_id: ZoneId,
+    polygon: usize,
+    ring: usize,
+    pts: &[LonLat],
+) -> Result<Vec<Coord<f64>>, GeofenceError> {
     let mut out: Vec<Coord<f64>> = Vec::with_capacity(pts.len());
     for p in pts {
         check_point(zone_id, *p)?;
@@ -230,7 +248,10 @@ fn clean_ring(zone_id: ZoneId, polygon: usize, ring: usize, pts: &[LonLat]) -> R
     Ok(out)
 }
 
-fn compile_polygons(zone_id: ZoneId, polygons: &[Vec<Vec<LonLat>>]) -> Result<CompiledGeometry, GeofenceError> {
+fn compile_polygons(
+    zone_id: ZoneId,
+    polygons: &[Vec<Vec<LonLat>>],
+) -> Result<CompiledGeometry, GeofenceError> {
     if polygons.is_empty() {
         return Err(GeofenceError::InvalidGeometry {
             zone_id,
@@ -287,7 +308,11 @@ fn compile_polygons(zone_id: ZoneId, polygons: &[Vec<Vec<LonLat>>]) -> Result<Co
     if shift != 0.0 {
         bbox.min_lon += shift;
         bbox.max_lon += shift;
-        cleaned.iter_mut().flatten().flatten().for_each(|c| c.x += shift);
+        cleaned
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .for_each(|c| c.x += shift);
     }
 
     let mut polys = Vec::with_capacity(cleaned.len());
@@ -310,10 +335,17 @@ fn compile_polygons(zone_id: ZoneId, polygons: &[Vec<Vec<LonLat>>]) -> Result<Co
                     reason: format!("polygon {pi}: hole {} has zero area", hi + 1),
                 });
             }
-            if !hole_poly.exterior().coords().all(|c| exterior.intersects(c)) {
+            if !hole_poly
+                .exterior()
+                .coords()
+                .all(|c| exterior.intersects(c))
+            {
                 return Err(GeofenceError::InvalidGeometry {
                     zone_id,
-                    reason: format!("polygon {pi}: hole {} is not inside the exterior ring", hi + 1),
+                    reason: format!(
+                        "polygon {pi}: hole {} is not inside the exterior ring",
+                        hi + 1
+                    ),
                 });
             }
             let (ls, _) = hole_poly.into_inner();
@@ -324,7 +356,11 @@ fn compile_polygons(zone_id: ZoneId, polygons: &[Vec<Vec<LonLat>>]) -> Result<Co
     }
     let shape = MultiPolygon::new(polys);
     let depth_m = estimate_depth(&shape, &bbox);
-    Ok(CompiledGeometry::Polygons { shape, bbox, depth_m })
+    Ok(CompiledGeometry::Polygons {
+        shape,
+        bbox,
+        depth_m,
+    })
 }
 
 /// Lower bound of the inscribed radius: the best boundary distance over an interior

@@ -90,7 +90,12 @@ impl RTreeObject for TreeEntry {
 
 /// Envelopes for a box, with a copy shifted by ±360° when it crosses the antimeridian.
 fn envelopes(b: &BBox) -> impl Iterator<Item = AABB<[f64; 2]>> {
-    let env = |shift: f64| AABB::from_corners([b.min_lon + shift, b.min_lat], [b.max_lon + shift, b.max_lat]);
+    let env = |shift: f64| {
+        AABB::from_corners(
+            [b.min_lon + shift, b.min_lat],
+            [b.max_lon + shift, b.max_lat],
+        )
+    };
     let main = Some(env(0.0));
     let east = (b.max_lon > 180.0).then(|| env(-360.0));
     let west = (b.min_lon < -180.0).then(|| env(360.0));
@@ -165,7 +170,11 @@ impl ZoneIndex {
 
     /// Validate, compile and insert or replace a zone. On error the index is unchanged.
     pub fn upsert(&mut self, spec: &ZoneSpec) -> Result<(), GeofenceError> {
-        let group = spec.group.as_deref().map(str::trim).filter(|g| !g.is_empty());
+        let group = spec
+            .group
+            .as_deref()
+            .map(str::trim)
+            .filter(|g| !g.is_empty());
         if spec.subject_id.is_none() && group.is_none() {
             return Err(GeofenceError::NoOwner { zone_id: spec.id });
         }
@@ -176,7 +185,9 @@ impl ZoneIndex {
             .map(CompiledSchedule::compile)
             .transpose()
             .map_err(|e| match e {
-                GeofenceError::InvalidSchedule(r) => GeofenceError::InvalidSchedule(format!("zone {}: {r}", spec.id)),
+                GeofenceError::InvalidSchedule(r) => {
+                    GeofenceError::InvalidSchedule(format!("zone {}: {r}", spec.id))
+                }
                 other => other,
             })?;
         self.remove(spec.id);
@@ -197,7 +208,10 @@ impl ZoneIndex {
         };
         if let Some(b) = zone.geometry.bbox() {
             for env in envelopes(&b) {
-                self.tree.insert(TreeEntry { env, zone_id: zone.id });
+                self.tree.insert(TreeEntry {
+                    env,
+                    zone_id: zone.id,
+                });
             }
         }
         if zone.is_standing() {
@@ -209,7 +223,10 @@ impl ZoneIndex {
             }
         }
         if let Some(dev) = zone.dynamic_device() {
-            self.dynamic_by_device.entry(dev.to_string()).or_default().push(zone.id);
+            self.dynamic_by_device
+                .entry(dev.to_string())
+                .or_default()
+                .push(zone.id);
         }
         self.zones.insert(zone.id, zone);
         Ok(())
@@ -225,7 +242,11 @@ impl ZoneIndex {
                 self.tree.remove(&TreeEntry { env, zone_id: id });
             }
         }
-        fn drop_id<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<ZoneId>>, key: &K, id: ZoneId) {
+        fn drop_id<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, Vec<ZoneId>>,
+            key: &K,
+            id: ZoneId,
+        ) {
             if let Some(v) = map.get_mut(key) {
                 v.retain(|z| *z != id);
                 if v.is_empty() {
@@ -243,7 +264,10 @@ impl ZoneIndex {
             let dev = dev.to_string();
             drop_id(&mut self.dynamic_by_device, &dev, id);
             if !self.dynamic_by_device.contains_key(&dev) {
-                self.peers.write().unwrap_or_else(PoisonError::into_inner).remove(&dev);
+                self.peers
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&dev);
             }
         }
         true
@@ -276,12 +300,18 @@ impl ZoneIndex {
     }
 
     fn groups_of_key(&self, subject: SubjectId) -> &[GroupKey] {
-        self.subject_groups.get(&subject).map(Vec::as_slice).unwrap_or(&[])
+        self.subject_groups
+            .get(&subject)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Whether `zone` applies to `subject` (its own zone, or a zone of one of its groups).
     pub fn applies_to(&self, zone: &Zone, subject: SubjectId) -> bool {
-        zone.subject_id == Some(subject) || zone.group_key.is_some_and(|g| self.groups_of_key(subject).contains(&g))
+        zone.subject_id == Some(subject)
+            || zone
+                .group_key
+                .is_some_and(|g| self.groups_of_key(subject).contains(&g))
     }
 
     /// Inclusion and dynamic zones that apply to `subject` (evaluated on every fix).
@@ -312,8 +342,11 @@ impl ZoneIndex {
         let mut overflow: Vec<ZoneId> = Vec::new();
         for env in envelopes(&q) {
             for entry in self.tree.locate_in_envelope_intersecting(&env) {
-                let Some(zone) = self.zones.get(&entry.zone_id) else { continue };
-                let applies = zone.subject_id == Some(subject) || zone.group_key.is_some_and(|g| groups.contains(&g));
+                let Some(zone) = self.zones.get(&entry.zone_id) else {
+                    continue;
+                };
+                let applies = zone.subject_id == Some(subject)
+                    || zone.group_key.is_some_and(|g| groups.contains(&g));
                 if !applies {
                     continue;
                 }
@@ -334,12 +367,21 @@ impl ZoneIndex {
 
     /// Static zones applying to `subject` that contain `[lon, lat]` or whose boundary is
     /// within `radius_m` metres of it, using the R-tree; sorted by zone id.
-    pub fn zones_for(&self, subject: SubjectId, lon: f64, lat: f64, radius_m: f64) -> Vec<ZoneMatch<'_>> {
+    pub fn zones_for(
+        &self,
+        subject: SubjectId,
+        lon: f64,
+        lat: f64,
+        radius_m: f64,
+    ) -> Vec<ZoneMatch<'_>> {
         let mut out = Vec::new();
         self.for_each_candidate(subject, lon, lat, radius_m, |zone| {
             if let Some(d) = zone.signed_distance_m(lon, lat) {
                 if d <= radius_m {
-                    out.push(ZoneMatch { zone, signed_distance_m: d });
+                    out.push(ZoneMatch {
+                        zone,
+                        signed_distance_m: d,
+                    });
                 }
             }
         });
@@ -349,14 +391,23 @@ impl ZoneIndex {
 
     /// Same answer as [`ZoneIndex::zones_for`] by testing every zone (no R-tree): the
     /// reference for tests and the baseline of the benchmark.
-    pub fn zones_for_brute_force(&self, subject: SubjectId, lon: f64, lat: f64, radius_m: f64) -> Vec<ZoneMatch<'_>> {
+    pub fn zones_for_brute_force(
+        &self,
+        subject: SubjectId,
+        lon: f64,
+        lat: f64,
+        radius_m: f64,
+    ) -> Vec<ZoneMatch<'_>> {
         let mut out: Vec<ZoneMatch<'_>> = self
             .zones
             .values()
             .filter(|z| self.applies_to(z, subject))
             .filter_map(|zone| {
                 let d = zone.signed_distance_m(lon, lat)?;
-                (d <= radius_m).then_some(ZoneMatch { zone, signed_distance_m: d })
+                (d <= radius_m).then_some(ZoneMatch {
+                    zone,
+                    signed_distance_m: d,
+                })
             })
             .collect();
         out.sort_by_key(|m| m.zone.id);
@@ -374,7 +425,12 @@ impl ZoneIndex {
     /// [`crate::SubjectMonitor::on_dynamic_update`] for each of them in its worker.
     /// Invalid or non-finite positions and positions older than the stored one are
     /// ignored (empty result).
-    pub fn update_dynamic(&self, device_id: &str, position: &Position, at: DateTime<Utc>) -> Vec<SubjectId> {
+    pub fn update_dynamic(
+        &self,
+        device_id: &str,
+        position: &Position,
+        at: DateTime<Utc>,
+    ) -> Vec<SubjectId> {
         let Some(zone_ids) = self.dynamic_by_device.get(device_id) else {
             return Vec::new();
         };

@@ -51,7 +51,8 @@ use crate::GeofenceError;
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use em_model::{
-    AlertKind, BreachRules, DeviceEventKind, DeviceId, FixSource, Record, Subject, SubjectId, ZoneId, ZoneKind,
+    AlertKind, BreachRules, DeviceEventKind, DeviceId, FixSource, Record, Subject, SubjectId,
+    ZoneId, ZoneKind,
 };
 use serde::{Deserialize, Serialize};
 
@@ -241,7 +242,13 @@ impl ZoneTrack {
         self.breach_since.is_some()
     }
 
-    fn event(&self, subject_id: SubjectId, kind: ComplianceEventKind, at: DateTime<Utc>, started_at: DateTime<Utc>) -> ComplianceEvent {
+    fn event(
+        &self,
+        subject_id: SubjectId,
+        kind: ComplianceEventKind,
+        at: DateTime<Utc>,
+        started_at: DateTime<Utc>,
+    ) -> ComplianceEvent {
         ComplianceEvent {
             subject_id,
             zone_id: self.zone_id,
@@ -290,7 +297,9 @@ fn activity(zone: &Zone, tz: Tz, subject: &Subject, t: DateTime<Utc>) -> Activit
         },
         Some(schedule) => {
             let st = schedule.state_at(tz, t);
-            let until = subject.order_end.map_or(st.next_change, |e| e.min(st.next_change));
+            let until = subject
+                .order_end
+                .map_or(st.next_change, |e| e.min(st.next_change));
             Activity {
                 active: st.active,
                 window: st.interval.map(clip),
@@ -370,12 +379,18 @@ impl SubjectMonitor {
 
     /// Zones currently in breach.
     pub fn breaches(&self) -> impl Iterator<Item = ZoneId> + '_ {
-        self.tracks.iter().filter(|t| t.in_breach()).map(|t| t.zone_id)
+        self.tracks
+            .iter()
+            .filter(|t| t.in_breach())
+            .map(|t| t.zone_id)
     }
 
     /// Zones currently in the no-fix state.
     pub fn no_fix_zones(&self) -> impl Iterator<Item = ZoneId> + '_ {
-        self.tracks.iter().filter(|t| t.no_fix_since.is_some()).map(|t| t.zone_id)
+        self.tracks
+            .iter()
+            .filter(|t| t.no_fix_since.is_some())
+            .map(|t| t.zone_id)
     }
 
     /// The earliest instant at which [`SubjectMonitor::on_tick`] can change something
@@ -389,9 +404,13 @@ impl SubjectMonitor {
             .iter()
             .flat_map(|t| {
                 let pending = t.pending.as_ref().map(|p| p.since + persist);
-                let nofix = (t.active && t.kind == ZoneKind::Inclusion && t.dynamic_device.is_none() && rules.no_fix_secs > 0 && t.no_fix_since.is_none())
-                    .then(|| self.no_fix_reference(t).map(|r| r + no_fix))
-                    .flatten();
+                let nofix = (t.active
+                    && t.kind == ZoneKind::Inclusion
+                    && t.dynamic_device.is_none()
+                    && rules.no_fix_secs > 0
+                    && t.no_fix_since.is_none())
+                .then(|| self.no_fix_reference(t).map(|r| r + no_fix))
+                .flatten();
                 [t.valid_until, pending, nofix]
             })
             .flatten()
@@ -412,7 +431,12 @@ impl SubjectMonitor {
     }
 
     /// Process one record of the subject's own device. Returns the state changes.
-    pub fn on_record(&mut self, index: &ZoneIndex, subject: &Subject, record: &Record) -> Vec<ComplianceEvent> {
+    pub fn on_record(
+        &mut self,
+        index: &ZoneIndex,
+        subject: &Subject,
+        record: &Record,
+    ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
         let skew = Duration::seconds(MAX_CLOCK_SKEW_SECS);
         let t_rec = if record.device_time > record.received_time + skew {
@@ -428,7 +452,11 @@ impl SubjectMonitor {
         self.advance(index, subject, now, &mut events);
 
         let fix = record.position.as_ref().filter(|p| {
-            p.valid && p.lat.is_finite() && p.lon.is_finite() && p.lat.abs() <= 90.0 && p.lon.abs() <= 180.0
+            p.valid
+                && p.lat.is_finite()
+                && p.lon.is_finite()
+                && p.lat.abs() <= 90.0
+                && p.lon.abs() <= 180.0
         });
         let beacon = record.beacon_in_range.or_else(|| {
             record.events.iter().rev().find_map(|e| match e {
@@ -478,7 +506,8 @@ impl SubjectMonitor {
         let first_evidence = fix_ev.clone().or_else(|| beacon_ev.clone());
         for track in self.tracks.iter_mut() {
             if let Some(since) = track.no_fix_since.take() {
-                let mut e = track.event(self.subject_id, ComplianceEventKind::NoFixEnded, now, since);
+                let mut e =
+                    track.event(self.subject_id, ComplianceEventKind::NoFixEnded, now, since);
                 e.ended_at = Some(t_rec.max(since));
                 e.reason = Some(EndReason::EvidenceReceived);
                 e.evidence.extend(first_evidence.clone());
@@ -496,7 +525,8 @@ impl SubjectMonitor {
         let mut near: Vec<ZoneId> = Vec::new();
         if let Some(f) = &fix_ev {
             let (lon, lat) = (f.lon.unwrap_or(0.0), f.lat.unwrap_or(0.0));
-            let margin = f.accuracy_m.unwrap_or(ASSUMED_ACCURACY_M) + subject.rules.buffer_m.max(0.0);
+            let margin =
+                f.accuracy_m.unwrap_or(ASSUMED_ACCURACY_M) + subject.rules.buffer_m.max(0.0);
             index.for_each_candidate(subject.id, lon, lat, margin, |zone| {
                 if zone.kind == ZoneKind::Exclusion {
                     near.push(zone.id);
@@ -512,18 +542,36 @@ impl SubjectMonitor {
             }
         }
 
-        let tz = self.timezone;
-        let _ = tz;
         let rules = subject.rules;
         let subject_id = self.subject_id;
         for track in self.tracks.iter_mut() {
             if !track.active {
                 continue;
             }
-            let Some(zone) = index.zone(track.zone_id) else { continue };
-            let judged = judge(zone, track, index, &rules, fix_ev.as_ref(), beacon_ev.as_ref(), &near, now);
+            let Some(zone) = index.zone(track.zone_id) else {
+                continue;
+            };
+            let judged = judge(
+                zone,
+                track,
+                index,
+                &rules,
+                fix_ev.as_ref(),
+                beacon_ev.as_ref(),
+                &near,
+                now,
+            );
             if let Some((verdict, evidence)) = judged {
-                apply_verdict(track, subject_id, &rules, verdict, evidence, t_rec, now, &mut events);
+                apply_verdict(
+                    track,
+                    subject_id,
+                    &rules,
+                    verdict,
+                    evidence,
+                    t_rec,
+                    now,
+                    &mut events,
+                );
             }
         }
         // Forget quiet exclusion tracks the subject is no longer near.
@@ -538,7 +586,12 @@ impl SubjectMonitor {
     /// Time-driven transitions at `now` (server time): windows opening/closing (a window
     /// that opens while the last evidence says "outside" starts a pending breach),
     /// `persist_secs` elapsing, no-fix timers, zones removed from the index.
-    pub fn on_tick(&mut self, index: &ZoneIndex, subject: &Subject, now: DateTime<Utc>) -> Vec<ComplianceEvent> {
+    pub fn on_tick(
+        &mut self,
+        index: &ZoneIndex,
+        subject: &Subject,
+        now: DateTime<Utc>,
+    ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
         let now = self.advance_clock(now);
         self.advance(index, subject, now, &mut events);
@@ -548,7 +601,13 @@ impl SubjectMonitor {
     /// Re-evaluate the dynamic zones that follow `device_id` after that device moved
     /// (call it for each subject [`ZoneIndex::update_dynamic`] returned). Uses the
     /// subject's last fix if it is at most [`DYNAMIC_REEVAL_MAX_AGE_SECS`] old.
-    pub fn on_dynamic_update(&mut self, index: &ZoneIndex, subject: &Subject, device_id: &str, at: DateTime<Utc>) -> Vec<ComplianceEvent> {
+    pub fn on_dynamic_update(
+        &mut self,
+        index: &ZoneIndex,
+        subject: &Subject,
+        device_id: &str,
+        at: DateTime<Utc>,
+    ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
         let now = self.advance_clock(at);
         self.advance(index, subject, now, &mut events);
@@ -564,9 +623,22 @@ impl SubjectMonitor {
             if !track.active || track.dynamic_device.as_deref() != Some(device_id) {
                 continue;
             }
-            let Some(zone) = index.zone(track.zone_id) else { continue };
-            if let Some((verdict, evidence)) = judge(zone, track, index, &rules, Some(&fix), None, &[], now) {
-                apply_verdict(track, subject_id, &rules, verdict, evidence, now, now, &mut events);
+            let Some(zone) = index.zone(track.zone_id) else {
+                continue;
+            };
+            if let Some((verdict, evidence)) =
+                judge(zone, track, index, &rules, Some(&fix), None, &[], now)
+            {
+                apply_verdict(
+                    track,
+                    subject_id,
+                    &rules,
+                    verdict,
+                    evidence,
+                    now,
+                    now,
+                    &mut events,
+                );
             }
         }
         events
@@ -594,7 +666,13 @@ impl SubjectMonitor {
 
     /// Bring every track to `now`: sync with the index, replay schedule transitions,
     /// fire elapsed `persist_secs` and no-fix timers.
-    fn advance(&mut self, index: &ZoneIndex, subject: &Subject, now: DateTime<Utc>, events: &mut Vec<ComplianceEvent>) {
+    fn advance(
+        &mut self,
+        index: &ZoneIndex,
+        subject: &Subject,
+        now: DateTime<Utc>,
+        events: &mut Vec<ComplianceEvent>,
+    ) {
         if subject.timezone != self.timezone.name() {
             // An invalid new name keeps the previous zone (validated when saved).
             let _ = self.set_timezone(&subject.timezone);
@@ -614,21 +692,33 @@ impl SubjectMonitor {
             DEFAULT_REEVAL_MAX_AGE_SECS
         });
         let last_fix = self.last_fix.clone().filter(|f| now - f.at <= reeval_age);
-        let last_beacon = self.last_beacon.clone().filter(|f| now - f.at <= reeval_age);
+        let last_beacon = self
+            .last_beacon
+            .clone()
+            .filter(|f| now - f.at <= reeval_age);
         let mut tracks = std::mem::take(&mut self.tracks);
         tracks.retain_mut(|track| {
-            let zone = index.zone(track.zone_id).filter(|z| index.applies_to(z, subject.id));
+            let zone = index
+                .zone(track.zone_id)
+                .filter(|z| index.applies_to(z, subject.id));
             let Some(zone) = zone else {
                 end_all(track, subject_id, now, EndReason::ZoneChanged, events);
                 return false;
             };
             if zone.version != track.zone_version {
-                if zone.kind != track.kind || zone.dynamic_device() != track.dynamic_device.as_deref() {
+                if zone.kind != track.kind
+                    || zone.dynamic_device() != track.dynamic_device.as_deref()
+                {
                     end_all(track, subject_id, now, EndReason::ZoneChanged, events);
                 }
                 let fresh = self.new_track(zone, subject, now);
                 let was_active = track.active;
-                let keep = (track.breach_since, track.pending.take(), track.no_fix_since, track.active_since);
+                let keep = (
+                    track.breach_since,
+                    track.pending.take(),
+                    track.no_fix_since,
+                    track.active_since,
+                );
                 *track = fresh;
                 if was_active && !track.active {
                     // Edited so that it is no longer active now.
@@ -647,7 +737,11 @@ impl SubjectMonitor {
             // Replay schedule transitions up to now.
             let mut replayed = 0;
             while let Some(until) = track.valid_until.filter(|u| *u <= now) {
-                let at = if replayed < MAX_REPLAYED_TRANSITIONS { until } else { now };
+                let at = if replayed < MAX_REPLAYED_TRANSITIONS {
+                    until
+                } else {
+                    now
+                };
                 replayed += 1;
                 let act = activity(zone, tz, subject, at);
                 if act.active != track.active {
@@ -656,18 +750,39 @@ impl SubjectMonitor {
                         track.active_since = Some(at);
                         track.window = act.window;
                         if track.scheduled {
-                            events.push(track.event(subject_id, ComplianceEventKind::WindowOpened, at, act.window.map_or(at, |w| w.0)));
+                            events.push(track.event(
+                                subject_id,
+                                ComplianceEventKind::WindowOpened,
+                                at,
+                                act.window.map_or(at, |w| w.0),
+                            ));
                         }
                         // Window opens: judge the latest evidence as of now.
-                        let judged = judge(zone, track, index, &rules, last_fix.as_ref(), last_beacon.as_ref(), &[], at);
+                        let judged = judge(
+                            zone,
+                            track,
+                            index,
+                            &rules,
+                            last_fix.as_ref(),
+                            last_beacon.as_ref(),
+                            &[],
+                            at,
+                        );
                         if let Some((verdict, evidence)) = judged {
-                            apply_verdict(track, subject_id, &rules, verdict, evidence, at, at, events);
+                            apply_verdict(
+                                track, subject_id, &rules, verdict, evidence, at, at, events,
+                            );
                         }
                     } else {
                         end_all(track, subject_id, at, EndReason::WindowClosed, events);
                         if track.scheduled {
                             let started = track.window.map_or(at, |w| w.0);
-                            let mut e = track.event(subject_id, ComplianceEventKind::WindowClosed, at, started);
+                            let mut e = track.event(
+                                subject_id,
+                                ComplianceEventKind::WindowClosed,
+                                at,
+                                started,
+                            );
                             e.ended_at = Some(at);
                             events.push(e);
                         }
@@ -686,11 +801,19 @@ impl SubjectMonitor {
             }
             // persist_secs elapsing without contrary evidence.
             let persist = Duration::seconds(i64::from(rules.persist_secs));
-            if track.pending.as_ref().is_some_and(|p| now - p.since >= persist) {
+            if track
+                .pending
+                .as_ref()
+                .is_some_and(|p| now - p.since >= persist)
+            {
                 flip(track, subject_id, now, events);
             }
             // No-fix timer.
-            if track.kind == ZoneKind::Inclusion && track.dynamic_device.is_none() && rules.no_fix_secs > 0 && track.no_fix_since.is_none() {
+            if track.kind == ZoneKind::Inclusion
+                && track.dynamic_device.is_none()
+                && rules.no_fix_secs > 0
+                && track.no_fix_since.is_none()
+            {
                 let reference = match (self.last_evidence_at, track.active_since) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
@@ -698,7 +821,8 @@ impl SubjectMonitor {
                 if let Some(r) = reference {
                     if now - r >= Duration::seconds(i64::from(rules.no_fix_secs)) {
                         track.no_fix_since = Some(r);
-                        let mut e = track.event(subject_id, ComplianceEventKind::NoFixStarted, now, r);
+                        let mut e =
+                            track.event(subject_id, ComplianceEventKind::NoFixStarted, now, r);
                         e.evidence.extend(self.last_fix.clone());
                         e.evidence.extend(self.last_beacon.clone());
                         events.push(e);
@@ -738,7 +862,10 @@ fn judge(
     let (lon, lat) = (f.lon?, f.lat?);
     let acc = f.accuracy_m.unwrap_or(ASSUMED_ACCURACY_M);
     match &zone.geometry {
-        CompiledGeometry::Dynamic { device_id, radius_m } => {
+        CompiledGeometry::Dynamic {
+            device_id,
+            radius_m,
+        } => {
             let peer: PeerFix = index.peer_position(device_id, now)?;
             let d = haversine_m([lon, lat], [peer.lon, peer.lat]) - radius_m;
             let v = classify(zone.kind, d, acc + peer.accuracy_m + buffer, *radius_m);
@@ -803,8 +930,15 @@ fn apply_verdict(
 }
 
 /// Carry out the pending change.
-fn flip(track: &mut ZoneTrack, subject_id: SubjectId, now: DateTime<Utc>, events: &mut Vec<ComplianceEvent>) {
-    let Some(p) = track.pending.take() else { return };
+fn flip(
+    track: &mut ZoneTrack,
+    subject_id: SubjectId,
+    now: DateTime<Utc>,
+    events: &mut Vec<ComplianceEvent>,
+) {
+    let Some(p) = track.pending.take() else {
+        return;
+    };
     match track.breach_since {
         None => {
             track.breach_since = Some(p.since);
@@ -824,7 +958,13 @@ fn flip(track: &mut ZoneTrack, subject_id: SubjectId, now: DateTime<Utc>, events
 }
 
 /// End breach and no-fix states (zone inactive, removed or changed).
-fn end_all(track: &mut ZoneTrack, subject_id: SubjectId, at: DateTime<Utc>, reason: EndReason, events: &mut Vec<ComplianceEvent>) {
+fn end_all(
+    track: &mut ZoneTrack,
+    subject_id: SubjectId,
+    at: DateTime<Utc>,
+    reason: EndReason,
+    events: &mut Vec<ComplianceEvent>,
+) {
     track.pending = None;
     if let Some(since) = track.breach_since.take() {
         let mut e = track.event(subject_id, ComplianceEventKind::BreachEnded, at, since);

@@ -18,7 +18,10 @@
 //!   `Subject::order_start`/`order_end`); [`active_intervals`] takes the period to report.
 
 use crate::GeofenceError;
-use chrono::{Datelike, DateTime, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeZone, Utc, Weekday};
+use chrono::{
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
+    TimeZone, Utc, Weekday,
+};
 use chrono_tz::Tz;
 use em_model::{ExceptionKind, ScheduleSpec};
 
@@ -243,7 +246,11 @@ impl CompiledSchedule {
             while let Some(d) = day.filter(|d| *d <= last) {
                 let next = d.succ_opt();
                 for w in self.windows.iter().filter(|w| w.weekday == d.weekday()) {
-                    let end_date = if w.end_min <= w.start_min { next } else { Some(d) };
+                    let end_date = if w.end_min <= w.start_min {
+                        next
+                    } else {
+                        Some(d)
+                    };
                     let (Some(s), Some(e)) = (
                         local_instant(tz, d, w.start_min),
                         end_date.and_then(|ed| local_instant(tz, ed, w.end_min)),
@@ -257,7 +264,12 @@ impl CompiledSchedule {
                 day = next;
             }
         }
-        raw.extend(self.extras.iter().copied().filter(|&(s, e)| e > from && s < to));
+        raw.extend(
+            self.extras
+                .iter()
+                .copied()
+                .filter(|&(s, e)| e > from && s < to),
+        );
         let merged = merge(raw);
         subtract(merged, &self.absences)
             .into_iter()
@@ -269,8 +281,12 @@ impl CompiledSchedule {
     /// State at `t` and when it may next change.
     pub fn state_at(&self, tz: Tz, t: DateTime<Utc>) -> ScheduleState {
         let horizon = Duration::days(HORIZON_DAYS);
-        let from = t.checked_sub_signed(horizon).unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let to = t.checked_add_signed(horizon).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let from = t
+            .checked_sub_signed(horizon)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let to = t
+            .checked_add_signed(horizon)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let ivs = self.intervals(tz, from, to);
         if let Some(&(s, e)) = ivs.iter().find(|(s, e)| *s <= t && t < *e) {
             return ScheduleState {
@@ -279,11 +295,7 @@ impl CompiledSchedule {
                 next_change: e,
             };
         }
-        let next = ivs
-            .iter()
-            .map(|iv| iv.0)
-            .find(|s| *s > t)
-            .unwrap_or(to);
+        let next = ivs.iter().map(|iv| iv.0).find(|s| *s > t).unwrap_or(to);
         ScheduleState {
             active: false,
             interval: None,

@@ -15,7 +15,13 @@ fn square(lon: f64, lat: f64, half_deg: f64) -> Vec<[f64; 2]> {
     ]
 }
 
-fn spec(id: i64, subject: Option<i64>, group: Option<&str>, kind: ZoneKind, geometry: ZoneGeometry) -> ZoneSpec {
+fn spec(
+    id: i64,
+    subject: Option<i64>,
+    group: Option<&str>,
+    kind: ZoneKind,
+    geometry: ZoneGeometry,
+) -> ZoneSpec {
     ZoneSpec {
         id,
         subject_id: subject,
@@ -43,7 +49,11 @@ fn polygon_with_hole_contains_and_measures_in_metres() {
     let expected = 0.002 * M_PER_DEG; // nearest hole edge is the north/south one (lat metres)
     let lon_edge = 0.002 * M_PER_DEG * 55.68f64.to_radians().cos();
     assert!(d_hole > 0.0, "point in the hole is outside: {d_hole}");
-    assert!((d_hole - expected.min(lon_edge)).abs() < 2.0, "{d_hole} vs {}", expected.min(lon_edge));
+    assert!(
+        (d_hole - expected.min(lon_edge)).abs() < 2.0,
+        "{d_hole} vs {}",
+        expected.min(lon_edge)
+    );
     // Between hole and exterior: inside.
     let d_in = g.signed_distance_m(12.5, 55.686).unwrap();
     assert!(d_in < 0.0);
@@ -57,7 +67,10 @@ fn polygon_with_hole_contains_and_measures_in_metres() {
 #[test]
 fn multipolygon_and_circle() {
     let g = compile(ZoneGeometry::MultiPolygon {
-        polygons: vec![vec![square(10.0, 56.0, 0.01)], vec![square(10.1, 56.0, 0.01)]],
+        polygons: vec![
+            vec![square(10.0, 56.0, 0.01)],
+            vec![square(10.1, 56.0, 0.01)],
+        ],
     })
     .unwrap();
     assert!(g.signed_distance_m(10.0, 56.0).unwrap() < 0.0);
@@ -95,13 +108,19 @@ fn polar_and_invalid_rings_are_rejected_with_clear_errors() {
         rings: vec![vec![[1.0, 1.0], [2.0, 2.0], [1.0, 1.0]]],
     })
     .unwrap_err();
-    assert!(matches!(err, GeofenceError::RingTooShort { points: 2, .. }), "{err}");
+    assert!(
+        matches!(err, GeofenceError::RingTooShort { points: 2, .. }),
+        "{err}"
+    );
 
     let err = compile(ZoneGeometry::Polygon {
         rings: vec![vec![[1.0, 1.0], [f64::NAN, 2.0], [2.0, 1.0]]],
     })
     .unwrap_err();
-    assert!(matches!(err, GeofenceError::InvalidCoordinate { .. }), "{err}");
+    assert!(
+        matches!(err, GeofenceError::InvalidCoordinate { .. }),
+        "{err}"
+    );
 
     let err = compile(ZoneGeometry::Polygon {
         rings: vec![square(10.0, 50.0, 0.01), square(10.5, 50.0, 0.001)],
@@ -130,17 +149,31 @@ fn polar_and_invalid_rings_are_rejected_with_clear_errors() {
 #[test]
 fn antimeridian_polygon_and_circle() {
     // Fiji-like box from 179.5 E to 179.5 W, given with the longitude jump.
-    let rings = vec![vec![[179.5, -17.0], [-179.5, -17.0], [-179.5, -16.0], [179.5, -16.0]]];
-    let g = compile(ZoneGeometry::Polygon { rings: rings.clone() }).unwrap();
+    let rings = vec![vec![
+        [179.5, -17.0],
+        [-179.5, -17.0],
+        [-179.5, -16.0],
+        [179.5, -16.0],
+    ]];
+    let g = compile(ZoneGeometry::Polygon {
+        rings: rings.clone(),
+    })
+    .unwrap();
     assert!(g.signed_distance_m(179.9, -16.5).unwrap() < 0.0);
     assert!(g.signed_distance_m(-179.9, -16.5).unwrap() < 0.0);
     assert!(g.signed_distance_m(180.0, -16.5).unwrap() < 0.0);
-    assert!(g.signed_distance_m(0.0, -16.5).unwrap() > 1e6, "the other side of the world is outside");
+    assert!(
+        g.signed_distance_m(0.0, -16.5).unwrap() > 1e6,
+        "the other side of the world is outside"
+    );
     let d = g.signed_distance_m(179.0, -16.5).unwrap();
     let expected = 0.5 * M_PER_DEG * 16.5f64.to_radians().cos();
     assert!((d - expected).abs() < 100.0, "{d} vs {expected}");
     let bbox = g.bbox().unwrap();
-    assert!(bbox.max_lon - bbox.min_lon < 1.5, "unwrapped, not spanning the globe: {bbox:?}");
+    assert!(
+        bbox.max_lon - bbox.min_lon < 1.5,
+        "unwrapped, not spanning the globe: {bbox:?}"
+    );
 
     let c = compile(ZoneGeometry::Circle {
         center: [179.999, 10.0],
@@ -151,7 +184,14 @@ fn antimeridian_polygon_and_circle() {
 
     // Through the index, from both sides.
     let mut idx = ZoneIndex::new();
-    idx.upsert(&spec(1, Some(1), None, ZoneKind::Exclusion, ZoneGeometry::Polygon { rings })).unwrap();
+    idx.upsert(&spec(
+        1,
+        Some(1),
+        None,
+        ZoneKind::Exclusion,
+        ZoneGeometry::Polygon { rings },
+    ))
+    .unwrap();
     idx.upsert(&spec(
         2,
         Some(1),
@@ -165,7 +205,11 @@ fn antimeridian_polygon_and_circle() {
     .unwrap();
     for lon in [179.9, -179.9, 179.6, -179.6] {
         let hits = idx.zones_for(1, lon, -16.5, 0.0);
-        assert_eq!(hits.iter().map(|m| m.zone.id).collect::<Vec<_>>(), vec![1], "lon {lon}");
+        assert_eq!(
+            hits.iter().map(|m| m.zone.id).collect::<Vec<_>>(),
+            vec![1],
+            "lon {lon}"
+        );
     }
     let hits = idx.zones_for(1, 179.9998, 10.0, 10.0);
     assert_eq!(hits.iter().map(|m| m.zone.id).collect::<Vec<_>>(), vec![2]);
@@ -179,19 +223,46 @@ fn index_updates_incrementally_and_respects_owners() {
         center: [lon, lat],
         radius_m: 300.0,
     };
-    idx.upsert(&spec(1, Some(10), None, ZoneKind::Exclusion, circle(12.0, 55.0))).unwrap();
-    idx.upsert(&spec(2, None, Some("schools"), ZoneKind::Exclusion, circle(12.0, 55.0))).unwrap();
+    idx.upsert(&spec(
+        1,
+        Some(10),
+        None,
+        ZoneKind::Exclusion,
+        circle(12.0, 55.0),
+    ))
+    .unwrap();
+    idx.upsert(&spec(
+        2,
+        None,
+        Some("schools"),
+        ZoneKind::Exclusion,
+        circle(12.0, 55.0),
+    ))
+    .unwrap();
     assert_eq!(idx.zones_for(10, 12.0, 55.0, 0.0).len(), 1);
     assert_eq!(idx.zones_for(11, 12.0, 55.0, 0.0).len(), 0);
     idx.bind_group(11, "schools");
     assert_eq!(idx.zones_for(11, 12.0, 55.0, 0.0)[0].zone.id, 2);
     // Move zone 1: old place is empty, new place found.
-    idx.upsert(&spec(1, Some(10), None, ZoneKind::Exclusion, circle(13.0, 55.0))).unwrap();
+    idx.upsert(&spec(
+        1,
+        Some(10),
+        None,
+        ZoneKind::Exclusion,
+        circle(13.0, 55.0),
+    ))
+    .unwrap();
     assert!(idx.zones_for(10, 12.0, 55.0, 0.0).is_empty());
     assert_eq!(idx.zones_for(10, 13.0, 55.0, 0.0).len(), 1);
     // A failed upsert leaves the zone as it was.
     assert!(idx
-        .upsert(&spec(1, Some(10), None, ZoneKind::Exclusion, circle(13.0, 89.0)))
+        .upsert(&spec(
+            1,
+            Some(10),
+            None,
+            ZoneKind::Exclusion,
+            circle(13.0, 89.0)
+        ))
         .is_err());
     assert_eq!(idx.zones_for(10, 13.0, 55.0, 0.0).len(), 1);
     assert!(idx.remove(1));
@@ -234,7 +305,13 @@ fn rtree_matches_brute_force_on_thousands_of_random_zones() {
                     let a = i as f64 / n as f64 * std::f64::consts::TAU;
                     let rr = r * rng.gen_range(0.5..1.0);
                     let x = lon + rr * a.cos();
-                    let x = if x > 180.0 { x - 360.0 } else if x < -180.0 { x + 360.0 } else { x };
+                    let x = if x > 180.0 {
+                        x - 360.0
+                    } else if x < -180.0 {
+                        x + 360.0
+                    } else {
+                        x
+                    };
                     [x, lat + rr * a.sin()]
                 })
                 .collect();
@@ -244,7 +321,11 @@ fn rtree_matches_brute_force_on_thousands_of_random_zones() {
             id,
             owner_subject.then(|| rng.gen_range(0..50)),
             (!owner_subject).then(|| groups[rng.gen_range(0..4)]),
-            if rng.gen_bool(0.7) { ZoneKind::Exclusion } else { ZoneKind::Inclusion },
+            if rng.gen_bool(0.7) {
+                ZoneKind::Exclusion
+            } else {
+                ZoneKind::Inclusion
+            },
             geometry,
         )
     };
@@ -271,7 +352,11 @@ fn rtree_matches_brute_force_on_thousands_of_random_zones() {
         };
         let subject = rng.gen_range(0..50);
         let radius = rng.gen_range(0.0..500.0);
-        let a: Vec<_> = idx.zones_for(subject, lon, lat, radius).iter().map(|m| m.zone.id).collect();
+        let a: Vec<_> = idx
+            .zones_for(subject, lon, lat, radius)
+            .iter()
+            .map(|m| m.zone.id)
+            .collect();
         let b: Vec<_> = idx
             .zones_for_brute_force(subject, lon, lat, radius)
             .iter()
@@ -280,5 +365,8 @@ fn rtree_matches_brute_force_on_thousands_of_random_zones() {
         assert_eq!(a, b, "subject {subject} at [{lon}, {lat}] r {radius}");
         non_empty += usize::from(!a.is_empty());
     }
-    assert!(non_empty > 100, "the test must exercise hits, got {non_empty}");
+    assert!(
+        non_empty > 100,
+        "the test must exercise hits, got {non_empty}"
+    );
 }
