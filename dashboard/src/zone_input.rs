@@ -264,15 +264,15 @@ fn parse_rings(v: &Value) -> Result<Vec<Vec<LonLat>>, String> {
         if ring.len() < 3 {
             return Err(format!("{label}: needs at least 3 distinct points"));
         }
-        if ring_area_m2(&ring) < 1.0 {
-            return Err(format!("{label}: has no area (points are on one line)"));
-        }
         if let Some((a, b)) = self_intersection(&ring) {
             return Err(format!(
                 "{label}: edges {} and {} cross each other",
                 a + 1,
                 b + 1
             ));
+        }
+        if ring_area_m2(&ring) < 1.0 {
+            return Err(format!("{label}: has no area (points are on one line)"));
         }
         rings.push(ring);
     }
