@@ -58,7 +58,6 @@ pub enum TamperState {
 
 /// Position object of a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EmPosition {
     pub lat: f64,
     pub lon: f64,
