@@ -452,7 +452,8 @@ pub(crate) fn validate_zone(z: &ZoneSpec) -> Result<()> {
     if z.name.trim().is_empty() {
         return Err(StoreError::Invalid("zone name must not be empty".into()));
     }
-    if z.subject_id.is_none() && z.group.as_deref().map_or(true, |g| g.trim().is_empty()) {
+    let has_group = matches!(z.group.as_deref(), Some(g) if !g.trim().is_empty());
+    if z.subject_id.is_none() && !has_group {
         return Err(StoreError::Invalid(format!(
             "zone {:?} has neither a subject nor a group",
             z.name
