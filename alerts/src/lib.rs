@@ -29,7 +29,7 @@ pub use outbox::{
 };
 pub use payload::{OmsPayload, OmsSubject, OMS_SCHEMA_VERSION};
 pub use service::{AlertError, AlertNotice, AlertService, SYSTEM_ACTOR};
-pub use signal::{Phase, Signal};
+pub use signal::{signals_from_compliance, Phase, Signal};
 
 /// Outbox channel of the OMS webhook.
 pub const OMS_CHANNEL: &str = "oms";

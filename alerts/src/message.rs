@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Datelike, NaiveTime, Utc};
 use chrono_tz::Tz;
-use em_model::{AlertKind, ZoneSpec};
+use em_model::{AlertKind, ZoneGeometry, ZoneSpec};
 use serde_json::Value;
 
 /// Everything a message is made from.
@@ -140,8 +140,21 @@ pub fn describe(ctx: &MessageContext<'_>) -> String {
         .or_else(|| ctx.zone.map(|z| z.name.clone()));
     let window = ev_str(ev, "window")
         .map(str::to_owned)
+        .or_else(|| {
+            let (start, end) = (ev_time(ev, "window_start")?, ev_time(ev, "window_end")?);
+            Some(format!(
+                "{}–{}",
+                start.with_timezone(&ctx.tz).format("%H:%M"),
+                end.with_timezone(&ctx.tz).format("%H:%M")
+            ))
+        })
         .or_else(|| ctx.zone.and_then(|z| active_window(z, ctx.at, ctx.tz)));
-    let distance = ev_f64(ev, "distance_m");
+    // Distances are magnitudes in messages ("240 m outside", "35 m inside").
+    let distance = ev_f64(ev, "distance_m").map(f64::abs);
+    let radius = ev_f64(ev, "radius_m").or_else(|| match ctx.zone.map(|z| &z.geometry) {
+        Some(ZoneGeometry::Dynamic { radius_m, .. }) => Some(*radius_m),
+        _ => None,
+    });
     let battery = ev_f64(ev, "battery_pct");
 
     // "(Home, curfew 19:00–07:00)" / "(Work, hours 08:00–16:00)" / "(Home)" / ""
@@ -186,7 +199,7 @@ pub fn describe(ctx: &MessageContext<'_>) -> String {
                 .as_deref()
                 .map(|n| format!(" ({n})"))
                 .unwrap_or_default();
-            match (distance, ev_f64(ev, "radius_m")) {
+            match (distance, radius) {
                 (Some(d), Some(r)) => format!(
                     "Came within {} of the protected person{who} at {} (allowed distance {}).",
                     metres(d),
@@ -287,7 +300,7 @@ pub fn auto_resolve_note(
 mod tests {
     use super::*;
     use chrono::TimeZone;
-    use em_model::{ScheduleSpec, WeeklyWindow, ZoneGeometry, ZoneKind};
+    use em_model::{ScheduleSpec, WeeklyWindow, ZoneKind};
     use serde_json::json;
 
     fn home() -> ZoneSpec {

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use em_model::{Alert, AlertId, AlertKind, Severity, SubjectId, User};
 use em_store::{AlertUpdate, NewAlert, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -134,7 +134,9 @@ impl AlertService {
     /// ongoing one; `Ended` records the end and, per the kind's `auto_resolve`, resolves it.
     /// Returns the alert concerned, or `None` when the kind is disabled or an `Ended` signal
     /// has no ongoing alert.
-    pub async fn handle(&self, signal: Signal) -> Result<Option<Alert>, AlertError> {
+    pub async fn handle(&self, mut signal: Signal) -> Result<Option<Alert>, AlertError> {
+        // The stores keep microseconds; compare like with like.
+        signal.at = signal.at.trunc_subsecs(6);
         let rule = self.config.rule(signal.kind);
         if !rule.enabled {
             debug!(

@@ -1,7 +1,8 @@
 //! The input of the alert engine: a condition starting, continuing or ending.
 
 use chrono::{DateTime, Utc};
-use em_model::{AlertKind, DeviceId, SubjectId, ZoneId};
+use em_geofence::{haversine_m, ComplianceEvent, ComplianceEventKind, EvidenceFix, EvidenceSource};
+use em_model::{AlertKind, DeviceId, SubjectId, ZoneId, ZoneKind};
 use serde::{Deserialize, Serialize};
 
 /// Where a condition is in its life.
@@ -64,4 +65,124 @@ impl Signal {
         self.evidence = evidence;
         self
     }
+}
+
+/// The alert kind of a breach of `ev`'s zone (victim circle, curfew home, inclusion, exclusion).
+fn breach_kind(ev: &ComplianceEvent) -> AlertKind {
+    if ev.dynamic_device_id.is_some() {
+        AlertKind::VictimProximity
+    } else if ev.is_curfew {
+        AlertKind::CurfewViolation
+    } else if ev.zone_kind == ZoneKind::Inclusion {
+        AlertKind::InclusionZoneExit
+    } else {
+        AlertKind::ExclusionZoneEntry
+    }
+}
+
+fn is_own_fix(f: &EvidenceFix) -> bool {
+    !matches!(
+        f.source,
+        EvidenceSource::PeerPosition
+            | EvidenceSource::BeaconInRange
+            | EvidenceSource::BeaconOutOfRange
+    )
+}
+
+/// Evidence document of a compliance event: the engine's evidence list plus the keys the
+/// message builder reads (see [`Signal::evidence`]).
+fn compliance_evidence(ev: &ComplianceEvent, kind: AlertKind) -> serde_json::Value {
+    let own = ev
+        .evidence
+        .iter()
+        .filter(|f| is_own_fix(f) && f.lat.is_some() && f.lon.is_some())
+        .max_by_key(|f| f.at);
+    let mut doc = serde_json::json!({
+        "source": "geofence",
+        "compliance_event": ev.kind,
+        "zone_id": ev.zone_id,
+        "zone_kind": ev.zone_kind,
+        "is_curfew": ev.is_curfew,
+        "condition_started_at": ev.started_at,
+        "decided_at": ev.at,
+        "fixes": ev.evidence,
+    });
+    let Some(obj) = doc.as_object_mut() else {
+        return doc;
+    };
+    let mut put = |k: &str, v: serde_json::Value| {
+        obj.insert(k.to_string(), v);
+    };
+    if let Some(end) = ev.ended_at {
+        put("condition_ended_at", serde_json::json!(end));
+    }
+    if let Some(reason) = ev.reason {
+        put("end_reason", serde_json::json!(reason));
+    }
+    if let Some(w) = ev.window {
+        put("window_start", serde_json::json!(w.start));
+        put("window_end", serde_json::json!(w.end));
+    }
+    if let Some(f) = own {
+        put("fix_time", serde_json::json!(f.at));
+        if let Some(d) = f.distance_m {
+            put("boundary_distance_m", serde_json::json!(d));
+        }
+    }
+    if let Some(victim) = &ev.dynamic_device_id {
+        put("victim_device_id", serde_json::json!(victim));
+        let peer = ev
+            .evidence
+            .iter()
+            .filter(|f| f.source == EvidenceSource::PeerPosition)
+            .max_by_key(|f| f.at);
+        if let (Some(o), Some(p)) = (own, peer) {
+            if let (Some(olat), Some(olon), Some(plat), Some(plon)) = (o.lat, o.lon, p.lat, p.lon) {
+                let d = haversine_m([olon, olat], [plon, plat]);
+                put("distance_m", serde_json::json!((d * 10.0).round() / 10.0));
+            }
+        }
+    } else if kind == AlertKind::NoFixDuringCurfew {
+        if let Some(f) = ev
+            .evidence
+            .iter()
+            .filter(|f| is_own_fix(f))
+            .max_by_key(|f| f.at)
+        {
+            put("last_fix_time", serde_json::json!(f.at));
+        }
+    } else if let Some(d) = own.and_then(|f| f.distance_m) {
+        put("distance_m", serde_json::json!(d));
+    }
+    doc
+}
+
+/// The alert signals of one geofence compliance event: a breach or no-fix start raises an
+/// alert (`Started`, at the start of the condition), its end ends it (`Ended`, at the end of
+/// the condition). Window open/close events are informational and give no signal.
+pub fn signals_from_compliance(ev: &ComplianceEvent) -> Vec<Signal> {
+    let (kind, phase, at) = match ev.kind {
+        ComplianceEventKind::BreachStarted => (breach_kind(ev), Phase::Started, ev.started_at),
+        ComplianceEventKind::BreachEnded => {
+            (breach_kind(ev), Phase::Ended, ev.ended_at.unwrap_or(ev.at))
+        }
+        ComplianceEventKind::NoFixStarted => {
+            (AlertKind::NoFixDuringCurfew, Phase::Started, ev.started_at)
+        }
+        ComplianceEventKind::NoFixEnded => (
+            AlertKind::NoFixDuringCurfew,
+            Phase::Ended,
+            ev.ended_at.unwrap_or(ev.at),
+        ),
+        ComplianceEventKind::WindowOpened | ComplianceEventKind::WindowClosed => return Vec::new(),
+    };
+    vec![Signal {
+        kind,
+        phase,
+        subject_id: ev.subject_id,
+        device_id: None,
+        zone_id: Some(ev.zone_id),
+        at,
+        evidence: compliance_evidence(ev, kind),
+    }]
 }

@@ -1,0 +1,436 @@
+//! Alert lifecycle, folding, automatic resolution, escalation and audit — against real stores
+//! (SQLite, and PostgreSQL when reachable).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{SubsecRound, Utc};
+use em_alerts::*;
+use em_model::*;
+use em_store::{OutboxStatus, Store};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use common::*;
+
+fn drain(rx: &mut broadcast::Receiver<AlertNotice>) -> Vec<(String, AlertId)> {
+    let mut v = Vec::new();
+    while let Ok(n) = rx.try_recv() {
+        v.push((n.event, n.alert.id));
+    }
+    v
+}
+
+fn oms_config() -> AlertConfig {
+    let mut cfg = AlertConfig::default();
+    cfg.oms.enabled = true;
+    cfg.oms.url = Some("http://127.0.0.1:9/unused".into());
+    cfg.oms.secret = Some("test-secret-0123456789".into());
+    cfg
+}
+
+async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let service = AlertService::new(store.clone(), oms_config()).unwrap();
+    let mut rx = service.subscribe();
+
+    // Started: one new alert with a plain-words message in the subject's time zone.
+    let started = minutes_ago(3);
+    let signal = Signal::new(
+        AlertKind::CurfewViolation,
+        Phase::Started,
+        f.subject,
+        started,
+    )
+    .with_device("359881234567890")
+    .with_zone(f.home)
+    .with_evidence(json!({"distance_m": 240.0, "window": "19:00–07:00"}));
+    let a = service.handle(signal.clone()).await.unwrap().unwrap();
+    assert_eq!(a.state, AlertState::Open, "{name}");
+    assert_eq!(a.severity, Severity::High);
+    assert_eq!(a.occurrences, 1);
+    let local = started
+        .with_timezone(&chrono_tz::Europe::Copenhagen)
+        .format("%H:%M")
+        .to_string();
+    assert_eq!(
+        a.message,
+        format!(
+            "Left home during curfew (Home, curfew 19:00–07:00). Last position 240 m outside the zone at {local}."
+        ),
+        "{name}"
+    );
+
+    // Repeats fold into the same alert, and do not add OMS messages.
+    for i in 0..5 {
+        let mut s = signal.clone();
+        s.phase = Phase::Ongoing;
+        s.at = started + chrono::Duration::seconds(30 * (i + 1));
+        let r = service.handle(s).await.unwrap().unwrap();
+        assert_eq!(r.id, a.id, "{name}: repeat opened a new alert");
+    }
+    let folded = store.get_alert(a.id).await.unwrap().unwrap();
+    assert_eq!(folded.occurrences, 6, "{name}");
+    assert_eq!(
+        folded.last_seen_at,
+        (started + chrono::Duration::seconds(150)).trunc_subsecs(6)
+    );
+    assert_eq!(
+        store
+            .count_outbox("oms", OutboxStatus::Pending)
+            .await
+            .unwrap(),
+        1,
+        "{name}: repeats must not flood the OMS"
+    );
+    let notices = drain(&mut rx);
+    assert_eq!(notices.first(), Some(&(events::CREATED.to_string(), a.id)));
+    assert_eq!(notices.len(), 6);
+    assert!(notices[1..].iter().all(|(e, _)| e == events::UPDATED));
+
+    // Acknowledge: by whom and when; twice is a typed error.
+    let acked = service.acknowledge(a.id, &f.officer).await.unwrap();
+    assert_eq!(acked.state, AlertState::Acknowledged);
+    assert_eq!(acked.acknowledged_by, Some(f.officer.id));
+    assert!(acked.acknowledged_at.is_some());
+    let again = service.acknowledge(a.id, &f.officer).await;
+    assert!(
+        matches!(again, Err(AlertError::InvalidTransition { id, .. }) if id == a.id),
+        "{name}: {again:?}"
+    );
+    assert!(matches!(
+        service.acknowledge(987_654, &f.officer).await,
+        Err(AlertError::NotFound(987_654))
+    ));
+
+    // Resolve: only configured codes; note kept.
+    let bad = service
+        .resolve(a.id, &f.officer, "made_up", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&bad, AlertError::UnknownResolutionCode { code, allowed } if code == "made_up" && allowed.contains("false_alarm")),
+        "{bad}"
+    );
+    let long_note = "x".repeat(5000);
+    assert!(matches!(
+        service
+            .resolve(a.id, &f.officer, "subject_contacted", Some(long_note))
+            .await,
+        Err(AlertError::Invalid(_))
+    ));
+    let mut inactive = f.supervisor.clone();
+    inactive.active = false;
+    assert!(matches!(
+        service.resolve(a.id, &inactive, "other", None).await,
+        Err(AlertError::InactiveUser(_))
+    ));
+    let resolved = service
+        .resolve(
+            a.id,
+            &f.supervisor,
+            "subject_contacted",
+            Some("  Phoned subject; back home at 23:40.  ".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resolved.state, AlertState::Resolved);
+    assert_eq!(resolved.resolved_by, Some(f.supervisor.id));
+    assert_eq!(
+        resolved.resolution_code.as_deref(),
+        Some("subject_contacted")
+    );
+    assert_eq!(
+        resolved.resolution_note.as_deref(),
+        Some("Phoned subject; back home at 23:40.")
+    );
+    assert!(matches!(
+        service.acknowledge(a.id, &f.officer).await,
+        Err(AlertError::InvalidTransition { .. })
+    ));
+    let notices = drain(&mut rx);
+    assert_eq!(
+        notices,
+        vec![
+            (events::ACKNOWLEDGED.to_string(), a.id),
+            (events::RESOLVED.to_string(), a.id)
+        ]
+    );
+
+    // The audit tells the whole story with meaningful actors.
+    let audit = audit_of(&store, a.id).await;
+    assert_eq!(
+        audit.first(),
+        Some(&("system:alerts".to_string(), "alert.create".to_string())),
+        "{name}: {audit:?}"
+    );
+    assert!(audit.contains(&("officer.jensen".into(), "alert.acknowledge".into())));
+    assert!(audit.contains(&("supervisor.berg".into(), "alert.resolve".into())));
+
+    // created + acknowledged + resolved = 3 OMS messages.
+    assert_eq!(
+        store
+            .count_outbox("oms", OutboxStatus::Pending)
+            .await
+            .unwrap(),
+        3
+    );
+
+    // The same condition after resolution is a new alert.
+    let b = service.handle(signal).await.unwrap().unwrap();
+    assert_ne!(b.id, a.id);
+    assert_eq!(b.occurrences, 1);
+}
+
+#[tokio::test]
+async fn lifecycle_raise_fold_acknowledge_resolve() {
+    for (name, store) in stores().await {
+        lifecycle_on(name, store).await;
+    }
+}
+
+async fn auto_resolution_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let service = AlertService::new(store.clone(), AlertConfig::default()).unwrap();
+    let mut rx = service.subscribe();
+
+    // Low battery resolves itself when the condition ends; the history is kept.
+    let t0 = minutes_ago(30);
+    let low = Signal::new(AlertKind::LowBattery, Phase::Started, f.subject, t0)
+        .with_device("dev-1")
+        .with_evidence(json!({"battery_pct": 9}));
+    let a = service.handle(low.clone()).await.unwrap().unwrap();
+    assert!(a.message.contains("(9 %)"), "{}", a.message);
+    let end_at = minutes_ago(5);
+    let mut end = low.clone();
+    end.phase = Phase::Ended;
+    end.at = end_at;
+    let r = service.handle(end.clone()).await.unwrap().unwrap();
+    assert_eq!(r.id, a.id);
+    assert_eq!(r.state, AlertState::Resolved, "{name}");
+    assert_eq!(r.ended_at, Some(end_at.trunc_subsecs(6)));
+    assert_eq!(r.resolved_by, None);
+    assert_eq!(r.resolution_code.as_deref(), Some("condition_ended"));
+    assert!(r
+        .resolution_note
+        .as_deref()
+        .is_some_and(|n| n.contains("resolved automatically")));
+    let audit = audit_of(&store, a.id).await;
+    assert_eq!(
+        audit,
+        vec![
+            ("system:alerts".into(), "alert.create".into()),
+            ("system:alerts".into(), "alert.condition_ended".into()),
+            ("system:alerts".into(), "alert.resolve".into()),
+        ],
+        "{name}"
+    );
+    // An end without an ongoing alert is nothing.
+    assert!(service.handle(end).await.unwrap().is_none());
+    assert_eq!(
+        drain(&mut rx),
+        vec![
+            (events::CREATED.to_string(), a.id),
+            (events::UPDATED.to_string(), a.id),
+            (events::RESOLVED.to_string(), a.id),
+        ]
+    );
+
+    // Tamper needs a human: the end is recorded, the alert stays open.
+    let tamper = Signal::new(AlertKind::StrapTamper, Phase::Started, f.subject, t0);
+    let t = service.handle(tamper.clone()).await.unwrap().unwrap();
+    assert_eq!(t.severity, Severity::Critical);
+    let mut restored = tamper.clone();
+    restored.phase = Phase::Ended;
+    restored.at = end_at;
+    let t2 = service.handle(restored.clone()).await.unwrap().unwrap();
+    assert_eq!(t2.state, AlertState::Open, "{name}");
+    assert_eq!(t2.ended_at, Some(end_at.trunc_subsecs(6)));
+    // A repeated end changes nothing (no second audit record).
+    service.handle(restored).await.unwrap().unwrap();
+    let audit = audit_of(&store, t.id).await;
+    assert_eq!(audit.len(), 2, "{name}: {audit:?}");
+    // No OMS configured: no outbox rows at all.
+    assert_eq!(
+        store
+            .count_outbox("oms", OutboxStatus::Pending)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn condition_end_is_recorded_and_auto_resolves_per_kind() {
+    for (name, store) in stores().await {
+        auto_resolution_on(name, store).await;
+    }
+}
+
+async fn escalation_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let cfg: AlertConfig = toml::from_str(
+        r#"
+        [escalation]
+        critical_secs = 300
+        high_secs = 900
+        [kinds.gps_jamming_suspected]
+        escalate_after_secs = 60
+        [kinds.lost_communication]
+        escalate = false
+        "#,
+    )
+    .unwrap();
+    let service = Arc::new(AlertService::new(store.clone(), cfg).unwrap());
+    let raise = |kind, at| {
+        let service = service.clone();
+        async move {
+            service
+                .handle(Signal::new(kind, Phase::Started, f.subject, at))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let tamper = raise(AlertKind::StrapTamper, minutes_ago(10)).await; // critical, 10 min > 5
+    let curfew = raise(AlertKind::CurfewViolation, minutes_ago(10)).await; // high, 10 min < 15
+    let jam = raise(AlertKind::GpsJammingSuspected, minutes_ago(2)).await; // override 60 s
+    let battery = raise(AlertKind::LowBattery, minutes_ago(60 * 24 * 3)).await; // low: never
+    let silent = raise(AlertKind::LostCommunication, minutes_ago(120)).await; // disabled
+    let acked = raise(AlertKind::CaseTamper, minutes_ago(120)).await; // high, but acknowledged
+    service.acknowledge(acked.id, &f.officer).await.unwrap();
+
+    let mut rx = service.subscribe();
+    let now = Utc::now();
+    let mut got: Vec<AlertId> = service
+        .escalate_due(now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    got.sort();
+    let mut want = vec![tamper.id, jam.id];
+    want.sort();
+    assert_eq!(got, want, "{name}");
+    for id in [tamper.id, jam.id] {
+        let a = store.get_alert(id).await.unwrap().unwrap();
+        assert!(a.escalated);
+        assert_eq!(a.state, AlertState::Open);
+        assert!(audit_of(&store, id)
+            .await
+            .contains(&("system:alerts".into(), "alert.escalate".into())));
+    }
+    for id in [curfew.id, battery.id, silent.id, acked.id] {
+        assert!(
+            !store.get_alert(id).await.unwrap().unwrap().escalated,
+            "{name}: {id}"
+        );
+    }
+    let notices = drain(&mut rx);
+    assert_eq!(notices.len(), 2);
+    assert!(notices.iter().all(|(e, _)| e == events::ESCALATED));
+    // Escalation happens once.
+    assert!(service.escalate_due(now).await.unwrap().is_empty());
+    // 20 minutes later the high curfew alert is due too.
+    let later = now + chrono::Duration::minutes(20);
+    let got: Vec<AlertId> = service
+        .escalate_due(later)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(got, vec![curfew.id], "{name}");
+    // An escalated alert can still be acknowledged.
+    let a = service.acknowledge(tamper.id, &f.supervisor).await.unwrap();
+    assert!(a.escalated && a.state == AlertState::Acknowledged);
+}
+
+#[tokio::test]
+async fn unacknowledged_alerts_escalate_by_configured_times() {
+    for (name, store) in stores().await {
+        escalation_on(name, store).await;
+    }
+}
+
+#[tokio::test]
+async fn escalation_task_runs_and_stops() {
+    let store = em_store::testing::sqlite_store().await;
+    let f = fixture(&store).await;
+    let service = Arc::new(AlertService::new(store.clone(), AlertConfig::default()).unwrap());
+    let a = service
+        .handle(Signal::new(
+            AlertKind::VictimProximity,
+            Phase::Started,
+            f.subject,
+            minutes_ago(30),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rx = service.subscribe();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_escalation(
+        service.clone(),
+        Duration::from_millis(20),
+        token.clone(),
+    ));
+    let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("escalation notice within 10 s")
+        .unwrap();
+    assert_eq!(notice.event, events::ESCALATED);
+    assert_eq!(notice.alert.id, a.id);
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("escalation task stops on shutdown")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn disabled_kinds_unknown_subjects_and_oversized_evidence() {
+    let store = em_store::testing::sqlite_store().await;
+    let f = fixture(&store).await;
+    let cfg: AlertConfig = toml::from_str("[kinds.device_clock_wrong]\nenabled = false").unwrap();
+    let service = AlertService::new(store.clone(), cfg).unwrap();
+    let now = Utc::now();
+    assert!(service
+        .handle(Signal::new(
+            AlertKind::DeviceClockWrong,
+            Phase::Started,
+            f.subject,
+            now
+        ))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        service
+            .handle(Signal::new(
+                AlertKind::StrapTamper,
+                Phase::Started,
+                424_242,
+                now
+            ))
+            .await,
+        Err(AlertError::UnknownSubject(424_242))
+    ));
+    let big = json!({"blob": "x".repeat(70 * 1024)});
+    assert!(matches!(
+        service
+            .handle(
+                Signal::new(AlertKind::StrapTamper, Phase::Started, f.subject, now)
+                    .with_evidence(big)
+            )
+            .await,
+        Err(AlertError::Invalid(_))
+    ));
+    // Bad configuration is refused at construction.
+    let mut bad = AlertConfig::default();
+    bad.escalation.high_secs = Some(0);
+    assert!(AlertService::new(store, bad).is_err());
+}
