@@ -2,5 +2,17 @@
 //! subscriber, the device-sharded pipeline (decode → store → ACK → geofence → alerts),
 //! device-health monitoring, configuration, the embedded demo and the fleet simulator.
 
+pub mod broker;
+pub mod config;
 pub mod demo;
+pub mod evaluate;
+pub mod health;
+pub mod limits;
+pub mod metrics;
+pub mod mqtt;
+pub mod osmand;
+pub mod pipeline;
+pub mod registry;
+pub mod service;
 pub mod sim;
+pub mod tcp;

@@ -1,1 +1,149 @@
-fn main() {}
+//! `em` — the EM service binary.
+//!
+//! `em` / `em run [--config FILE]` runs the service (without a file: the embedded default with
+//! SQLite, an in-process MQTT broker, demo data and the fleet simulator);
+//! `em check-config FILE` validates a configuration file and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use em_ingest::config::{Config, ENV_OVERRIDES};
+use em_ingest::service::Service;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "em",
+    version,
+    about = "Electronic-monitoring service: device ingest, geofences, alerts, dashboard",
+    after_help = env_help()
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service (the default). Without --config: the embedded demo setup.
+    Run {
+        /// TOML configuration file (see config/em.example.toml).
+        #[arg(long, short, env = "EM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (with the environment overrides applied) and exit.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+}
+
+fn env_help() -> String {
+    let mut s = String::from("Environment overrides:\n");
+    for (k, v) in ENV_OVERRIDES {
+        s.push_str(&format!("  {k:<22} {v}\n"));
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match Config::load(Some(&file)) {
+            Ok(_) => {
+                println!("{}: OK", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Command::Run { config }) => run(config),
+        None => run(std::env::var_os("EM_CONFIG").map(PathBuf::from)),
+    }
+}
+
+fn run(config: Option<PathBuf>) -> ExitCode {
+    let cfg = match Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        if cfg.metrics.enabled {
+            if let Err(e) = em_ingest::metrics::install(cfg.metrics.bind) {
+                tracing::error!(error = %e, "metrics exporter");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(bind = %cfg.metrics.bind, "Prometheus metrics on /metrics");
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        let svc = match Service::start(cfg, shutdown).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("start-up failed: {e:#}");
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        svc.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
+
+fn init_logging(cfg: &Config) {
+    let mut filter = cfg.log.filter.clone();
+    // The embedded broker logs every client disconnect as an error; its start-up failures
+    // are reported by em itself. Name `rumqttd` in the filter to see its logs.
+    if !filter.contains("rumqttd") {
+        filter.push_str(",rumqttd=off");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cfg.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics of the ingest service (via the `metrics` facade). The names are the
+//! contract with dashboards and alerting rules:
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `em_connections_total` | counter | protocol |
+//! | `em_connections_active` | gauge | protocol |
+//! | `em_connections_refused_total` | counter | protocol, reason (`per_ip_limit`, `total_limit`) |
+//! | `em_frames_total` | counter | protocol |
+//! | `em_decode_errors_total` | counter | protocol, reason |
+//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`) |
+//! | `em_records_stored_total` | counter | protocol |
+//! | `em_queue_depth` | gauge | shard |
+//! | `em_store_batch_seconds` | histogram | backend |
+//! | `em_store_batch_records` | histogram | |
+//! | `em_store_errors_total` | counter | |
+//! | `em_fix_to_event_seconds` | histogram | |
+//! | `em_alert_signals_total` | counter | kind, phase |
+//! | `em_mqtt_messages_total` | counter | result |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use em_model::Protocol;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Installs the global recorder and serves `/metrics` on `bind`.
+pub fn install(bind: SocketAddr) -> anyhow::Result<()> {
+    let latency = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(bind)
+        .set_buckets_for_metric(Matcher::Full("em_store_batch_seconds".into()), &latency)?
+        .set_buckets_for_metric(Matcher::Full("em_fix_to_event_seconds".into()), &latency)?
+        .set_buckets_for_metric(
+            Matcher::Full("em_store_batch_records".into()),
+            &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        )?
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot start the metrics exporter on {bind}: {e}"))?;
+    Ok(())
+}
+
+pub fn connection_opened(p: Protocol) {
+    counter!("em_connections_total", "protocol" => p.as_str()).increment(1);
+    gauge!("em_connections_active", "protocol" => p.as_str()).increment(1.0);
+}
+
+pub fn connection_closed(p: Protocol) {
+    gauge!("em_connections_active", "protocol" => p.as_str()).decrement(1.0);
+}
+
+pub fn connection_refused(p: Protocol, reason: &'static str) {
+    counter!("em_connections_refused_total", "protocol" => p.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn frame(p: Protocol) {
+    counter!("em_frames_total", "protocol" => p.as_str()).increment(1);
+}
+
+pub fn decode_error(p: Protocol, reason: &str) {
+    counter!("em_decode_errors_total", "protocol" => p.as_str(), "reason" => reason.to_owned())
+        .increment(1);
+}
+
+pub fn device_rejected(p: Protocol, reason: &'static str) {
+    counter!("em_devices_rejected_total", "protocol" => p.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn record_stored(p: Protocol) {
+    counter!("em_records_stored_total", "protocol" => p.as_str()).increment(1);
+}
+
+pub fn queue_depth(shard: &str, depth: usize) {
+    gauge!("em_queue_depth", "shard" => shard.to_owned()).set(depth as f64);
+}
+
+pub fn store_batch(elapsed: Duration, records: usize, backend: &'static str) {
+    histogram!("em_store_batch_seconds", "backend" => backend).record(elapsed.as_secs_f64());
+    histogram!("em_store_batch_records").record(records as f64);
+}
+
+pub fn store_error() {
+    counter!("em_store_errors_total").increment(1);
+}
+
+pub fn fix_to_event(seconds: f64) {
+    histogram!("em_fix_to_event_seconds").record(seconds.max(0.0));
+}
+
+pub fn alert_signal(kind: &'static str, phase: &'static str) {
+    counter!("em_alert_signals_total", "kind" => kind, "phase" => phase).increment(1);
+}
+
+pub fn mqtt_message(result: &'static str) {
+    counter!("em_mqtt_messages_total", "result" => result).increment(1);
+}

@@ -1,0 +1,160 @@
+//! OsmAnd over HTTP: `GET` or `POST /?id=<device>&lat=..&lon=..&timestamp=..` (the parameters
+//! may also come as a form body). The device must be registered and active; when it has a
+//! secret, the request must carry it as `token=`. The response is sent only after the report
+//! is durably stored: `200` stored, `400` malformed, `403` unknown/inactive device or bad
+//! token, `503` storage failure (the client retries).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
+use chrono::Utc;
+use em_model::Protocol;
+use em_protocols::osmand;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+use crate::pipeline::Pipeline;
+use crate::registry::Registry;
+
+const P: Protocol = Protocol::Osmand;
+
+#[derive(Clone)]
+struct OsmandState {
+    pipeline: Pipeline,
+    registry: Registry,
+}
+
+/// The OsmAnd router (exposed for tests).
+pub fn router(pipeline: Pipeline, registry: Registry) -> Router {
+    Router::new()
+        .route("/", any(report))
+        .layer(axum::extract::DefaultBodyLimit::max(osmand::MAX_QUERY_LEN))
+        .with_state(OsmandState { pipeline, registry })
+}
+
+/// Serves the OsmAnd endpoint on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    pipeline: Pipeline,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(protocol = %P, addr = ?listener.local_addr().ok(), "device listener started");
+    let app = router(pipeline, registry).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn report(
+    State(st): State<OsmandState>,
+    method: Method,
+    uri: Uri,
+    Query(params): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    if method != Method::GET && method != Method::POST {
+        return (StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n");
+    }
+    m::frame(P);
+    // Parameters in the query string, or a form-encoded body.
+    let (input, token) = match uri.query().filter(|q| !q.is_empty()) {
+        Some(q) => (q.to_owned(), params.get("token").cloned()),
+        None => {
+            let Ok(text) = std::str::from_utf8(&body) else {
+                m::decode_error(P, "malformed");
+                return (StatusCode::BAD_REQUEST, "body is not UTF-8\n");
+            };
+            let token = form_token(text);
+            (text.to_owned(), token)
+        }
+    };
+    let rep = match osmand::decode(&input) {
+        Ok(r) => r,
+        Err(e) => {
+            m::decode_error(P, e.reason());
+            tracing::warn!(protocol = %P, reason = e.reason(), error = %e, "malformed report");
+            return (StatusCode::BAD_REQUEST, "malformed report\n");
+        }
+    };
+    let device = rep.device_id().to_owned();
+    match st
+        .registry
+        .admit_with_required_secret(&device, token.as_deref())
+        .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(refusal)) => {
+            m::device_rejected(P, refusal.as_str());
+            tracing::warn!(protocol = %P, device, reason = %refusal, "device refused");
+            return (StatusCode::FORBIDDEN, "device not accepted\n");
+        }
+        Err(e) => {
+            tracing::error!(protocol = %P, device, error = %e, "registry look-up failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+    }
+    match st.pipeline.store_all(rep.to_records(Utc::now())).await {
+        Ok(()) => (StatusCode::OK, "OK\n"),
+        Err(e) => {
+            tracing::warn!(protocol = %P, device, error = %e, "report not stored");
+            (StatusCode::SERVICE_UNAVAILABLE, "not stored, try again\n")
+        }
+    }
+}
+
+fn form_token(body: &str) -> Option<String> {
+    body.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+/// Minimal `application/x-www-form-urlencoded` value decoding (`+` and `%XX`).
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i) {
+            Some(b'+') => out.push(b' '),
+            Some(b'%') => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            Some(b) => out.push(*b),
+            None => break,
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_from_form_body() {
+        assert_eq!(
+            form_token("id=1&lat=1&lon=2&token=a%2Bb+c").as_deref(),
+            Some("a+b c")
+        );
+        assert_eq!(form_token("id=1&lat=1"), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

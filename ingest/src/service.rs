@@ -1,0 +1,517 @@
+//! Wiring of the running service: store, registry, zone index, alert service, pipeline,
+//! listeners, MQTT, dashboard, background jobs, the embedded broker/demo/simulator — and the
+//! orderly shutdown (stop accepting → let connections finish → drain the pipeline queues →
+//! stop background jobs → close the store).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use em_alerts::{run_escalation, AlertService, OutboxWorker};
+use em_dashboard::{AppState, OrderChange};
+use em_geofence::{SharedZoneIndex, ZoneIndex};
+use em_store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{redact_url, Config};
+use crate::evaluate::{EvalContext, Evaluator, SubjectCache};
+use crate::pipeline::{Pipeline, Workers};
+use crate::registry::Registry;
+use crate::tcp::{Gt06, TcpServer, TcpSettings, Teltonika, H02};
+
+/// Addresses the service actually listens on.
+#[derive(Debug, Clone, Default)]
+pub struct BoundAddrs {
+    pub gt06: Option<SocketAddr>,
+    pub teltonika: Option<SocketAddr>,
+    pub h02: Option<SocketAddr>,
+    pub osmand: Option<SocketAddr>,
+}
+
+/// A started service; [`Service::wait`] runs it until the shutdown token is cancelled.
+pub struct Service {
+    pub addrs: BoundAddrs,
+    pub store: Arc<dyn Store>,
+    pub alerts: Arc<AlertService>,
+    shutdown: CancellationToken,
+    background: CancellationToken,
+    listeners_tracker: TaskTracker,
+    connections: TaskTracker,
+    background_tasks: Vec<JoinHandle<()>>,
+    pipeline: Option<Pipeline>,
+    workers: Option<Workers>,
+    grace: Duration,
+}
+
+/// Opens the store named by the configuration.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = cfg.database.url.as_str();
+    if let Some(schema) = cfg.database.schema.as_deref() {
+        let s = em_store::PgStore::connect_in_schema(url, schema)
+            .await
+            .with_context(|| format!("connecting to {} (schema {schema})", redact_url(url)))?;
+        return Ok(Arc::new(s));
+    }
+    let url = sqlite_url(url)?;
+    em_store::connect(&url)
+        .await
+        .with_context(|| format!("connecting to {}", redact_url(&url)))
+}
+
+/// For a SQLite file URL: creates the parent directory and asks for the file to be created.
+fn sqlite_url(url: &str) -> anyhow::Result<String> {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return Ok(url.to_owned());
+    };
+    if rest.contains(":memory:") || rest.contains('?') {
+        return Ok(url.to_owned());
+    }
+    let path = rest.trim_start_matches("//");
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating the database directory {}", parent.display()))?;
+        }
+    }
+    Ok(format!("{url}?mode=rwc"))
+}
+
+/// Loads zones, group bindings and subjects into the shared index and cache.
+pub async fn load_orders(
+    store: &dyn Store,
+    zones: &SharedZoneIndex,
+    subjects: &SubjectCache,
+) -> anyhow::Result<()> {
+    let all_subjects = store.list_subjects(None).await?;
+    let all_zones = store.list_zones(None).await?;
+    let mut bindings = Vec::new();
+    for s in &all_subjects {
+        for z in store.list_zones(Some(s.id)).await? {
+            if let Some(g) = z.group.as_deref() {
+                if z.subject_id != Some(s.id) {
+                    bindings.push((s.id, g.to_owned()));
+                }
+            }
+        }
+    }
+    {
+        let mut idx = zones.write();
+        for z in &all_zones {
+            if let Err(e) = idx.upsert(z) {
+                tracing::error!(zone = z.id, error = %e, "zone rejected by the geofence engine; not enforced");
+            }
+        }
+        for (s, g) in &bindings {
+            idx.bind_group(*s, g);
+        }
+    }
+    tracing::info!(
+        zones = all_zones.len(),
+        subjects = all_subjects.len(),
+        "orders loaded"
+    );
+    subjects.replace_all(all_subjects);
+    Ok(())
+}
+
+impl Service {
+    /// Starts everything the configuration asks for. Errors (port taken, database
+    /// unreachable, …) are returned before anything is left running.
+    pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Service> {
+        let store = open_store(&cfg).await?;
+        tracing::info!(backend = store.backend(), url = %redact_url(&cfg.database.url), "store ready");
+
+        let demo_plan = if cfg.demo.enabled {
+            let plan = crate::demo::seed(&*store, &crate::demo::DemoOptions::default())
+                .await
+                .context("seeding the demo data")?;
+            println!("{}", plan.summary());
+            Some(plan)
+        } else {
+            None
+        };
+
+        let registry = Registry::load(store.clone()).await?;
+        let zones = SharedZoneIndex::new(ZoneIndex::new());
+        let subjects = SubjectCache::default();
+        load_orders(&*store, &zones, &subjects).await?;
+        let last_contacts: HashMap<_, _> = store
+            .latest_states(None)
+            .await?
+            .into_iter()
+            .map(|l| (l.device_id, l.last_contact))
+            .collect();
+
+        let alerts = Arc::new(
+            AlertService::new(store.clone(), cfg.alerts.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let ctx = EvalContext {
+            store: store.clone(),
+            registry: registry.clone(),
+            zones: zones.clone(),
+            subjects: subjects.clone(),
+            alerts: alerts.clone(),
+            health: cfg.health.clone(),
+            last_contacts: Arc::new(last_contacts),
+        };
+        let (pipeline, workers) =
+            Pipeline::start(&cfg.pipeline, store.clone(), registry.clone(), |links| {
+                Box::new(Evaluator::new(ctx.clone(), links))
+            });
+        tracing::info!(workers = pipeline.shards(), "pipeline started");
+
+        let background = CancellationToken::new();
+        let listeners_tracker = TaskTracker::new();
+        let connections = TaskTracker::new();
+        let mut bg: Vec<JoinHandle<()>> = Vec::new();
+
+        // Bind every listener first, so a taken port fails the start cleanly.
+        let l = &cfg.listeners;
+        let settings = TcpSettings {
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            login_timeout: Duration::from_secs(l.login_timeout_secs),
+            max_frame_bytes: l.max_frame_bytes,
+            max_connections_per_ip: l.max_connections_per_ip,
+            max_connections: l.max_connections,
+        };
+        let addr = |port: u16| SocketAddr::new(l.bind, port);
+        let gt06 = bind_opt::<Gt06>(l.gt06_port, addr(l.gt06_port)).await?;
+        let telt = bind_opt::<Teltonika>(l.teltonika_port, addr(l.teltonika_port)).await?;
+        let h02 = bind_opt::<H02>(l.h02_port, addr(l.h02_port)).await?;
+        let osmand = if l.osmand_port > 0 {
+            Some(
+                tokio::net::TcpListener::bind(addr(l.osmand_port))
+                    .await
+                    .with_context(|| {
+                        format!("binding the OsmAnd listener to {}", addr(l.osmand_port))
+                    })?,
+            )
+        } else {
+            None
+        };
+        let dashboard_listener_check = std::net::TcpListener::bind(cfg.dashboard.bind)
+            .with_context(|| {
+                format!("dashboard address {} is not available", cfg.dashboard.bind)
+            })?;
+        drop(dashboard_listener_check);
+        if cfg.mqtt.broker.enabled {
+            crate::broker::start(cfg.mqtt.broker.bind).await?;
+        }
+
+        let mut addrs = BoundAddrs::default();
+        if let Some(s) = gt06 {
+            addrs.gt06 = s.local_addr().ok();
+            listeners_tracker.spawn(s.serve(
+                settings.clone(),
+                pipeline.clone(),
+                registry.clone(),
+                connections.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(s) = telt {
+            addrs.teltonika = s.local_addr().ok();
+            listeners_tracker.spawn(s.serve(
+                settings.clone(),
+                pipeline.clone(),
+                registry.clone(),
+                connections.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(s) = h02 {
+            addrs.h02 = s.local_addr().ok();
+            listeners_tracker.spawn(s.serve(
+                settings.clone(),
+                pipeline.clone(),
+                registry.clone(),
+                connections.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(lst) = osmand {
+            addrs.osmand = lst.local_addr().ok();
+            let (p, r, s) = (pipeline.clone(), registry.clone(), shutdown.clone());
+            listeners_tracker.spawn(async move {
+                if let Err(e) = crate::osmand::serve(lst, p, r, s).await {
+                    tracing::error!(error = %e, "OsmAnd listener failed");
+                }
+            });
+        }
+        if cfg.mqtt.enabled || cfg.mqtt.publish_alerts {
+            let (mcfg, p, r, a, s) = (
+                cfg.mqtt.clone(),
+                pipeline.clone(),
+                registry.clone(),
+                alerts.clone(),
+                shutdown.clone(),
+            );
+            let subscribe = cfg.mqtt.enabled;
+            listeners_tracker.spawn(async move {
+                let res = if subscribe {
+                    crate::mqtt::run(mcfg, p, r, Some(a), s).await
+                } else {
+                    crate::mqtt::run_publisher_only(mcfg, a, s).await
+                };
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "MQTT client failed");
+                }
+            });
+        }
+
+        // Dashboard, with order changes applied to the geofence engine.
+        let state = AppState::new(store.clone(), alerts.clone());
+        let changes = state.order_changes();
+        bg.push(tokio::spawn(apply_order_changes(
+            changes,
+            store.clone(),
+            zones.clone(),
+            subjects.clone(),
+            background.clone(),
+        )));
+        {
+            let (dcfg, b) = (cfg.dashboard.clone(), background.clone());
+            bg.push(tokio::spawn(async move {
+                if let Err(e) = em_dashboard::serve(dcfg, state, b).await {
+                    tracing::error!(error = %e, "dashboard failed");
+                }
+            }));
+        }
+        bg.push(tokio::spawn(run_escalation(
+            alerts.clone(),
+            cfg.alerts.escalation.check_interval(),
+            background.clone(),
+        )));
+        if cfg.alerts.oms.enabled {
+            let worker = OutboxWorker::new(store.clone(), cfg.alerts.oms.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            bg.push(tokio::spawn(worker.run(background.clone())));
+        }
+        bg.push(tokio::spawn(refresh_registry(
+            registry.clone(),
+            Duration::from_secs(cfg.database.registry_refresh_secs),
+            background.clone(),
+        )));
+        if cfg.retention.enabled {
+            bg.push(tokio::spawn(run_retention(
+                store.clone(),
+                cfg.retention.clone(),
+                background.clone(),
+            )));
+        }
+
+        if let (Some(plan), true) = (&demo_plan, cfg.demo.simulate) {
+            let mut sim = crate::sim::SimConfig::from_demo(plan);
+            sim.gt06 = addrs.gt06.map(loopback);
+            sim.teltonika = addrs.teltonika.map(loopback);
+            if cfg.mqtt.enabled {
+                if let Ok(u) = crate::config::MqttUrl::parse(&cfg.mqtt.url) {
+                    sim.mqtt = Some(crate::sim::MqttEndpoint {
+                        host: u.host,
+                        port: u.port,
+                    });
+                }
+            }
+            let s = shutdown.clone();
+            listeners_tracker.spawn(async move {
+                match crate::sim::run(sim, s).await {
+                    Ok(report) => tracing::info!(?report, "demo simulator stopped"),
+                    Err(e) => tracing::error!(error = %e, "demo simulator failed"),
+                }
+            });
+        }
+        if cfg.demo.enabled {
+            println!(
+                "EM is running: dashboard http://{}  (Ctrl-C to stop)",
+                cfg.dashboard.bind
+            );
+        }
+
+        Ok(Service {
+            addrs,
+            store,
+            alerts,
+            shutdown,
+            background,
+            listeners_tracker,
+            connections,
+            background_tasks: bg,
+            pipeline: Some(pipeline),
+            workers: Some(workers),
+            grace: Duration::from_secs(cfg.listeners.shutdown_grace_secs),
+        })
+    }
+
+    /// Runs until the shutdown token is cancelled, then stops in order.
+    pub async fn wait(mut self) {
+        self.shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections");
+        self.listeners_tracker.close();
+        self.connections.close();
+        let drained = async {
+            self.listeners_tracker.wait().await;
+            self.connections.wait().await;
+        };
+        if tokio::time::timeout(self.grace + Duration::from_secs(5), drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not finish within the grace period");
+        }
+        // Every Pipeline handle of the listeners is gone now (or abandoned): drain the queues.
+        drop(self.pipeline.take());
+        if let Some(w) = self.workers.take() {
+            tracing::info!("draining the pipeline");
+            if tokio::time::timeout(Duration::from_secs(30), w.join())
+                .await
+                .is_err()
+            {
+                tracing::error!("pipeline did not drain within 30 s");
+            }
+        }
+        self.background.cancel();
+        for h in self.background_tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn loopback(a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], a.port()))
+    } else {
+        a
+    }
+}
+
+async fn bind_opt<P: crate::tcp::TcpProtocol>(
+    port: u16,
+    addr: SocketAddr,
+) -> anyhow::Result<Option<TcpServer<P>>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    let s = TcpServer::<P>::bind(addr)
+        .await
+        .with_context(|| format!("binding the {} listener to {addr}", P::PROTOCOL))?;
+    Ok(Some(s))
+}
+
+async fn apply_order_changes(
+    mut rx: tokio::sync::broadcast::Receiver<OrderChange>,
+    store: Arc<dyn Store>,
+    zones: SharedZoneIndex,
+    subjects: SubjectCache,
+    shutdown: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = rx.recv() => c,
+        };
+        match change {
+            Ok(OrderChange::ZoneUpserted(z)) => {
+                let res = zones.write().upsert(&z);
+                match res {
+                    Ok(()) => tracing::info!(zone = z.id, "zone updated"),
+                    Err(e) => {
+                        tracing::error!(zone = z.id, error = %e, "zone rejected by the geofence engine")
+                    }
+                }
+                if z.group.is_some() {
+                    // Group membership is derived from the store.
+                    if let Err(e) = load_orders(&*store, &zones, &subjects).await {
+                        tracing::error!(error = %e, "reloading orders failed");
+                    }
+                }
+            }
+            Ok(OrderChange::ZoneDeleted(id)) => {
+                zones.write().remove(id);
+                tracing::info!(zone = id, "zone removed");
+            }
+            Ok(OrderChange::SubjectUpserted(s)) => {
+                tracing::info!(subject = s.id, "subject updated");
+                subjects.insert(s);
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "order changes lagged; reloading all orders");
+                if let Err(e) = load_orders(&*store, &zones, &subjects).await {
+                    tracing::error!(error = %e, "reloading orders failed");
+                }
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+async fn refresh_registry(registry: Registry, every: Duration, shutdown: CancellationToken) {
+    let mut t = tokio::time::interval(every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = t.tick() => {}
+        }
+        if let Err(e) = registry.refresh().await {
+            tracing::warn!(error = %e, "registry refresh failed; keeping the cached registry");
+        }
+    }
+}
+
+async fn run_retention(
+    store: Arc<dyn Store>,
+    cfg: crate::config::RetentionConfig,
+    shutdown: CancellationToken,
+) {
+    let mut t = tokio::time::interval(Duration::from_secs(cfg.interval_secs));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = t.tick() => {}
+        }
+        let now = Utc::now();
+        let days = |d: u32| now - chrono::Duration::days(i64::from(d));
+        match store
+            .apply_retention(
+                days(cfg.positions_days),
+                cfg.alerts_days.map(days),
+                cfg.audit_days.map(days),
+            )
+            .await
+        {
+            Ok(r) => tracing::info!(
+                positions = r.positions_deleted,
+                alerts = r.alerts_deleted,
+                audit = r.audit_deleted,
+                "retention applied"
+            ),
+            Err(e) => tracing::error!(error = %e, "retention failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/em.db");
+        let url = format!("sqlite://{}", p.display());
+        assert_eq!(sqlite_url(&url).unwrap(), format!("{url}?mode=rwc"));
+        assert!(p.parent().unwrap().is_dir());
+        assert_eq!(sqlite_url("sqlite::memory:").unwrap(), "sqlite::memory:");
+        assert_eq!(sqlite_url("postgres://h/db").unwrap(), "postgres://h/db");
+    }
+}

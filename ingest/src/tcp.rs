@@ -1,0 +1,505 @@
+//! TCP device listeners (GT06, Teltonika, H02).
+//!
+//! One task per connection reads frames through the protocol codec
+//! (`tokio_util::codec::FramedRead`), checks the device against the registry at its login /
+//! IMEI (nothing is accepted before), queues the records in the pipeline and hands the
+//! pending "stored" receivers, in order, to a writer task. The writer waits for each frame's
+//! records to be durably stored and only then writes the protocol acknowledgement (GT06
+//! response, Teltonika record count); a storage failure closes the connection without the
+//! ACK, so the device keeps the data and sends it again. The reader may run ahead of the
+//! writer by a bounded number of frames, so a device that streams frames is not slowed to one
+//! store round-trip per frame, and memory stays bounded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use em_model::{Protocol, Record};
+use em_protocols::{gt06, h02, teltonika, CodecError, DecodeError};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::limits::ConnectionLimiter;
+use crate::metrics as m;
+use crate::pipeline::{IngestError, Pipeline};
+use crate::registry::Registry;
+
+/// Frames a connection may have queued (stored or not) ahead of their ACK.
+const MAX_PENDING_FRAMES: usize = 64;
+/// Decode errors logged at WARN per connection; further ones go to DEBUG (still counted).
+const MAX_WARN_LOGS: u32 = 10;
+
+/// Settings shared by the TCP listeners.
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    pub idle_timeout: Duration,
+    pub login_timeout: Duration,
+    /// 0 = codec default.
+    pub max_frame_bytes: usize,
+    pub max_connections_per_ip: usize,
+    pub max_connections: usize,
+}
+
+/// What the connection does with one decoded frame.
+pub struct Step {
+    /// Device named by this frame (login / IMEI handshake / H02's per-frame IMEI).
+    pub identifies: Option<String>,
+    /// True when this frame is the login itself (only then a refusal reply is sent).
+    pub is_login: bool,
+    pub records: Vec<Record>,
+    /// Written after the records are stored.
+    pub reply: Option<Bytes>,
+    /// Written instead when the device is refused at login.
+    pub reject_reply: Option<Bytes>,
+    /// Short frame kind, for logs.
+    pub kind: &'static str,
+}
+
+/// A device protocol spoken over TCP.
+pub trait TcpProtocol: Send + Sync + 'static {
+    type Frame: Send;
+    type Codec: Decoder<Item = Result<Self::Frame, DecodeError>, Error = CodecError>
+        + Send
+        + Unpin
+        + 'static;
+    const PROTOCOL: Protocol;
+    fn codec(max_frame_bytes: usize) -> Self::Codec;
+    /// Interprets a frame; `device` is the device identified on this connection so far.
+    fn step(frame: Self::Frame, device: Option<&str>) -> Step;
+}
+
+pub struct Gt06;
+pub struct Teltonika;
+pub struct H02;
+
+impl TcpProtocol for Gt06 {
+    type Frame = gt06::Gt06Frame;
+    type Codec = gt06::Gt06Codec;
+    const PROTOCOL: Protocol = Protocol::Gt06;
+
+    fn codec(max: usize) -> Self::Codec {
+        let c = gt06::Gt06Codec::new();
+        if max > 0 {
+            c.with_max_frame_len(max)
+        } else {
+            c
+        }
+    }
+
+    fn step(frame: Self::Frame, device: Option<&str>) -> Step {
+        let now = Utc::now();
+        let kind = frame.kind();
+        let reply = frame.response();
+        match &frame.message {
+            gt06::Gt06Message::Login { imei, .. } => {
+                let id = imei.to_string();
+                Step {
+                    records: frame.to_records(&id, now),
+                    identifies: Some(id),
+                    is_login: true,
+                    reply,
+                    reject_reply: None,
+                    kind,
+                }
+            }
+            _ => Step {
+                records: device.map_or_else(Vec::new, |d| frame.to_records(d, now)),
+                identifies: None,
+                is_login: false,
+                reply,
+                reject_reply: None,
+                kind,
+            },
+        }
+    }
+}
+
+impl TcpProtocol for Teltonika {
+    type Frame = teltonika::TeltonikaFrame;
+    type Codec = teltonika::TeltonikaCodec;
+    const PROTOCOL: Protocol = Protocol::Teltonika;
+
+    fn codec(max: usize) -> Self::Codec {
+        let c = teltonika::TeltonikaCodec::new();
+        if max > 0 {
+            c.with_max_packet_len(max)
+        } else {
+            c
+        }
+    }
+
+    fn step(frame: Self::Frame, device: Option<&str>) -> Step {
+        let now = Utc::now();
+        let kind = frame.kind();
+        match &frame {
+            teltonika::TeltonikaFrame::Imei(imei) => Step {
+                records: frame.to_records(imei, now),
+                identifies: Some(imei.clone()),
+                is_login: true,
+                reply: Some(teltonika::imei_response(true)),
+                reject_reply: Some(teltonika::imei_response(false)),
+                kind,
+            },
+            teltonika::TeltonikaFrame::Avl(_) => Step {
+                records: device.map_or_else(Vec::new, |d| frame.to_records(d, now)),
+                identifies: None,
+                is_login: false,
+                reply: frame.response(),
+                reject_reply: None,
+                kind,
+            },
+        }
+    }
+}
+
+impl TcpProtocol for H02 {
+    type Frame = h02::H02Frame;
+    type Codec = h02::H02Codec;
+    const PROTOCOL: Protocol = Protocol::H02;
+
+    fn codec(max: usize) -> Self::Codec {
+        let c = h02::H02Codec::new();
+        if max > 0 {
+            c.with_max_frame_len(max)
+        } else {
+            c
+        }
+    }
+
+    fn step(frame: Self::Frame, device: Option<&str>) -> Step {
+        // H02 has no login: every frame carries the IMEI, the first one identifies the device.
+        let now = Utc::now();
+        let id = frame.device_id().to_owned();
+        Step {
+            records: frame.to_records(&id, now),
+            is_login: device.is_none(),
+            identifies: Some(id),
+            reply: frame.response(),
+            reject_reply: None,
+            kind: frame.kind(),
+        }
+    }
+}
+
+/// A bound TCP listener, ready to serve.
+pub struct TcpServer<P: TcpProtocol> {
+    listener: TcpListener,
+    _p: std::marker::PhantomData<P>,
+}
+
+impl<P: TcpProtocol> TcpServer<P> {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(TcpServer {
+            listener,
+            _p: std::marker::PhantomData,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown`; connection tasks are spawned on `tracker` and
+    /// stop reading at `shutdown` (their queued ACKs are still written).
+    pub async fn serve(
+        self,
+        settings: TcpSettings,
+        pipeline: Pipeline,
+        registry: Registry,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let proto = P::PROTOCOL;
+        let limiter =
+            ConnectionLimiter::new(settings.max_connections_per_ip, settings.max_connections);
+        let settings = Arc::new(settings);
+        tracing::info!(protocol = %proto, addr = ?self.listener.local_addr().ok(), "device listener started");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(protocol = %proto, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let permit = match limiter.try_acquire(peer.ip()) {
+                Ok(p) => p,
+                Err(limit) => {
+                    m::connection_refused(proto, limit.as_str());
+                    tracing::warn!(protocol = %proto, %peer, reason = limit.as_str(),
+                        "connection refused: limit reached");
+                    drop(stream);
+                    continue;
+                }
+            };
+            let conn = Connection::<P> {
+                peer,
+                settings: settings.clone(),
+                pipeline: pipeline.clone(),
+                registry: registry.clone(),
+                shutdown: shutdown.clone(),
+                _p: std::marker::PhantomData,
+            };
+            tracker.spawn(async move {
+                let _permit = permit;
+                m::connection_opened(proto);
+                conn.run(stream).await;
+                m::connection_closed(proto);
+            });
+        }
+        tracing::info!(protocol = %proto, "device listener stopped accepting");
+    }
+}
+
+struct Connection<P: TcpProtocol> {
+    peer: SocketAddr,
+    settings: Arc<TcpSettings>,
+    pipeline: Pipeline,
+    registry: Registry,
+    shutdown: CancellationToken,
+    _p: std::marker::PhantomData<P>,
+}
+
+/// Work handed from the reader to the writer, in frame order.
+struct Pending {
+    stored: Vec<oneshot::Receiver<Result<(), IngestError>>>,
+    reply: Option<Bytes>,
+    /// Close the connection after this (refused device).
+    close: bool,
+}
+
+enum Stop {
+    Eof,
+    Idle,
+    LoginTimeout,
+    Shutdown,
+    Fatal,
+    Refused,
+    WriterGone,
+}
+
+impl<P: TcpProtocol> Connection<P> {
+    async fn run(self, stream: TcpStream) {
+        let proto = P::PROTOCOL;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let mut frames = FramedRead::new(rd, P::codec(self.settings.max_frame_bytes));
+        let (tx, rx) = mpsc::channel::<Pending>(MAX_PENDING_FRAMES);
+        let writer_failed = CancellationToken::new();
+        let writer = tokio::spawn(write_acks(wr, rx, writer_failed.clone(), proto, self.peer));
+
+        let connected = tokio::time::Instant::now();
+        let mut device: Option<String> = None;
+        let mut warn_logs = 0u32;
+        let stop = loop {
+            let deadline = if device.is_none() {
+                (connected + self.settings.login_timeout)
+                    .min(tokio::time::Instant::now() + self.settings.idle_timeout)
+            } else {
+                tokio::time::Instant::now() + self.settings.idle_timeout
+            };
+            let next = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break Stop::Shutdown,
+                _ = writer_failed.cancelled() => break Stop::WriterGone,
+                r = tokio::time::timeout_at(deadline, frames.next()) => r,
+            };
+            let item = match next {
+                Err(_) if device.is_none() => break Stop::LoginTimeout,
+                Err(_) => break Stop::Idle,
+                Ok(None) => break Stop::Eof,
+                Ok(Some(item)) => item,
+            };
+            let frame = match item {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(e)) => {
+                    m::decode_error(proto, e.reason());
+                    log_decode(
+                        &mut warn_logs,
+                        proto,
+                        self.peer,
+                        device.as_deref(),
+                        &e,
+                        false,
+                    );
+                    continue;
+                }
+                Err(CodecError::Fatal(e)) => {
+                    m::decode_error(proto, e.reason());
+                    log_decode(
+                        &mut warn_logs,
+                        proto,
+                        self.peer,
+                        device.as_deref(),
+                        &e,
+                        true,
+                    );
+                    break Stop::Fatal;
+                }
+                Err(CodecError::Io(e)) => {
+                    tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(),
+                        error = %e, "connection read error");
+                    break Stop::Eof;
+                }
+            };
+            m::frame(proto);
+            let step = P::step(frame, device.as_deref());
+
+            if let Some(id) = step.identifies.as_deref() {
+                match device.as_deref() {
+                    Some(current) if current != id => {
+                        m::device_rejected(proto, "id_changed");
+                        tracing::warn!(protocol = %proto, peer = %self.peer, device = current,
+                            claimed = id, "device id changed mid-connection; closing");
+                        break Stop::Refused;
+                    }
+                    Some(_) => {}
+                    None => match self.registry.admit(id, None).await {
+                        Ok(Ok(_)) => {
+                            tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
+                            device = Some(id.to_owned());
+                        }
+                        Ok(Err(refusal)) => {
+                            m::device_rejected(proto, refusal.as_str());
+                            tracing::warn!(protocol = %proto, peer = %self.peer, device = id,
+                                reason = %refusal, "device refused");
+                            if step.is_login {
+                                if let Some(reply) = step.reject_reply {
+                                    let _ = tx
+                                        .send(Pending {
+                                            stored: Vec::new(),
+                                            reply: Some(reply),
+                                            close: true,
+                                        })
+                                        .await;
+                                }
+                            }
+                            break Stop::Refused;
+                        }
+                        Err(e) => {
+                            tracing::error!(protocol = %proto, peer = %self.peer, device = id,
+                                error = %e, "registry look-up failed; closing (device will retry)");
+                            break Stop::Refused;
+                        }
+                    },
+                }
+            }
+            if device.is_none() {
+                // Data before login: the codecs report this as an error already; anything
+                // else that slips through is dropped the same way.
+                m::decode_error(proto, "not_logged_in");
+                continue;
+            }
+
+            let mut stored = Vec::with_capacity(step.records.len());
+            let mut closed = false;
+            for rec in step.records {
+                match self.pipeline.submit(rec).await {
+                    Ok(rx) => stored.push(rx),
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed {
+                break Stop::Shutdown;
+            }
+            tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
+            if tx
+                .send(Pending {
+                    stored,
+                    reply: step.reply,
+                    close: false,
+                })
+                .await
+                .is_err()
+            {
+                break Stop::WriterGone;
+            }
+        };
+        drop(tx);
+        let reason = match stop {
+            Stop::Eof => "eof",
+            Stop::Idle => "idle_timeout",
+            Stop::LoginTimeout => {
+                m::device_rejected(proto, "no_login");
+                "login_timeout"
+            }
+            Stop::Shutdown => "shutdown",
+            Stop::Fatal => "fatal_decode_error",
+            Stop::Refused => "refused",
+            Stop::WriterGone => "write_failed",
+        };
+        // Let the writer send the ACKs of everything already queued (bounded at shutdown).
+        let _ = writer.await;
+        tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(), reason,
+            "connection closed");
+    }
+}
+
+fn log_decode(
+    count: &mut u32,
+    proto: Protocol,
+    peer: SocketAddr,
+    device: Option<&str>,
+    e: &DecodeError,
+    fatal: bool,
+) {
+    *count += 1;
+    if *count <= MAX_WARN_LOGS || fatal {
+        tracing::warn!(protocol = %proto, %peer, device, reason = e.reason(), fatal, error = %e,
+            "malformed frame");
+    } else {
+        tracing::debug!(protocol = %proto, %peer, device, reason = e.reason(), fatal, error = %e,
+            "malformed frame");
+    }
+}
+
+async fn write_acks(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Pending>,
+    failed: CancellationToken,
+    proto: Protocol,
+    peer: SocketAddr,
+) {
+    'outer: while let Some(p) = rx.recv().await {
+        for s in p.stored {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(protocol = %proto, %peer, error = %e,
+                        "records not stored; closing without ACK (device will re-send)");
+                    break 'outer;
+                }
+                Err(_) => break 'outer,
+            }
+        }
+        if let Some(reply) = p.reply {
+            if let Err(e) = wr.write_all(&reply).await {
+                tracing::debug!(protocol = %proto, %peer, error = %e, "ACK write failed");
+                break;
+            }
+        }
+        if p.close {
+            break;
+        }
+    }
+    failed.cancel();
+    let _ = wr.shutdown().await;
+}
