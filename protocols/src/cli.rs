@@ -174,3 +174,69 @@ where
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn gt06_session_learns_imei_from_login_line() {
+        let mut s = Session::new();
+        let loc = "78781F120B081D112E10CF027AC7EB0C46584900148F01CC00287D001FB8000380810D0A";
+        let before = s.decode_line(Some(Protocol::Gt06), loc, t());
+        assert_eq!(before[0]["error"], "not_logged_in");
+        let login = s.decode_line(
+            None,
+            "78 78 0D 01 01 23 45 67 89 01 23 45 00 01 8C DD 0D 0A",
+            t(),
+        );
+        assert_eq!(login[0]["events"][0], "login");
+        let after = s.decode_line(None, loc, t());
+        assert_eq!(after[0]["device_id"], "123456789012345");
+        assert_eq!(after[0]["position"]["course_deg"], 143.0);
+        assert_eq!(after[0]["received_time"], "2025-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn each_protocol_and_errors() {
+        let mut s = Session::with_imei("356307042441013").unwrap();
+        let avl = "000000000000003608010000016B40D8EA30010000000000000000000000000000000105021503010101425E0F01F10000601A014E0000000000000000010000C7CF";
+        let out = s.decode_line(Some(Protocol::Teltonika), avl, t());
+        assert_eq!(out[0]["device_id"], "356307042441013");
+        assert_eq!(out[0]["device_time"], "2019-06-10T10:04:46Z");
+        let out = s.decode_line(None, "*HQ,353505910449999,XT#", t());
+        assert_eq!(out[0]["events"][0], "heartbeat");
+        let out = s.decode_line(None, "id=7&lat=1&lon=2", t());
+        assert_eq!(out[0]["device_id"], "7");
+        let out = s.decode_line(
+            None,
+            r#"em/v1/tag-1/event {"seq":3,"time":"2025-01-01T00:00:00Z","events":["sos"]}"#,
+            t(),
+        );
+        assert_eq!(out[0]["events"][0], "sos");
+        // Ack frames give a frame note, not a record.
+        let out = s.decode_line(Some(Protocol::Gt06), "787805010001D9DC0D0A", t());
+        assert_eq!(out[0]["frame"], "ack");
+        // Errors carry the reason.
+        let out = s.decode_line(
+            Some(Protocol::Gt06),
+            "78780D01012345678901234500018CDE0D0A",
+            t(),
+        );
+        assert_eq!(out[0]["error"], "bad_checksum");
+        assert_eq!(out[0]["fatal"], false);
+        let out = s.decode_line(Some(Protocol::Teltonika), "00000001", t());
+        assert_eq!(out[0]["fatal"], true);
+        let out = s.decode_line(Some(Protocol::Gt06), "not hex", t());
+        assert_eq!(out[0]["error"], "bad_input");
+        let out = s.decode_line(None, "what is this", t());
+        assert_eq!(out[0]["error"], "bad_input");
+        assert!(s.decode_line(None, "   ", t()).is_empty());
+        assert!(Session::with_imei("abc").is_err());
+    }
+}

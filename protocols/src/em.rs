@@ -158,11 +158,16 @@ impl EmPayload {
     fn validate(&self, topic: EmTopic) -> Result<(), DecodeError> {
         if let Some(p) = &self.position {
             if !(-90.0..=90.0).contains(&p.lat) || !(-180.0..=180.0).contains(&p.lon) {
-                return Err(bad("position", format!("lat {} / lon {} out of range", p.lat, p.lon)));
+                return Err(bad(
+                    "position",
+                    format!("lat {} / lon {} out of range", p.lat, p.lon),
+                ));
             }
-            let non_neg = |v: Option<f32>| v.is_none_or_nonneg();
-            if !non_neg(p.accuracy_m) || !non_neg(p.hdop) || !non_neg(p.speed_kmh) {
-                return Err(bad("position", "accuracy_m, hdop and speed_kmh must be ≥ 0"));
+            if !non_negative(p.accuracy_m) || !non_negative(p.hdop) || !non_negative(p.speed_kmh) {
+                return Err(bad(
+                    "position",
+                    "accuracy_m, hdop and speed_kmh must be ≥ 0",
+                ));
             }
             if p.course_deg.is_some_and(|c| !(0.0..=360.0).contains(&c)) {
                 return Err(bad("position.course_deg", "must be within 0..=360"));
@@ -175,7 +180,10 @@ impl EmPayload {
             return Err(bad("gsm_signal", "must be within 0..=100"));
         }
         if topic == EmTopic::Event && self.events.is_empty() {
-            return Err(bad("events", "an event message needs at least one known event"));
+            return Err(bad(
+                "events",
+                "an event message needs at least one known event",
+            ));
         }
         Ok(())
     }
@@ -221,13 +229,10 @@ impl EmPayload {
     }
 }
 
-trait NonNeg {
-    fn is_none_or_nonneg(self) -> bool;
-}
-
-impl NonNeg for Option<f32> {
-    fn is_none_or_nonneg(self) -> bool {
-        self.map_or(true, |v| v.is_finite() && v >= 0.0)
+fn non_negative(v: Option<f32>) -> bool {
+    match v {
+        Some(v) => v.is_finite() && v >= 0.0,
+        None => true,
     }
 }
 
@@ -297,7 +302,9 @@ fn bad(field: &'static str, detail: impl Into<String>) -> DecodeError {
 pub fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_DEVICE_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Topic for `device_id` and `kind`.
@@ -310,15 +317,23 @@ pub fn topic(device_id: &str, kind: EmTopic) -> Result<String, EncodeError> {
 
 /// Split a topic into device id and kind.
 pub fn parse_topic(topic: &str) -> Result<(&str, EmTopic), DecodeError> {
-    let rest = topic.strip_prefix(TOPIC_PREFIX).ok_or_else(|| DecodeError::UnknownType {
-        protocol: P,
-        kind: format!("topic {:?} (expected em/v1/...)", truncate(topic)),
+    let rest = topic
+        .strip_prefix(TOPIC_PREFIX)
+        .ok_or_else(|| DecodeError::UnknownType {
+            protocol: P,
+            kind: format!("topic {:?} (expected em/v1/...)", truncate(topic)),
+        })?;
+    let (id, kind) = rest.split_once('/').ok_or_else(|| {
+        bad(
+            "topic",
+            format!("{:?} has no message kind", truncate(topic)),
+        )
     })?;
-    let (id, kind) = rest
-        .split_once('/')
-        .ok_or_else(|| bad("topic", format!("{:?} has no message kind", truncate(topic))))?;
     if !valid_device_id(id) {
-        return Err(bad("topic", format!("device id {:?} is not valid", truncate(id))));
+        return Err(bad(
+            "topic",
+            format!("device id {:?} is not valid", truncate(id)),
+        ));
     }
     let kind = match kind {
         "telemetry" => EmTopic::Telemetry,
@@ -356,15 +371,23 @@ pub fn decode(topic: &str, payload: &[u8]) -> Result<EmMessage, DecodeError> {
     let (batch, items) = match value {
         serde_json::Value::Array(items) => (true, items),
         obj @ serde_json::Value::Object(_) => (false, vec![obj]),
-        _ => return Err(bad("payload", "must be a JSON object or an array of objects")),
+        _ => {
+            return Err(bad(
+                "payload",
+                "must be a JSON object or an array of objects",
+            ))
+        }
     };
     if items.is_empty() || items.len() > MAX_BATCH {
-        return Err(bad("payload", format!("batch of {} objects (1..={MAX_BATCH})", items.len())));
+        return Err(bad(
+            "payload",
+            format!("batch of {} objects (1..={MAX_BATCH})", items.len()),
+        ));
     }
     let mut payloads = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let p: EmPayload = serde_json::from_value(item)
-            .map_err(|e| bad("payload", format!("object {i}: {e}")))?;
+        let p: EmPayload =
+            serde_json::from_value(item).map_err(|e| bad("payload", format!("object {i}: {e}")))?;
         p.validate(kind)?;
         payloads.push(p);
     }

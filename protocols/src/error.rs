@@ -19,7 +19,9 @@ pub enum DecodeError {
         max: usize,
     },
     /// The frame's checksum does not match its content; the frame was dropped.
-    #[error("{protocol}: checksum mismatch: frame carries {expected:#06x}, computed {computed:#06x}")]
+    #[error(
+        "{protocol}: checksum mismatch: frame carries {expected:#06x}, computed {computed:#06x}"
+    )]
     BadChecksum {
         protocol: Protocol,
         expected: u32,
@@ -50,7 +52,10 @@ pub enum DecodeError {
     Framing { protocol: Protocol, detail: String },
     /// The stream ended in the middle of a frame.
     #[error("{protocol}: stream ended inside a frame ({remaining} bytes left over)")]
-    Truncated { protocol: Protocol, remaining: usize },
+    Truncated {
+        protocol: Protocol,
+        remaining: usize,
+    },
 }
 
 impl DecodeError {

@@ -370,7 +370,11 @@ impl Gt06Frame {
             dst.put_slice(&[0x79, 0x79]);
             dst.put_u16(len as u16);
         } else {
-            return Err(EncodeError::new(P, "content", format!("{len} bytes is too long")));
+            return Err(EncodeError::new(
+                P,
+                "content",
+                format!("{len} bytes is too long"),
+            ));
         }
         dst.put_u8(self.protocol_number());
         dst.put_slice(&content);
@@ -463,7 +467,13 @@ impl Gt06Frame {
                 }
             }
             Gt06Message::Status(s) => {
-                out.put_slice(&[s.terminal_info, s.voltage_level, s.gsm_level, s.alarm, s.language]);
+                out.put_slice(&[
+                    s.terminal_info,
+                    s.voltage_level,
+                    s.gsm_level,
+                    s.alarm,
+                    s.language,
+                ]);
             }
             Gt06Message::Alarm {
                 protocol,
@@ -503,7 +513,11 @@ impl Gt06Frame {
                 out.put_u8(*rssi);
                 if neighbours.is_empty() {
                     if timing_advance.is_some() || language.is_some() {
-                        return Err(EncodeError::new(P, "lbs", "timing advance needs neighbours"));
+                        return Err(EncodeError::new(
+                            P,
+                            "lbs",
+                            "timing advance needs neighbours",
+                        ));
                     }
                 } else if neighbours.len() == 6 {
                     for n in neighbours {
@@ -577,7 +591,11 @@ const COORD_SCALE: f64 = 1_800_000.0; // 30000 × 60: units of 1/500 second of a
 fn encode_time(t: &DateTime<Utc>, out: &mut BytesMut) -> Result<(), EncodeError> {
     let year = t.year() - 2000;
     if !(0..=255).contains(&year) {
-        return Err(EncodeError::new(P, "time", format!("year {} out of range", t.year())));
+        return Err(EncodeError::new(
+            P,
+            "time",
+            format!("year {} out of range", t.year()),
+        ));
     }
     out.put_slice(&[
         year as u8,
@@ -600,10 +618,18 @@ fn encode_coord(v: f64, max: f64, field: &'static str) -> Result<u32, EncodeErro
 fn encode_gps(g: &Gt06Gps, out: &mut BytesMut) -> Result<(), EncodeError> {
     encode_time(&g.time, out)?;
     if g.info_len > 15 || g.satellites > 15 {
-        return Err(EncodeError::new(P, "gps info", "info_len and satellites are nibbles"));
+        return Err(EncodeError::new(
+            P,
+            "gps info",
+            "info_len and satellites are nibbles",
+        ));
     }
     if g.course > 0x3FF {
-        return Err(EncodeError::new(P, "course", format!("{} > 1023", g.course)));
+        return Err(EncodeError::new(
+            P,
+            "course",
+            format!("{} > 1023", g.course),
+        ));
     }
     out.put_u8((g.info_len << 4) | g.satellites);
     out.put_u32(encode_coord(g.lat, 90.0, "lat")?);
@@ -628,7 +654,11 @@ fn encode_gps(g: &Gt06Gps, out: &mut BytesMut) -> Result<(), EncodeError> {
 
 fn put_u24(out: &mut BytesMut, v: u32, field: &'static str) -> Result<(), EncodeError> {
     if v > 0xFF_FFFF {
-        return Err(EncodeError::new(P, field, format!("{v} does not fit 24 bits")));
+        return Err(EncodeError::new(
+            P,
+            field,
+            format!("{v} does not fit 24 bits"),
+        ));
     }
     out.put_slice(&v.to_be_bytes()[1..]);
     Ok(())
@@ -891,7 +921,10 @@ impl Gt06Codec {
             Some(0) => {}
             Some(skipped) => {
                 src.advance(skipped);
-                return Some(Err(DecodeError::Garbage { protocol: P, skipped }));
+                return Some(Err(DecodeError::Garbage {
+                    protocol: P,
+                    skipped,
+                }));
             }
             None => {
                 let keep = usize::from(matches!(src.last(), Some(0x78 | 0x79)));
@@ -900,7 +933,10 @@ impl Gt06Codec {
                     return None;
                 }
                 src.advance(skipped);
-                return Some(Err(DecodeError::Garbage { protocol: P, skipped }));
+                return Some(Err(DecodeError::Garbage {
+                    protocol: P,
+                    skipped,
+                }));
             }
         }
         let long = src[0] == 0x79;
@@ -959,9 +995,7 @@ impl Gt06Codec {
         match &message {
             Gt06Message::Login { imei, .. } => self.set_imei(*imei),
             Gt06Message::Ack { .. } => {}
-            _ if self.imei.is_none() => {
-                return Some(Err(DecodeError::NotLoggedIn { protocol: P }))
-            }
+            _ if self.imei.is_none() => return Some(Err(DecodeError::NotLoggedIn { protocol: P })),
             _ => {}
         }
         Some(Ok(Gt06Frame { serial, message }))

@@ -103,14 +103,18 @@ pub struct H02Location {
 pub enum H02Message {
     Location(H02Location),
     /// `XT`, `HTBT` or `LINK`: keep-alive.
-    Heartbeat { command: String },
+    Heartbeat {
+        command: String,
+    },
     /// `ALRM`: 1 SOS, 2 low battery, 3 geo-fence.
     Alarm {
         kind: u8,
         location: Option<H02Location>,
     },
     /// `V4`: the device confirms a server command.
-    CommandAck { command: String },
+    CommandAck {
+        command: String,
+    },
 }
 
 /// One H02 frame.
@@ -172,7 +176,10 @@ impl H02Frame {
     /// The wire form (`*…#`).
     pub fn to_text(&self) -> Result<String, EncodeError> {
         for (f, v) in [("maker", &self.maker), ("imei", &self.imei)] {
-            if v.is_empty() || v.bytes().any(|b| matches!(b, b',' | b'*' | b'#') || !b.is_ascii_graphic()) {
+            if v.is_empty()
+                || v.bytes()
+                    .any(|b| matches!(b, b',' | b'*' | b'#') || !b.is_ascii_graphic())
+            {
                 return Err(EncodeError::new(P, f, format!("{v:?}")));
             }
         }
@@ -237,7 +244,14 @@ fn apply_location(r: &mut Record, loc: &H02Location) {
 /// Ten-thousandths of a minute per degree.
 const UNITS_PER_DEG: f64 = 600_000.0;
 
-fn write_coord(s: &mut String, v: f64, deg_width: usize, max: f64, hemis: [char; 2], field: &'static str) -> Result<(), EncodeError> {
+fn write_coord(
+    s: &mut String,
+    v: f64,
+    deg_width: usize,
+    max: f64,
+    hemis: [char; 2],
+    field: &'static str,
+) -> Result<(), EncodeError> {
     if !v.is_finite() || v.abs() > max {
         return Err(EncodeError::new(P, field, format!("{v} out of range")));
     }
@@ -270,7 +284,11 @@ fn write_location(s: &mut String, l: &H02Location) -> Result<(), EncodeError> {
     }
     let year = t.year() - 2000;
     if !(0..=99).contains(&year) {
-        return Err(EncodeError::new(P, "time", format!("year {} out of range", t.year())));
+        return Err(EncodeError::new(
+            P,
+            "time",
+            format!("year {} out of range", t.year()),
+        ));
     }
     s.push_str(&format!(
         ",{:.2},{},{:02}{:02}{:02},{:08X}",
@@ -298,9 +316,19 @@ fn two_digits(s: &str, at: usize) -> Option<u32> {
     s.get(at..at + 2)?.parse().ok()
 }
 
-fn parse_coord(v: &str, hemi: &str, deg_len: usize, neg: &str, max: f64, field: &'static str) -> Result<f64, DecodeError> {
+fn parse_coord(
+    v: &str,
+    hemi: &str,
+    deg_len: usize,
+    neg: &str,
+    max: f64,
+    field: &'static str,
+) -> Result<f64, DecodeError> {
     let valid_chars = v.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    let deg: Option<f64> = v.get(..deg_len).filter(|_| valid_chars).and_then(|d| d.parse().ok());
+    let deg: Option<f64> = v
+        .get(..deg_len)
+        .filter(|_| valid_chars)
+        .and_then(|d| d.parse().ok());
     let min: Option<f64> = v.get(deg_len..).and_then(|m| m.parse().ok());
     let (Some(deg), Some(min)) = (deg, min) else {
         return Err(bad(field, format!("{v:?} is not (d)ddmm.mmmm")));
@@ -323,12 +351,18 @@ fn parse_coord(v: &str, hemi: &str, deg_len: usize, neg: &str, max: f64, field: 
 /// Parse the fields `hhmmss,A,lat,N,lon,E,speed,course,ddmmyy,status[,battery…]`.
 fn parse_location(f: &[&str]) -> Result<H02Location, DecodeError> {
     if f.len() < 10 {
-        return Err(bad("location", format!("{} fields, need at least 10", f.len())));
+        return Err(bad(
+            "location",
+            format!("{} fields, need at least 10", f.len()),
+        ));
     }
     let (hms, dmy) = (f[0], f[8]);
     let fields = |s: &str| s.len() == 6 && s.bytes().all(|b| b.is_ascii_digit());
     if !fields(hms) || !fields(dmy) {
-        return Err(bad("time", format!("{hms:?} / {dmy:?} are not hhmmss / ddmmyy")));
+        return Err(bad(
+            "time",
+            format!("{hms:?} / {dmy:?} are not hhmmss / ddmmyy"),
+        ));
     }
     let num = |s: &str, at| two_digits(s, at).unwrap_or(99);
     let time = utc_from_fields(
@@ -364,12 +398,17 @@ fn parse_location(f: &[&str]) -> Result<H02Location, DecodeError> {
     if st.is_empty() || st.len() > 8 {
         return Err(bad("status", format!("{st:?} is not 8 hex digits")));
     }
-    let status = u32::from_str_radix(st, 16).map_err(|_| bad("status", format!("{st:?} is not hex")))?;
+    let status =
+        u32::from_str_radix(st, 16).map_err(|_| bad("status", format!("{st:?} is not hex")))?;
     // Battery when the next field is a 1–2 digit level and not the start of a 4-field
     // cell block (mcc,mnc,lac,cid) that some firmware sends instead.
     let rest = &f[10..];
     let battery_pct = match rest.first() {
-        Some(b) if rest.len() != 4 && (1..=2).contains(&b.len()) && b.bytes().all(|c| c.is_ascii_digit()) => {
+        Some(b)
+            if rest.len() != 4
+                && (1..=2).contains(&b.len())
+                && b.bytes().all(|c| c.is_ascii_digit()) =>
+        {
             let v: u8 = b.parse().map_err(|_| bad("battery", *b))?;
             Some(if v >= 99 { 100 } else { v })
         }
@@ -394,7 +433,10 @@ pub fn parse_frame(text: &str) -> Result<H02Frame, DecodeError> {
     let body = body.strip_suffix('#').unwrap_or(body);
     let f: Vec<&str> = body.split(',').map(str::trim).collect();
     if f.len() < 3 {
-        return Err(bad("frame", format!("{} fields, need maker,id,command", f.len())));
+        return Err(bad(
+            "frame",
+            format!("{} fields, need maker,id,command", f.len()),
+        ));
     }
     let (maker, imei, cmd) = (f[0], f[1], f[2]);
     if maker.is_empty() || imei.is_empty() || !imei.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -463,20 +505,26 @@ impl H02Codec {
             Some(0) => {}
             Some(skipped) => {
                 src.advance(skipped);
-                return Some(Err(DecodeError::Garbage { protocol: P, skipped }));
+                return Some(Err(DecodeError::Garbage {
+                    protocol: P,
+                    skipped,
+                }));
             }
             None if src.is_empty() => return None,
             None => {
                 let skipped = src.len();
                 src.clear();
-                return Some(Err(DecodeError::Garbage { protocol: P, skipped }));
+                return Some(Err(DecodeError::Garbage {
+                    protocol: P,
+                    skipped,
+                }));
             }
         }
         let window = &src[1..src.len().min(self.max_frame_len)];
         let end = memchr::memchr(b'#', window);
         let next_start = memchr::memchr(b'*', window);
         match (end, next_start) {
-            (Some(e), s) if s.map_or(true, |s| e < s) => {
+            (Some(e), s) if !matches!(s, Some(s) if s < e) => {
                 let total = e + 2;
                 let parsed = match std::str::from_utf8(&src[..total]) {
                     Ok(text) => parse_frame(text),
@@ -488,7 +536,10 @@ impl H02Codec {
             (_, Some(s)) => {
                 // A new frame starts before this one ended: drop the broken one.
                 src.advance(s + 1);
-                Some(Err(bad("frame", format!("{} bytes without '#' before the next '*'", s + 1))))
+                Some(Err(bad(
+                    "frame",
+                    format!("{} bytes without '#' before the next '*'", s + 1),
+                )))
             }
             (None, None) if src.len() >= self.max_frame_len => {
                 src.advance(1);

@@ -28,9 +28,9 @@ pub mod teltonika;
 mod util;
 
 pub use em_model::{Protocol, Record};
+pub use error::{CodecError, DecodeError, EncodeError};
 /// Re-exported so users (benchmarks, the simulator) need no direct `tokio-util` dependency.
 pub use tokio_util::codec::{Decoder, Encoder};
-pub use error::{CodecError, DecodeError, EncodeError};
 pub use util::{crc16_arc, crc16_x25, hdop_to_accuracy_m};
 
 /// Guess the protocol from the first bytes of a TCP stream, an HTTP request or an MQTT
@@ -72,10 +72,19 @@ mod tests {
     fn detect_each_protocol() {
         assert_eq!(detect(&[0x78, 0x78, 0x0D, 0x01]), Some(Protocol::Gt06));
         assert_eq!(detect(&[0x79, 0x79, 0x00]), Some(Protocol::Gt06));
-        assert_eq!(detect(b"\x00\x0f356307042441013"), Some(Protocol::Teltonika));
-        assert_eq!(detect(&[0, 0, 0, 0, 0, 0, 0, 0x36]), Some(Protocol::Teltonika));
+        assert_eq!(
+            detect(b"\x00\x0f356307042441013"),
+            Some(Protocol::Teltonika)
+        );
+        assert_eq!(
+            detect(&[0, 0, 0, 0, 0, 0, 0, 0x36]),
+            Some(Protocol::Teltonika)
+        );
         assert_eq!(detect(b"*HQ,865205030330012,V1,"), Some(Protocol::H02));
-        assert_eq!(detect(b"GET /?id=1&lat=1&lon=2 HTTP/1.1"), Some(Protocol::Osmand));
+        assert_eq!(
+            detect(b"GET /?id=1&lat=1&lon=2 HTTP/1.1"),
+            Some(Protocol::Osmand)
+        );
         assert_eq!(detect(b"id=1&lat=1&lon=2"), Some(Protocol::Osmand));
         assert_eq!(detect(b"em/v1/tag-1/telemetry {}"), Some(Protocol::Em));
         assert_eq!(detect(b"hello"), None);

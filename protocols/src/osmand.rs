@@ -159,8 +159,17 @@ fn parse_bool(key: &'static str, v: &str) -> Result<bool, DecodeError> {
     }
 }
 
-/// Unix seconds, Unix milliseconds, RFC 3339, or `yyyy-mm-dd[ T]hh:mm:ss` (UTC).
+/// Unix seconds, Unix milliseconds, RFC 3339, or `yyyy-mm-dd[ T]hh:mm:ss` (UTC), between
+/// 1970 and the end of year 9999.
 pub fn parse_timestamp(v: &str) -> Result<DateTime<Utc>, DecodeError> {
+    let t = parse_any_timestamp(v)?;
+    if !(0..=253_402_300_799).contains(&t.timestamp()) {
+        return Err(bad("timestamp", format!("{v:?} is outside 1970..=9999")));
+    }
+    Ok(t)
+}
+
+fn parse_any_timestamp(v: &str) -> Result<DateTime<Utc>, DecodeError> {
     let v = v.trim();
     let err = || bad("timestamp", format!("{v:?} is not Unix time or ISO 8601"));
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
@@ -247,7 +256,10 @@ pub fn decode(input: &str) -> Result<OsmandReport, DecodeError> {
         return Err(bad("position", "missing lat/lon"));
     };
     if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-        return Err(bad("position", format!("lat {lat} / lon {lon} out of range")));
+        return Err(bad(
+            "position",
+            format!("lat {lat} / lon {lon} out of range"),
+        ));
     }
     rep.lat = lat;
     rep.lon = lon;

@@ -148,7 +148,10 @@ pub struct AvlRecord {
 impl AvlRecord {
     /// Numeric value of IO element `id`, if present.
     pub fn io_value(&self, id: u16) -> Option<u64> {
-        self.io.iter().find(|e| e.id == id).and_then(|e| e.value.as_u64())
+        self.io
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.value.as_u64())
     }
 
     /// The normalised record.
@@ -176,12 +179,8 @@ impl AvlRecord {
                 source: FixSource::Gnss,
             });
         }
-        r.battery_pct = self
-            .io_value(io::BATTERY_LEVEL)
-            .map(|v| v.min(100) as u8);
-        r.gsm_signal = self
-            .io_value(io::GSM_SIGNAL)
-            .map(|v| (v.min(5) * 20) as u8);
+        r.battery_pct = self.io_value(io::BATTERY_LEVEL).map(|v| v.min(100) as u8);
+        r.gsm_signal = self.io_value(io::GSM_SIGNAL).map(|v| (v.min(5) * 20) as u8);
         r.charging = self.io_value(io::CHARGER_CONNECTED).map(|v| v != 0);
         if self.priority == 2 {
             r.events.push(DeviceEventKind::Sos);
@@ -345,7 +344,11 @@ fn encode_record(codec: AvlCodec, rec: &AvlRecord, out: &mut BytesMut) -> Result
     for group in 0..5 {
         if group == 4 && !ext {
             if rec.io.iter().any(|e| e.value.group() == 4) {
-                return Err(EncodeError::new(P, "io", "variable-length values need Codec 8E"));
+                return Err(EncodeError::new(
+                    P,
+                    "io",
+                    "variable-length values need Codec 8E",
+                ));
             }
             break;
         }
@@ -403,7 +406,11 @@ fn decode_record(codec: AvlCodec, r: &mut Reader<'_>) -> Result<AvlRecord, Decod
         })
     };
     let read_id = |r: &mut Reader<'_>| -> Result<u16, DecodeError> {
-        Ok(if ext { r.u16("io id")? } else { u16::from(r.u8("io id")?) })
+        Ok(if ext {
+            r.u16("io id")?
+        } else {
+            u16::from(r.u8("io id")?)
+        })
     };
     let event_io = read_id(r)?;
     let _total = read_n(r, "io total count")?;
@@ -527,7 +534,10 @@ impl TeltonikaCodec {
         self.imei.as_deref()
     }
 
-    fn decode_one(&mut self, src: &mut BytesMut) -> Result<Option<Result<TeltonikaFrame, DecodeError>>, DecodeError> {
+    fn decode_one(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<Result<TeltonikaFrame, DecodeError>>, DecodeError> {
         if src.len() < 2 {
             return Ok(None);
         }
@@ -567,7 +577,12 @@ impl TeltonikaCodec {
                 src.reserve(total - src.len());
                 return Ok(None);
             }
-            let expected = u32::from_be_bytes([src[total - 4], src[total - 3], src[total - 2], src[total - 1]]);
+            let expected = u32::from_be_bytes([
+                src[total - 4],
+                src[total - 3],
+                src[total - 2],
+                src[total - 1],
+            ]);
             let computed = u32::from(crc16_arc(&src[8..8 + len]));
             if expected != computed {
                 src.advance(total);

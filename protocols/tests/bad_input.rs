@@ -42,7 +42,16 @@ fn gt06_bad_crc_is_dropped_and_next_frame_decodes() {
     let mut buf = BytesMut::from(&[bad, b(LOCATION)].concat()[..]);
     let mut c = gt06();
     let e = c.decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert!(matches!(e, DecodeError::BadChecksum { protocol: Protocol::Gt06, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            DecodeError::BadChecksum {
+                protocol: Protocol::Gt06,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(!e.is_fatal());
     assert!(c.decode(&mut buf).unwrap().unwrap().is_ok());
     assert!(buf.is_empty());
@@ -69,7 +78,10 @@ fn gt06_oversized_long_frame_is_refused_without_buffering() {
     let mut buf = BytesMut::from(&[&[0x79, 0x79, 0xFF, 0xFF, 0x01][..], &b(LOCATION)].concat()[..]);
     let mut c = gt06();
     let e = c.decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert!(matches!(e, DecodeError::Oversized { len: 0xFFFF, .. }), "{e}");
+    assert!(
+        matches!(e, DecodeError::Oversized { len: 0xFFFF, .. }),
+        "{e}"
+    );
     // Resync: the garbage left of the real frame is skipped, then the frame decodes.
     let mut got_frame = false;
     while let Some(item) = c.decode(&mut buf).unwrap() {
@@ -88,7 +100,13 @@ fn gt06_unknown_type_and_bad_terminator() {
     unknown.extend_from_slice(&[0x0D, 0x0A]);
     let mut buf = BytesMut::from(&unknown[..]);
     let e = gt06().decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert_eq!(e, DecodeError::UnknownType { protocol: Protocol::Gt06, kind: "0x99".into() });
+    assert_eq!(
+        e,
+        DecodeError::UnknownType {
+            protocol: Protocol::Gt06,
+            kind: "0x99".into()
+        }
+    );
     assert!(buf.is_empty());
 
     let mut bad_stop = b(LOCATION);
@@ -104,7 +122,12 @@ fn gt06_data_before_login_is_refused() {
     let mut buf = BytesMut::from(&b(LOCATION)[..]);
     let mut c = Gt06Codec::new();
     let e = c.decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert_eq!(e, DecodeError::NotLoggedIn { protocol: Protocol::Gt06 });
+    assert_eq!(
+        e,
+        DecodeError::NotLoggedIn {
+            protocol: Protocol::Gt06
+        }
+    );
     assert!(!e.is_fatal());
     // Server acknowledgements need no login (the simulator decodes them).
     let mut buf = BytesMut::from(&ack_frame(0x01, 1)[..]);
@@ -126,14 +149,22 @@ fn teltonika_errors() {
     let mut buf = BytesMut::from(&b(AVL8)[..]);
     let mut c = TeltonikaCodec::new();
     let e = c.decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert_eq!(e, DecodeError::NotLoggedIn { protocol: Protocol::Teltonika });
+    assert_eq!(
+        e,
+        DecodeError::NotLoggedIn {
+            protocol: Protocol::Teltonika
+        }
+    );
     assert!(buf.is_empty());
 
     // Truncated: need more data, nothing consumed.
     let full = b(AVL8);
     for cut in 0..full.len() {
         let mut buf = BytesMut::from(&full[..cut]);
-        assert!(TeltonikaCodec::with_imei("1").decode(&mut buf).unwrap().is_none());
+        assert!(TeltonikaCodec::with_imei("1")
+            .decode(&mut buf)
+            .unwrap()
+            .is_none());
         assert_eq!(buf.len(), cut);
     }
 
@@ -144,7 +175,17 @@ fn teltonika_errors() {
     let mut buf = BytesMut::from(&[bad, b(AVL8)].concat()[..]);
     let mut c = TeltonikaCodec::with_imei("356307042441013");
     let e = c.decode(&mut buf).unwrap().unwrap().unwrap_err();
-    assert!(matches!(e, DecodeError::BadChecksum { expected: 0xC7CE, computed: 0xC7CF, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            DecodeError::BadChecksum {
+                expected: 0xC7CE,
+                computed: 0xC7CF,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(c.decode(&mut buf).unwrap().unwrap().is_ok());
 
     // Oversized data length: fatal (no marker to resync on), nothing buffered.
@@ -158,13 +199,19 @@ fn teltonika_errors() {
     }
     // Bad preamble: fatal.
     let mut buf = BytesMut::from(&[0, 0, 0, 1, 0, 0, 0, 3][..]);
-    assert!(matches!(c.decode(&mut buf), Err(CodecError::Fatal(DecodeError::Framing { .. }))));
+    assert!(matches!(
+        c.decode(&mut buf),
+        Err(CodecError::Fatal(DecodeError::Framing { .. }))
+    ));
     // Huge IMEI length: fatal.
     let mut buf = BytesMut::from(&[0x12, 0x34, 0x35][..]);
     assert!(matches!(c.decode(&mut buf), Err(CodecError::Fatal(_))));
     // Non-digit IMEI: malformed, consumed.
     let mut buf = BytesMut::from(&b"\x00\x03a1b"[..]);
-    assert_eq!(c.decode(&mut buf).unwrap().unwrap().unwrap_err().reason(), "malformed");
+    assert_eq!(
+        c.decode(&mut buf).unwrap().unwrap().unwrap_err().reason(),
+        "malformed"
+    );
     assert!(buf.is_empty());
 
     // Unknown codec (Codec 12 command response) with a valid CRC: skipped.
@@ -183,7 +230,10 @@ fn teltonika_errors() {
     pkt.extend_from_slice(&data);
     pkt.extend_from_slice(&u32::from(em_protocols::crc16_arc(&data)).to_be_bytes());
     let mut buf = BytesMut::from(&pkt[..]);
-    assert_eq!(c.decode(&mut buf).unwrap().unwrap().unwrap_err().reason(), "malformed");
+    assert_eq!(
+        c.decode(&mut buf).unwrap().unwrap().unwrap_err().reason(),
+        "malformed"
+    );
 }
 
 #[test]
@@ -199,7 +249,10 @@ fn h02_errors_and_resync() {
             Err(e) => e.reason().to_string(),
         });
     }
-    assert_eq!(reasons, ["garbage", "malformed", "unknown_type", "heartbeat"]);
+    assert_eq!(
+        reasons,
+        ["garbage", "malformed", "unknown_type", "heartbeat"]
+    );
 
     // No '#' within the limit: oversized, and the buffer does not grow without bound.
     let mut c = H02Codec::new().with_max_frame_len(64);
@@ -231,6 +284,9 @@ fn osmand_errors() {
         ("id=1&lat=1&lon=2&timestamp=yesterday", "malformed"),
         ("id=1&lat=1&lon=2&batt=200", "malformed"),
         ("id=1&lat=1&lon=2&charge=maybe", "malformed"),
+        // Found by cargo fuzz: year 14690 decoded but could not be re-encoded.
+        ("id=1&lat=1&lon=2&timestamp=401410000000000", "malformed"),
+        ("id=1&lat=1&lon=2&timestamp=1969-12-31T23:59:59Z", "malformed"),
     ] {
         assert_eq!(osmand::decode(q).unwrap_err().reason(), reason, "{q}");
     }
@@ -247,16 +303,36 @@ fn em_errors() {
         ("em/v1/tag-1/weather", ok, "unknown_type"),
         ("em/v1/tag+1/telemetry", ok, "malformed"),
         ("em/v1/tag-1/telemetry", b"{not json", "malformed"),
-        ("em/v1/tag-1/telemetry", br#"{"time":"2024-01-01T00:00:00Z"}"#, "malformed"),
+        (
+            "em/v1/tag-1/telemetry",
+            br#"{"time":"2024-01-01T00:00:00Z"}"#,
+            "malformed",
+        ),
         ("em/v1/tag-1/event", ok, "malformed"),
-        ("em/v1/tag-1/telemetry", br#"{"seq":1,"time":"2024-01-01T00:00:00Z","position":{"lat":95,"lon":0}}"#, "malformed"),
-        ("em/v1/tag-1/telemetry", br#"{"seq":1,"time":"2024-01-01T00:00:00Z","battery_pct":101}"#, "malformed"),
+        (
+            "em/v1/tag-1/telemetry",
+            br#"{"seq":1,"time":"2024-01-01T00:00:00Z","position":{"lat":95,"lon":0}}"#,
+            "malformed",
+        ),
+        (
+            "em/v1/tag-1/telemetry",
+            br#"{"seq":1,"time":"2024-01-01T00:00:00Z","battery_pct":101}"#,
+            "malformed",
+        ),
         ("em/v1/tag-1/telemetry", b"[]", "malformed"),
     ];
     for (topic, payload, reason) in cases {
         let e = em::decode(topic, payload).unwrap_err();
-        assert_eq!(e.reason(), reason, "{topic} {}: {e}", String::from_utf8_lossy(payload));
+        assert_eq!(
+            e.reason(),
+            reason,
+            "{topic} {}: {e}",
+            String::from_utf8_lossy(payload)
+        );
     }
     let big = vec![b' '; em::MAX_PAYLOAD_LEN + 1];
-    assert_eq!(em::decode("em/v1/a/status", &big).unwrap_err().reason(), "oversized");
+    assert_eq!(
+        em::decode("em/v1/a/status", &big).unwrap_err().reason(),
+        "oversized"
+    );
 }

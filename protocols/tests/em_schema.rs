@@ -30,7 +30,10 @@ fn every_example_validates_and_decodes() {
         let kind = name.split('-').next().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{name} fails the schema: {errors:?}");
         let topic = format!("em/v1/tag-0001/{kind}");
         let msg = em::decode(&topic, &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -49,19 +52,31 @@ fn examples_decode_to_the_documented_values() {
     let r = &msg.to_records(received)[0];
     assert_eq!(r.device_id, "tag-0001");
     assert_eq!(r.seq, Some(1842));
-    assert_eq!(r.device_time, Utc.with_ymd_and_hms(2025, 3, 14, 21, 5, 30).unwrap());
+    assert_eq!(
+        r.device_time,
+        Utc.with_ymd_and_hms(2025, 3, 14, 21, 5, 30).unwrap()
+    );
     assert_eq!(r.received_time, received);
     let p = r.position.unwrap();
-    assert_eq!((p.lat, p.lon, p.accuracy_m), (55.676098, 12.568337, Some(6.5)));
+    assert_eq!(
+        (p.lat, p.lon, p.accuracy_m),
+        (55.676098, 12.568337, Some(6.5))
+    );
     assert_eq!(p.source, FixSource::Gnss);
-    assert_eq!((r.battery_pct, r.charging, r.gsm_signal), (Some(78), Some(false), Some(64)));
+    assert_eq!(
+        (r.battery_pct, r.charging, r.gsm_signal),
+        (Some(78), Some(false), Some(64))
+    );
     assert_eq!(r.beacon_in_range, Some(false));
     assert!(r.events.is_empty());
 
     let msg = em::decode("em/v1/tag-0001/telemetry", &read("telemetry-lbs-hdop.json")).unwrap();
     let r = &msg.to_records(received)[0];
     // 21:10:30+01:00 = 20:10:30Z; HDOP 1.8 × 5 m
-    assert_eq!(r.device_time, Utc.with_ymd_and_hms(2025, 3, 14, 20, 10, 30).unwrap());
+    assert_eq!(
+        r.device_time,
+        Utc.with_ymd_and_hms(2025, 3, 14, 20, 10, 30).unwrap()
+    );
     let p = r.position.unwrap();
     assert_eq!(p.source, FixSource::Lbs);
     assert!((p.accuracy_m.unwrap() - 9.0).abs() < 1e-4);
@@ -75,13 +90,20 @@ fn examples_decode_to_the_documented_values() {
     let r = &msg.to_records(received)[0];
     assert_eq!(
         r.events,
-        vec![DeviceEventKind::Heartbeat, DeviceEventKind::LowBattery, DeviceEventKind::ChargerConnected]
+        vec![
+            DeviceEventKind::Heartbeat,
+            DeviceEventKind::LowBattery,
+            DeviceEventKind::ChargerConnected
+        ]
     );
 
     let msg = em::decode("em/v1/tag-0001/telemetry", &read("telemetry-batch.json")).unwrap();
     assert!(msg.batch);
     let recs = msg.to_records(received);
-    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![Some(500), Some(501)]);
+    assert_eq!(
+        recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![Some(500), Some(501)]
+    );
     assert_eq!(recs[1].position.unwrap().source, FixSource::Beacon);
 }
 
@@ -102,6 +124,9 @@ fn invalid_payloads_fail_schema_and_decoder() {
     ] {
         let value: serde_json::Value = serde_json::from_str(bad).unwrap();
         assert!(!validator.is_valid(&value), "schema accepts {bad}");
-        assert!(em::decode("em/v1/tag-0001/telemetry", bad.as_bytes()).is_err(), "decoder accepts {bad}");
+        assert!(
+            em::decode("em/v1/tag-0001/telemetry", bad.as_bytes()).is_err(),
+            "decoder accepts {bad}"
+        );
     }
 }

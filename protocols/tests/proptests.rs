@@ -34,7 +34,11 @@ where
         let last = i + 1 == chunks.len();
         loop {
             let before = buf.len();
-            let step = if last { codec.decode_eof(&mut buf) } else { codec.decode(&mut buf) };
+            let step = if last {
+                codec.decode_eof(&mut buf)
+            } else {
+                codec.decode(&mut buf)
+            };
             assert!(buf.len() <= before, "decoding grew the buffer");
             match step {
                 Ok(Some(item)) => {
@@ -67,7 +71,10 @@ fn split_at_points<'a>(data: &'a [u8], points: &[usize]) -> Vec<&'a [u8]> {
 }
 
 fn oks<T: Clone>(items: &[Result<T, DecodeError>]) -> Vec<T> {
-    items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect()
+    items
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect()
 }
 
 /// Garbage bytes skipped in total, and the other errors in order (garbage may be
@@ -102,26 +109,34 @@ fn gt06_gps() -> impl Strategy<Value = Gt06Gps> {
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(|(time, info_len, satellites, (la, s), (lo, w), speed, course, p, d)| {
-            let lat = f64::from(la) / 1_800_000.0;
-            let lon = f64::from(lo) / 1_800_000.0;
-            Gt06Gps {
-                time,
-                info_len,
-                satellites,
-                lat: if s { -lat } else { lat },
-                lon: if w { -lon } else { lon },
-                speed_kmh: speed,
-                course,
-                positioned: p,
-                differential: d,
-            }
-        })
+        .prop_map(
+            |(time, info_len, satellites, (la, s), (lo, w), speed, course, p, d)| {
+                let lat = f64::from(la) / 1_800_000.0;
+                let lon = f64::from(lo) / 1_800_000.0;
+                Gt06Gps {
+                    time,
+                    info_len,
+                    satellites,
+                    lat: if s { -lat } else { lat },
+                    lon: if w { -lon } else { lon },
+                    speed_kmh: speed,
+                    course,
+                    positioned: p,
+                    differential: d,
+                }
+            },
+        )
 }
 
 fn gt06_cell() -> impl Strategy<Value = Gt06Cell> {
-    (any::<u16>(), any::<u8>(), any::<u16>(), 0u32..=0xFF_FFFF)
-        .prop_map(|(mcc, mnc, lac, cell_id)| Gt06Cell { mcc, mnc, lac, cell_id })
+    (any::<u16>(), any::<u8>(), any::<u16>(), 0u32..=0xFF_FFFF).prop_map(
+        |(mcc, mnc, lac, cell_id)| Gt06Cell {
+            mcc,
+            mnc,
+            lac,
+            cell_id,
+        },
+    )
 }
 
 fn gt06_status() -> impl Strategy<Value = Gt06Status> {
@@ -135,15 +150,14 @@ fn gt06_status() -> impl Strategy<Value = Gt06Status> {
 }
 
 fn gt06_message() -> impl Strategy<Value = Gt06Message> {
-    let login = (0..=Imei::MAX, option::of(any::<(u16, u16)>())).prop_map(|(i, tz)| {
-        Gt06Message::Login {
+    let login =
+        (0..=Imei::MAX, option::of(any::<(u16, u16)>())).prop_map(|(i, tz)| Gt06Message::Login {
             imei: Imei::new(i).unwrap(),
             type_id: tz.map(|t| t.0),
             timezone: tz.map(|t| t.1),
-        }
-    });
-    let loc12 = (gt06_gps(), option::of(gt06_cell())).prop_map(|(gps, cell)| {
-        Gt06Message::Location {
+        });
+    let loc12 =
+        (gt06_gps(), option::of(gt06_cell())).prop_map(|(gps, cell)| Gt06Message::Location {
             protocol: 0x12,
             gps,
             cell,
@@ -151,12 +165,16 @@ fn gt06_message() -> impl Strategy<Value = Gt06Message> {
             upload_mode: None,
             reupload: None,
             mileage: None,
-        }
-    });
+        });
     let loc22 = (
         gt06_gps(),
         gt06_cell(),
-        option::of((any::<bool>(), any::<u8>(), any::<bool>(), option::of(any::<u32>()))),
+        option::of((
+            any::<bool>(),
+            any::<u8>(),
+            any::<bool>(),
+            option::of(any::<u32>()),
+        )),
     )
         .prop_map(|(gps, cell, ext)| Gt06Message::Location {
             protocol: 0x22,
@@ -167,21 +185,32 @@ fn gt06_message() -> impl Strategy<Value = Gt06Message> {
             reupload: ext.map(|e| e.2),
             mileage: ext.and_then(|e| e.3),
         });
-    let alarm = (prop_oneof![Just(0x16u8), Just(0x26u8)], gt06_gps(), any::<u8>(), gt06_cell(), gt06_status())
-        .prop_map(|(protocol, gps, lbs_len, cell, status)| Gt06Message::Alarm {
-            protocol,
-            gps,
-            lbs_len,
-            cell,
-            status,
-        });
+    let alarm = (
+        prop_oneof![Just(0x16u8), Just(0x26u8)],
+        gt06_gps(),
+        any::<u8>(),
+        gt06_cell(),
+        gt06_status(),
+    )
+        .prop_map(
+            |(protocol, gps, lbs_len, cell, status)| Gt06Message::Alarm {
+                protocol,
+                gps,
+                lbs_len,
+                cell,
+                status,
+            },
+        );
     let neighbour = (any::<u16>(), 0u32..=0xFF_FFFF, any::<u8>())
         .prop_map(|(lac, cell_id, rssi)| Gt06Neighbour { lac, cell_id, rssi });
     let lbs = (
         secs_2000_2099(),
         gt06_cell(),
         any::<u8>(),
-        option::of((vec(neighbour, 6), option::of((any::<u8>(), option::of(any::<u16>()))))),
+        option::of((
+            vec(neighbour, 6),
+            option::of((any::<u8>(), option::of(any::<u16>()))),
+        )),
     )
         .prop_map(|(time, cell, rssi, n)| {
             let (neighbours, ta) = n.unwrap_or_default();
@@ -216,51 +245,81 @@ fn gt06_codec() -> Gt06Codec {
 // ---------------------------------------------------------------- Teltonika
 
 fn avl_record(ext: bool) -> impl Strategy<Value = AvlRecord> {
-    let id = if ext { any::<u16>().boxed() } else { (0u16..256).boxed() };
+    let id = if ext {
+        any::<u16>().boxed()
+    } else {
+        (0u16..256).boxed()
+    };
     let groups = (
         vec((id.clone(), any::<u8>()), 0..4),
         vec((id.clone(), any::<u16>()), 0..4),
         vec((id.clone(), any::<u32>()), 0..4),
         vec((id.clone(), any::<u64>()), 0..3),
-        if ext { vec((id.clone(), vec(any::<u8>(), 0..12)), 0..3).boxed() } else { Just(vec![]).boxed() },
+        if ext {
+            vec((id.clone(), vec(any::<u8>(), 0..12)), 0..3).boxed()
+        } else {
+            Just(vec![]).boxed()
+        },
     );
     (
         0i64..(1 << 41),
         0u8..3,
-        (-1_800_000_000i32..=1_800_000_000, -900_000_000i32..=900_000_000),
+        (
+            -1_800_000_000i32..=1_800_000_000,
+            -900_000_000i32..=900_000_000,
+        ),
         any::<(i16, u16, u8, u16)>(),
         id,
         groups,
     )
-        .prop_map(|(ms, priority, (lo, la), (alt, angle, sats, speed), event_io, g)| {
-            let mut io = Vec::new();
-            io.extend(g.0.into_iter().map(|(id, v)| IoElement { id, value: IoValue::U8(v) }));
-            io.extend(g.1.into_iter().map(|(id, v)| IoElement { id, value: IoValue::U16(v) }));
-            io.extend(g.2.into_iter().map(|(id, v)| IoElement { id, value: IoValue::U32(v) }));
-            io.extend(g.3.into_iter().map(|(id, v)| IoElement { id, value: IoValue::U64(v) }));
-            io.extend(g.4.into_iter().map(|(id, v)| IoElement { id, value: IoValue::Bytes(v) }));
-            AvlRecord {
-                timestamp: DateTime::from_timestamp_millis(ms).unwrap(),
-                priority,
-                gps: AvlGps {
-                    lon: f64::from(lo) / 1e7,
-                    lat: f64::from(la) / 1e7,
-                    altitude_m: alt,
-                    angle_deg: angle,
-                    satellites: sats,
-                    speed_kmh: speed,
-                },
-                event_io,
-                io,
-            }
-        })
+        .prop_map(
+            |(ms, priority, (lo, la), (alt, angle, sats, speed), event_io, g)| {
+                let mut io = Vec::new();
+                io.extend(g.0.into_iter().map(|(id, v)| IoElement {
+                    id,
+                    value: IoValue::U8(v),
+                }));
+                io.extend(g.1.into_iter().map(|(id, v)| IoElement {
+                    id,
+                    value: IoValue::U16(v),
+                }));
+                io.extend(g.2.into_iter().map(|(id, v)| IoElement {
+                    id,
+                    value: IoValue::U32(v),
+                }));
+                io.extend(g.3.into_iter().map(|(id, v)| IoElement {
+                    id,
+                    value: IoValue::U64(v),
+                }));
+                io.extend(g.4.into_iter().map(|(id, v)| IoElement {
+                    id,
+                    value: IoValue::Bytes(v),
+                }));
+                AvlRecord {
+                    timestamp: DateTime::from_timestamp_millis(ms).unwrap(),
+                    priority,
+                    gps: AvlGps {
+                        lon: f64::from(lo) / 1e7,
+                        lat: f64::from(la) / 1e7,
+                        altitude_m: alt,
+                        angle_deg: angle,
+                        satellites: sats,
+                        speed_kmh: speed,
+                    },
+                    event_io,
+                    io,
+                }
+            },
+        )
 }
 
 fn teltonika_frame() -> impl Strategy<Value = TeltonikaFrame> {
     prop_oneof![
         "[0-9]{15}".prop_map(TeltonikaFrame::Imei),
-        vec(avl_record(false), 0..4)
-            .prop_map(|records| TeltonikaFrame::Avl(AvlPacket { codec: AvlCodec::Codec8, records })),
+        vec(avl_record(false), 0..4).prop_map(|records| TeltonikaFrame::Avl(AvlPacket {
+            codec: AvlCodec::Codec8,
+            records
+        })),
         vec(avl_record(true), 0..4).prop_map(|records| TeltonikaFrame::Avl(AvlPacket {
             codec: AvlCodec::Codec8Extended,
             records
@@ -281,22 +340,26 @@ fn h02_location() -> impl Strategy<Value = H02Location> {
         any::<u32>(),
         option::of(prop_oneof![0u8..=98, Just(100u8)]),
     )
-        .prop_map(|(time, valid, (la, s), (lo, w), speed, course, status, battery_pct)| {
-            // Same arithmetic as the decoder: degrees + minutes / 60.
-            let coord = |units: u64| (units / 600_000) as f64 + ((units % 600_000) as f64 / 10_000.0) / 60.0;
-            let lat = coord(la);
-            let lon = coord(lo);
-            H02Location {
-                time,
-                valid,
-                lat: if s && la != 0 { -lat } else { lat },
-                lon: if w && lo != 0 { -lon } else { lon },
-                speed_knots: f64::from(speed) / 100.0,
-                course,
-                status,
-                battery_pct,
-            }
-        })
+        .prop_map(
+            |(time, valid, (la, s), (lo, w), speed, course, status, battery_pct)| {
+                // Same arithmetic as the decoder: degrees + minutes / 60.
+                let coord = |units: u64| {
+                    (units / 600_000) as f64 + ((units % 600_000) as f64 / 10_000.0) / 60.0
+                };
+                let lat = coord(la);
+                let lon = coord(lo);
+                H02Location {
+                    time,
+                    valid,
+                    lat: if s && la != 0 { -lat } else { lat },
+                    lon: if w && lo != 0 { -lon } else { lon },
+                    speed_knots: f64::from(speed) / 100.0,
+                    course,
+                    status,
+                    battery_pct,
+                }
+            },
+        )
 }
 
 fn h02_frame() -> impl Strategy<Value = H02Frame> {
@@ -308,7 +371,11 @@ fn h02_frame() -> impl Strategy<Value = H02Frame> {
             .prop_map(|(kind, location)| H02Message::Alarm { kind, location }),
         "[A-Z0-9]{1,5}".prop_map(|command| H02Message::CommandAck { command }),
     ];
-    ("[0-9]{10,15}", msg).prop_map(|(imei, message)| H02Frame { maker: "HQ".into(), imei, message })
+    ("[0-9]{10,15}", msg).prop_map(|(imei, message)| H02Frame {
+        maker: "HQ".into(),
+        imei,
+        message,
+    })
 }
 
 // ---------------------------------------------------------------- OsmAnd / EM
@@ -330,20 +397,26 @@ fn osmand_report() -> impl Strategy<Value = OsmandReport> {
         option::of(decimal(0, 3600, 10.0)),
         option::of(decimal(-500, 9000, 1.0)),
         option::of(decimal(0, 10_000, 10.0)),
-        (option::of(decimal(0, 100, 1.0)), option::of(any::<bool>()), option::of(any::<bool>())),
+        (
+            option::of(decimal(0, 100, 1.0)),
+            option::of(any::<bool>()),
+            option::of(any::<bool>()),
+        ),
     )
-        .prop_map(|(id, time, lat, lon, speed, bearing, alt, acc, (batt, charge, valid))| {
-            let mut r = OsmandReport::new(id, lat, lon);
-            r.time = time;
-            r.speed_knots = speed;
-            r.bearing = bearing;
-            r.altitude = alt;
-            r.accuracy = acc;
-            r.battery = batt;
-            r.charge = charge;
-            r.valid = valid;
-            r
-        })
+        .prop_map(
+            |(id, time, lat, lon, speed, bearing, alt, acc, (batt, charge, valid))| {
+                let mut r = OsmandReport::new(id, lat, lon);
+                r.time = time;
+                r.speed_knots = speed;
+                r.bearing = bearing;
+                r.altitude = alt;
+                r.accuracy = acc;
+                r.battery = batt;
+                r.charge = charge;
+                r.valid = valid;
+                r
+            },
+        )
 }
 
 const EVENTS: [DeviceEventKind; 17] = [
@@ -376,49 +449,75 @@ fn em_payload() -> impl Strategy<Value = EmPayload> {
         decimal(-180_000_000, 180_000_000, 1e6),
         option::of(f32_tenths(50_000)),
         option::of(f32_tenths(500)),
-        prop_oneof![Just(FixSource::Gnss), Just(FixSource::Lbs), Just(FixSource::Wifi), Just(FixSource::Beacon)],
+        prop_oneof![
+            Just(FixSource::Gnss),
+            Just(FixSource::Lbs),
+            Just(FixSource::Wifi),
+            Just(FixSource::Beacon)
+        ],
         any::<bool>(),
-        (option::of(f32_tenths(3000)), option::of(f32_tenths(3600)), option::of(f32_tenths(90000)), option::of(any::<u8>())),
+        (
+            option::of(f32_tenths(3000)),
+            option::of(f32_tenths(3600)),
+            option::of(f32_tenths(90000)),
+            option::of(any::<u8>()),
+        ),
     )
-        .prop_map(|(lat, lon, accuracy_m, hdop, source, valid, (speed, course, alt, sats))| EmPosition {
-            lat,
-            lon,
-            accuracy_m,
-            hdop,
-            source,
-            valid,
-            speed_kmh: speed,
-            course_deg: course,
-            altitude_m: alt,
-            satellites: sats,
-        });
-    let tamper = option::of(prop_oneof![Just(TamperState::Intact), Just(TamperState::Tampered)]);
+        .prop_map(
+            |(lat, lon, accuracy_m, hdop, source, valid, (speed, course, alt, sats))| EmPosition {
+                lat,
+                lon,
+                accuracy_m,
+                hdop,
+                source,
+                valid,
+                speed_kmh: speed,
+                course_deg: course,
+                altitude_m: alt,
+                satellites: sats,
+            },
+        );
+    let tamper = option::of(prop_oneof![
+        Just(TamperState::Intact),
+        Just(TamperState::Tampered)
+    ]);
     (
         any::<u64>(),
-        (0i64..4_000_000_000, 0u32..1_000_000_000).prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap()),
+        (0i64..4_000_000_000, 0u32..1_000_000_000)
+            .prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap()),
         option::of(position),
-        (option::of(0u8..=100), option::of(any::<bool>()), option::of(0u8..=100)),
+        (
+            option::of(0u8..=100),
+            option::of(any::<bool>()),
+            option::of(0u8..=100),
+        ),
         (tamper.clone(), tamper, option::of(any::<bool>())),
         proptest::sample::subsequence(EVENTS.to_vec(), 1..4),
     )
-        .prop_map(|(seq, time, position, (batt, chg, gsm), (strap, case, beacon), events)| {
-            let mut p = EmPayload::new(seq, time);
-            p.position = position;
-            p.battery_pct = batt;
-            p.charging = chg;
-            p.gsm_signal = gsm;
-            p.strap = strap;
-            p.case = case;
-            p.beacon_in_range = beacon;
-            p.events = events;
-            p
-        })
+        .prop_map(
+            |(seq, time, position, (batt, chg, gsm), (strap, case, beacon), events)| {
+                let mut p = EmPayload::new(seq, time);
+                p.position = position;
+                p.battery_pct = batt;
+                p.charging = chg;
+                p.gsm_signal = gsm;
+                p.strap = strap;
+                p.case = case;
+                p.beacon_in_range = beacon;
+                p.events = events;
+                p
+            },
+        )
 }
 
 fn em_message() -> impl Strategy<Value = EmMessage> {
     (
         "[A-Za-z0-9._-]{1,64}",
-        prop_oneof![Just(EmTopic::Telemetry), Just(EmTopic::Event), Just(EmTopic::Status)],
+        prop_oneof![
+            Just(EmTopic::Telemetry),
+            Just(EmTopic::Event),
+            Just(EmTopic::Status)
+        ],
         vec(em_payload(), 1..4),
         any::<bool>(),
     )
@@ -426,7 +525,12 @@ fn em_message() -> impl Strategy<Value = EmMessage> {
             if !batch {
                 payloads.truncate(1);
             }
-            EmMessage { device_id, topic, payloads, batch }
+            EmMessage {
+                device_id,
+                topic,
+                payloads,
+                batch,
+            }
         })
 }
 

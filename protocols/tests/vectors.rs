@@ -55,12 +55,21 @@ fn gt06_location_example() {
     );
     let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
     assert_eq!(frame.serial, 3);
-    let Gt06Message::Location { protocol, gps, cell, .. } = &frame.message else {
+    let Gt06Message::Location {
+        protocol,
+        gps,
+        cell,
+        ..
+    } = &frame.message
+    else {
         panic!("not a location: {frame:?}");
     };
     assert_eq!(*protocol, 0x12);
     // 0B 08 1D 11 2E 10 = 2011-08-29 17:46:16
-    assert_eq!(gps.time, Utc.with_ymd_and_hms(2011, 8, 29, 17, 46, 16).unwrap());
+    assert_eq!(
+        gps.time,
+        Utc.with_ymd_and_hms(2011, 8, 29, 17, 46, 16).unwrap()
+    );
     // CF: GPS info length 12, 15 satellites
     assert_eq!((gps.info_len, gps.satellites), (12, 15));
     // 0x027AC7EB = 41601003 / 1 800 000 = 23.111668°; 0x0C465849 = 205936713 → 114.409285°
@@ -72,7 +81,12 @@ fn gt06_location_example() {
     assert_eq!(gps.speed_kmh, 0);
     assert_eq!(
         *cell,
-        Some(Gt06Cell { mcc: 460, mnc: 0, lac: 0x287D, cell_id: 0x1FB8 })
+        Some(Gt06Cell {
+            mcc: 460,
+            mnc: 0,
+            lac: 0x287D,
+            cell_id: 0x1FB8
+        })
     );
     assert_eq!(frame.response(), None);
     let r = frame.to_record("123456789012345", now()).unwrap();
@@ -92,15 +106,23 @@ fn gt06_heartbeat_example() {
     let mut buf = bytes("78780a13400503020100741c3b0d0a");
     let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
     assert_eq!(frame.serial, 0x74);
-    let Gt06Message::Status(s) = frame.message else { panic!() };
+    let Gt06Message::Status(s) = frame.message else {
+        panic!()
+    };
     assert_eq!(s.terminal_info, 0x40);
     assert!(s.gps_tracking() && !s.charging() && !s.defence());
-    assert_eq!((s.voltage_level, s.gsm_level, s.alarm, s.language), (5, 3, 2, 1));
+    assert_eq!(
+        (s.voltage_level, s.gsm_level, s.alarm, s.language),
+        (5, 3, 2, 1)
+    );
     let r = frame.to_record("x", now()).unwrap();
     assert_eq!(r.battery_pct, Some(83)); // level 5 of 6
     assert_eq!(r.gsm_signal, Some(75)); // level 3 of 4
     assert_eq!(r.charging, Some(false));
-    assert_eq!(r.events, vec![DeviceEventKind::Heartbeat, DeviceEventKind::PowerCut]);
+    assert_eq!(
+        r.events,
+        vec![DeviceEventKind::Heartbeat, DeviceEventKind::PowerCut]
+    );
     let resp = frame.response().unwrap();
     assert_eq!(&resp[..6], &[0x78, 0x78, 0x05, 0x13, 0x00, 0x74]);
     assert_eq!(&resp[8..], &[0x0D, 0x0A]);
@@ -117,23 +139,43 @@ fn teltonika_codec8_example() {
     let mut buf = bytes("000000000000003608010000016B40D8EA30010000000000000000000000000000000105021503010101425E0F01F10000601A014E0000000000000000010000C7CF");
     let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
     assert!(buf.is_empty());
-    let TeltonikaFrame::Avl(p) = &frame else { panic!() };
+    let TeltonikaFrame::Avl(p) = &frame else {
+        panic!()
+    };
     assert_eq!(p.codec, AvlCodec::Codec8);
     assert_eq!(p.records.len(), 1);
     let rec = &p.records[0];
     // 0x0000016B40D8EA30 = 1560161086000 ms = 2019-06-10 10:04:46 UTC
-    assert_eq!(rec.timestamp, Utc.with_ymd_and_hms(2019, 6, 10, 10, 4, 46).unwrap());
+    assert_eq!(
+        rec.timestamp,
+        Utc.with_ymd_and_hms(2019, 6, 10, 10, 4, 46).unwrap()
+    );
     assert_eq!(rec.priority, 1);
     assert_eq!(rec.gps.satellites, 0);
     assert_eq!(rec.event_io, 1);
     assert_eq!(
         rec.io,
         vec![
-            IoElement { id: 21, value: IoValue::U8(3) },
-            IoElement { id: 1, value: IoValue::U8(1) },
-            IoElement { id: 66, value: IoValue::U16(0x5E0F) },
-            IoElement { id: 241, value: IoValue::U32(0x601A) },
-            IoElement { id: 78, value: IoValue::U64(0) },
+            IoElement {
+                id: 21,
+                value: IoValue::U8(3)
+            },
+            IoElement {
+                id: 1,
+                value: IoValue::U8(1)
+            },
+            IoElement {
+                id: 66,
+                value: IoValue::U16(0x5E0F)
+            },
+            IoElement {
+                id: 241,
+                value: IoValue::U32(0x601A)
+            },
+            IoElement {
+                id: 78,
+                value: IoValue::U64(0)
+            },
         ]
     );
     assert_eq!(frame.response().unwrap().as_ref(), &[0, 0, 0, 1]);
@@ -150,21 +192,41 @@ fn teltonika_codec8e_example() {
     let mut codec = TeltonikaCodec::with_imei("356307042441013");
     let mut buf = bytes("000000000000004A8E010000016B412CEE000100000000000000000000000000000000010005000100010100010011001D00010010015E2C880002000B000000003544C87A000E000000001DD7E06A00000100002994");
     let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
-    let TeltonikaFrame::Avl(p) = &frame else { panic!() };
+    let TeltonikaFrame::Avl(p) = &frame else {
+        panic!()
+    };
     assert_eq!(p.codec, AvlCodec::Codec8Extended);
     let rec = &p.records[0];
     // 0x0000016B412CEE00 = 1560166592000 ms = 2019-06-10 11:36:32 UTC
-    assert_eq!(rec.timestamp, Utc.with_ymd_and_hms(2019, 6, 10, 11, 36, 32).unwrap());
+    assert_eq!(
+        rec.timestamp,
+        Utc.with_ymd_and_hms(2019, 6, 10, 11, 36, 32).unwrap()
+    );
     assert_eq!(rec.priority, 1);
     assert_eq!(rec.event_io, 1);
     assert_eq!(
         rec.io,
         vec![
-            IoElement { id: 1, value: IoValue::U8(1) },
-            IoElement { id: 17, value: IoValue::U16(0x1D) },
-            IoElement { id: 16, value: IoValue::U32(0x015E2C88) },
-            IoElement { id: 11, value: IoValue::U64(0x3544C87A) },
-            IoElement { id: 14, value: IoValue::U64(0x1DD7E06A) },
+            IoElement {
+                id: 1,
+                value: IoValue::U8(1)
+            },
+            IoElement {
+                id: 17,
+                value: IoValue::U16(0x1D)
+            },
+            IoElement {
+                id: 16,
+                value: IoValue::U32(0x015E2C88)
+            },
+            IoElement {
+                id: 11,
+                value: IoValue::U64(0x3544C87A)
+            },
+            IoElement {
+                id: 14,
+                value: IoValue::U64(0x1DD7E06A)
+            },
         ]
     );
     assert_eq!(frame.response().unwrap().as_ref(), &[0, 0, 0, 1]);
@@ -179,8 +241,13 @@ fn h02_location_example() {
     let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
     assert!(buf.is_empty());
     assert_eq!(frame.imei, "353505910449999");
-    let H02Message::Location(loc) = &frame.message else { panic!() };
-    assert_eq!(loc.time, Utc.with_ymd_and_hms(2014, 8, 18, 5, 28, 25).unwrap());
+    let H02Message::Location(loc) = &frame.message else {
+        panic!()
+    };
+    assert_eq!(
+        loc.time,
+        Utc.with_ymd_and_hms(2014, 8, 18, 5, 28, 25).unwrap()
+    );
     assert!(loc.valid);
     // 22° 39.4210' = 22.657017°, 114° 0.8825' = 114.014708°
     assert!((loc.lat - 22.657_016_7).abs() < 1e-6);
@@ -198,11 +265,21 @@ fn h02_location_example() {
 #[test]
 fn h02_heartbeat_and_alarm_examples() {
     let hb = h02::parse_frame("*HQ,353505910449999,XT#").unwrap();
-    assert_eq!(hb.message, H02Message::Heartbeat { command: "XT".into() });
-    assert_eq!(hb.to_records("x", now())[0].events, vec![DeviceEventKind::Heartbeat]);
+    assert_eq!(
+        hb.message,
+        H02Message::Heartbeat {
+            command: "XT".into()
+        }
+    );
+    assert_eq!(
+        hb.to_records("x", now())[0].events,
+        vec![DeviceEventKind::Heartbeat]
+    );
     // Document's ALRM example: type 1 = SOS; "0" in the validity field = not a valid fix.
     let al = h02::parse_frame("*HQ,353505910449999,ALRM,1,052825,0,2239.4210,N,11400.8825,E,0.00,348,180814,FFFFFFFF,1CC,0,25FC,F48,90,  5FC-F48-10|  25FC-F48-6|25FC-F48-7#").unwrap();
-    let H02Message::Alarm { kind, location } = &al.message else { panic!() };
+    let H02Message::Alarm { kind, location } = &al.message else {
+        panic!()
+    };
     assert_eq!(*kind, 1);
     let loc = location.as_ref().unwrap();
     assert!(!loc.valid);
@@ -219,8 +296,14 @@ fn h02_status_bits() {
         h02::status_events(0xFFF3_FFFF),
         vec![DeviceEventKind::Sos, DeviceEventKind::PowerCut]
     );
-    assert_eq!(h02::status_events(0x7FFF_FFFF), vec![DeviceEventKind::StrapTamper]);
-    assert_eq!(h02::status_events(0xFFEF_FFFF), vec![DeviceEventKind::CaseTamper]);
+    assert_eq!(
+        h02::status_events(0x7FFF_FFFF),
+        vec![DeviceEventKind::StrapTamper]
+    );
+    assert_eq!(
+        h02::status_events(0xFFEF_FFFF),
+        vec![DeviceEventKind::CaseTamper]
+    );
     assert!(h02::status_events(0xFFFF_FFFF).is_empty());
 }
 
@@ -229,7 +312,10 @@ fn h02_status_bits() {
 fn osmand_request_example() {
     let rep = osmand::decode("GET /?id=123456&timestamp=1700000000&lat=55.6761&lon=12.5683&speed=10&bearing=270.5&altitude=14&accuracy=9.5&batt=76.0&charge=true HTTP/1.1").unwrap();
     assert_eq!(rep.id, "123456");
-    assert_eq!(rep.time, Some(Utc.with_ymd_and_hms(2023, 11, 14, 22, 13, 20).unwrap()));
+    assert_eq!(
+        rep.time,
+        Some(Utc.with_ymd_and_hms(2023, 11, 14, 22, 13, 20).unwrap())
+    );
     let r = rep.to_record(now());
     let p = r.position.unwrap();
     assert_eq!((p.lat, p.lon), (55.6761, 12.5683));
@@ -240,10 +326,16 @@ fn osmand_request_example() {
     assert_eq!(r.charging, Some(true));
     // ISO time and milliseconds
     let iso = osmand::decode("id=a&lat=1&lon=2&timestamp=2024-02-03T04:05:06Z").unwrap();
-    assert_eq!(iso.time, Some(Utc.with_ymd_and_hms(2024, 2, 3, 4, 5, 6).unwrap()));
+    assert_eq!(
+        iso.time,
+        Some(Utc.with_ymd_and_hms(2024, 2, 3, 4, 5, 6).unwrap())
+    );
     let ms = osmand::decode("id=a&lat=1&lon=2&timestamp=1706933106000").unwrap();
     assert_eq!(ms.time, iso.time);
     let loc = osmand::decode("deviceid=b&location=1.5,-2.25&hdop=2").unwrap();
     assert_eq!((loc.lat, loc.lon), (1.5, -2.25));
-    assert_eq!(loc.to_record(now()).position.unwrap().accuracy_m, Some(10.0));
+    assert_eq!(
+        loc.to_record(now()).position.unwrap().accuracy_m,
+        Some(10.0)
+    );
 }
