@@ -7,7 +7,8 @@ use crate::GeofenceError;
 use chrono::{DateTime, Duration, Utc};
 use em_model::{DeviceId, Position, SubjectId, ZoneId, ZoneKind, ZoneSpec};
 use rstar::{RTree, RTreeObject, AABB};
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Default age after which another device's position no longer defines a dynamic zone.
@@ -79,6 +80,9 @@ pub struct PeerFix {
 struct TreeEntry {
     env: AABB<[f64; 2]>,
     zone_id: ZoneId,
+    /// Owner copied from the zone so candidates of other subjects are skipped cheaply.
+    subject: Option<SubjectId>,
+    group: Option<GroupKey>,
 }
 
 impl RTreeObject for TreeEntry {
@@ -128,15 +132,15 @@ impl Default for ZoneIndex {
 impl ZoneIndex {
     pub fn new() -> Self {
         ZoneIndex {
-            zones: HashMap::new(),
+            zones: HashMap::default(),
             tree: RTree::new(),
-            group_keys: HashMap::new(),
-            subject_standing: HashMap::new(),
-            group_standing: HashMap::new(),
-            subject_groups: HashMap::new(),
-            group_members: HashMap::new(),
-            dynamic_by_device: HashMap::new(),
-            peers: RwLock::new(HashMap::new()),
+            group_keys: HashMap::default(),
+            subject_standing: HashMap::default(),
+            group_standing: HashMap::default(),
+            subject_groups: HashMap::default(),
+            group_members: HashMap::default(),
+            dynamic_by_device: HashMap::default(),
+            peers: RwLock::new(HashMap::default()),
             peer_max_age: Duration::seconds(DEFAULT_PEER_MAX_AGE_SECS),
             next_version: 1,
         }
@@ -211,6 +215,8 @@ impl ZoneIndex {
                 self.tree.insert(TreeEntry {
                     env,
                     zone_id: zone.id,
+                    subject: zone.subject_id,
+                    group: zone.group_key,
                 });
             }
         }
@@ -239,7 +245,12 @@ impl ZoneIndex {
         };
         if let Some(b) = zone.geometry.bbox() {
             for env in envelopes(&b) {
-                self.tree.remove(&TreeEntry { env, zone_id: id });
+                self.tree.remove(&TreeEntry {
+                    env,
+                    zone_id: id,
+                    subject: zone.subject_id,
+                    group: zone.group_key,
+                });
             }
         }
         fn drop_id<K: std::hash::Hash + Eq>(

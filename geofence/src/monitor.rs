@@ -503,14 +503,14 @@ impl SubjectMonitor {
 
         // Evidence ends every no-fix state.
         self.last_evidence_at = Some(self.last_evidence_at.map_or(t_rec, |l| l.max(t_rec)));
-        let first_evidence = fix_ev.clone().or_else(|| beacon_ev.clone());
         for track in self.tracks.iter_mut() {
             if let Some(since) = track.no_fix_since.take() {
                 let mut e =
                     track.event(self.subject_id, ComplianceEventKind::NoFixEnded, now, since);
                 e.ended_at = Some(t_rec.max(since));
                 e.reason = Some(EndReason::EvidenceReceived);
-                e.evidence.extend(first_evidence.clone());
+                e.evidence
+                    .extend(fix_ev.clone().or_else(|| beacon_ev.clone()));
                 events.push(e);
             }
         }
@@ -561,17 +561,8 @@ impl SubjectMonitor {
                 &near,
                 now,
             );
-            if let Some((verdict, evidence)) = judged {
-                apply_verdict(
-                    track,
-                    subject_id,
-                    &rules,
-                    verdict,
-                    evidence,
-                    t_rec,
-                    now,
-                    &mut events,
-                );
+            if let Some(j) = judged {
+                apply_verdict(track, subject_id, &rules, &j, t_rec, now, &mut events);
             }
         }
         // Forget quiet exclusion tracks the subject is no longer near.
@@ -626,19 +617,8 @@ impl SubjectMonitor {
             let Some(zone) = index.zone(track.zone_id) else {
                 continue;
             };
-            if let Some((verdict, evidence)) =
-                judge(zone, track, index, &rules, Some(&fix), None, &[], now)
-            {
-                apply_verdict(
-                    track,
-                    subject_id,
-                    &rules,
-                    verdict,
-                    evidence,
-                    now,
-                    now,
-                    &mut events,
-                );
+            if let Some(j) = judge(zone, track, index, &rules, Some(&fix), None, &[], now) {
+                apply_verdict(track, subject_id, &rules, &j, now, now, &mut events);
             }
         }
         events
@@ -691,11 +671,6 @@ impl SubjectMonitor {
         } else {
             DEFAULT_REEVAL_MAX_AGE_SECS
         });
-        let last_fix = self.last_fix.clone().filter(|f| now - f.at <= reeval_age);
-        let last_beacon = self
-            .last_beacon
-            .clone()
-            .filter(|f| now - f.at <= reeval_age);
         let mut tracks = std::mem::take(&mut self.tracks);
         tracks.retain_mut(|track| {
             let zone = index
@@ -763,15 +738,15 @@ impl SubjectMonitor {
                             track,
                             index,
                             &rules,
-                            last_fix.as_ref(),
-                            last_beacon.as_ref(),
+                            self.last_fix.as_ref().filter(|f| at - f.at <= reeval_age),
+                            self.last_beacon
+                                .as_ref()
+                                .filter(|f| at - f.at <= reeval_age),
                             &[],
                             at,
                         );
-                        if let Some((verdict, evidence)) = judged {
-                            apply_verdict(
-                                track, subject_id, &rules, verdict, evidence, at, at, events,
-                            );
+                        if let Some(j) = judged {
+                            apply_verdict(track, subject_id, &rules, &j, at, at, events);
                         }
                     } else {
                         end_all(track, subject_id, at, EndReason::WindowClosed, events);
@@ -835,27 +810,62 @@ impl SubjectMonitor {
     }
 }
 
+/// The verdict on one zone and what it was based on (evidence is built only when needed).
+struct Judged<'a> {
+    verdict: Verdict,
+    fix: Option<&'a EvidenceFix>,
+    beacon: Option<&'a EvidenceFix>,
+    distance_m: Option<f64>,
+    peer: Option<(PeerFix, &'a str)>,
+}
+
+impl Judged<'_> {
+    fn evidence(&self) -> Vec<EvidenceFix> {
+        let mut v = Vec::with_capacity(2);
+        v.extend(self.beacon.cloned());
+        v.extend(self.fix.map(|f| f.with_distance(self.distance_m)));
+        if let Some((p, device)) = self.peer {
+            v.push(EvidenceFix {
+                at: p.at,
+                source: EvidenceSource::PeerPosition,
+                lat: Some(p.lat),
+                lon: Some(p.lon),
+                accuracy_m: Some(p.accuracy_m),
+                distance_m: None,
+                device_id: Some(device.to_string()),
+            });
+        }
+        v
+    }
+}
+
 /// Classify the available evidence against one zone. None = no evidence about it.
 #[allow(clippy::too_many_arguments)]
-fn judge(
-    zone: &Zone,
+fn judge<'a>(
+    zone: &'a Zone,
     track: &ZoneTrack,
     index: &ZoneIndex,
     rules: &BreachRules,
-    fix: Option<&EvidenceFix>,
-    beacon: Option<&EvidenceFix>,
+    fix: Option<&'a EvidenceFix>,
+    beacon: Option<&'a EvidenceFix>,
     near: &[ZoneId],
     now: DateTime<Utc>,
-) -> Option<(Verdict, Vec<EvidenceFix>)> {
+) -> Option<Judged<'a>> {
     let buffer = rules.buffer_m.max(0.0);
     if track.is_curfew {
         if let Some(b) = beacon {
-            let v = if b.source == EvidenceSource::BeaconInRange {
+            let verdict = if b.source == EvidenceSource::BeaconInRange {
                 Verdict::Complying
             } else {
                 Verdict::Violating
             };
-            return Some((v, vec![b.clone()]));
+            return Some(Judged {
+                verdict,
+                fix: None,
+                beacon: Some(b),
+                distance_m: None,
+                peer: None,
+            });
         }
     }
     let f = fix?;
@@ -868,26 +878,33 @@ fn judge(
         } => {
             let peer: PeerFix = index.peer_position(device_id, now)?;
             let d = haversine_m([lon, lat], [peer.lon, peer.lat]) - radius_m;
-            let v = classify(zone.kind, d, acc + peer.accuracy_m + buffer, *radius_m);
-            let peer_ev = EvidenceFix {
-                at: peer.at,
-                source: EvidenceSource::PeerPosition,
-                lat: Some(peer.lat),
-                lon: Some(peer.lon),
-                accuracy_m: Some(peer.accuracy_m),
-                distance_m: None,
-                device_id: Some(device_id.clone()),
-            };
-            Some((v, vec![f.with_distance(Some(d)), peer_ev]))
+            Some(Judged {
+                verdict: classify(zone.kind, d, acc + peer.accuracy_m + buffer, *radius_m),
+                fix: Some(f),
+                beacon: None,
+                distance_m: Some(d),
+                peer: Some((peer, device_id)),
+            })
         }
         geometry => {
             if zone.kind == ZoneKind::Exclusion && !near.contains(&zone.id) {
                 // Not an R-tree candidate: farther than the margin from the zone.
-                return Some((Verdict::Complying, vec![f.clone()]));
+                return Some(Judged {
+                    verdict: Verdict::Complying,
+                    fix: Some(f),
+                    beacon: None,
+                    distance_m: None,
+                    peer: None,
+                });
             }
             let d = geometry.signed_distance_m(lon, lat)?;
-            let v = classify(zone.kind, d, acc + buffer, geometry.depth_m());
-            Some((v, vec![f.with_distance(Some(d))]))
+            Some(Judged {
+                verdict: classify(zone.kind, d, acc + buffer, geometry.depth_m()),
+                fix: Some(f),
+                beacon: None,
+                distance_m: Some(d),
+                peer: None,
+            })
         }
     }
 }
@@ -898,13 +915,12 @@ fn apply_verdict(
     track: &mut ZoneTrack,
     subject_id: SubjectId,
     rules: &BreachRules,
-    verdict: Verdict,
-    evidence: Vec<EvidenceFix>,
+    judged: &Judged<'_>,
     evidence_at: DateTime<Utc>,
     now: DateTime<Utc>,
     events: &mut Vec<ComplianceEvent>,
 ) {
-    let towards_change = match verdict {
+    let towards_change = match judged.verdict {
         Verdict::Violating => !track.in_breach(),
         Verdict::Complying => track.in_breach(),
         Verdict::Uncertain => false,
@@ -919,7 +935,7 @@ fn apply_verdict(
         evidence: Vec::new(),
     });
     p.count = p.count.saturating_add(1);
-    for e in evidence {
+    for e in judged.evidence() {
         push_evidence(&mut p.evidence, e);
     }
     let enough_fixes = p.count >= rules.consecutive_fixes.max(1);
