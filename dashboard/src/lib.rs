@@ -335,6 +335,8 @@ pub async fn serve(
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
+            // Use ring as the process-wide rustls provider unless the binary chose one already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
                 .with_context(|| {

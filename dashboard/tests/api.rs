@@ -940,3 +940,108 @@ async fn ensure_user_is_idempotent_and_hashes() {
             .is_err()
     );
 }
+
+// ------------------------------------------------------------------ serve(): TLS and shutdown
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test]
+async fn serve_https_sets_secure_cookie_and_shuts_down() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+
+    let store = em_store::testing::sqlite_store().await;
+    em_dashboard::ensure_user(store.as_ref(), "super", "Sara", Role::Supervisor, PASSWORD)
+        .await
+        .expect("user");
+    let alerts = Arc::new(
+        em_alerts::AlertService::new(store.clone(), em_alerts::AlertConfig::default())
+            .expect("alerts"),
+    );
+    let state = em_dashboard::AppState::new(store, alerts);
+    let port = free_port();
+    let cfg = DashboardConfig {
+        bind: ([127, 0, 0, 1], port).into(),
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
+        ..config()
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(em_dashboard::serve(cfg, state.clone(), shutdown.clone()));
+
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let base = format!("https://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if http
+            .get(format!("{base}/api/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "HTTPS server did not come up");
+    let login = http
+        .post(format!("{base}/api/login"))
+        .json(&json!({"username": "super", "password": PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), StatusCode::OK);
+    let cookie = login
+        .headers()
+        .get(SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    // Plain HTTP is not served on the TLS port.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await;
+    assert!(!plain.is_ok_and(|r| r.status().is_success()));
+
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(15), server)
+        .await
+        .expect("server stops");
+    assert!(stopped.expect("join").is_ok());
+
+    // Misconfiguration is an error, not a panic.
+    let half = DashboardConfig {
+        tls_cert: Some(cert),
+        tls_key: None,
+        bind: ([127, 0, 0, 1], 0).into(),
+        ..config()
+    };
+    assert!(em_dashboard::serve(
+        half,
+        state.clone(),
+        tokio_util::sync::CancellationToken::new()
+    )
+    .await
+    .is_err());
+    let missing = DashboardConfig {
+        tls_cert: Some(dir.path().join("nope.pem")),
+        tls_key: Some(key),
+        bind: ([127, 0, 0, 1], 0).into(),
+        ..config()
+    };
+    let err = em_dashboard::serve(missing, state, tokio_util::sync::CancellationToken::new()).await;
+    assert!(err.is_err());
+}
