@@ -16,8 +16,8 @@ use em_protocols::h02::{H02Codec, H02Frame, H02Location, H02Message};
 use em_protocols::teltonika::{
     AvlCodec, AvlGps, AvlPacket, AvlRecord, IoElement, IoValue, TeltonikaCodec, TeltonikaFrame,
 };
-use em_protocols::{crc16_x25, em, osmand};
 use em_protocols::Decoder;
+use em_protocols::{crc16_x25, em, osmand};
 
 const BATCH: usize = 1000;
 
@@ -121,10 +121,22 @@ fn bench_teltonika(c: &mut Criterion) {
         },
         event_io: 0,
         io: vec![
-            IoElement { id: 21, value: IoValue::U8(4) },
-            IoElement { id: 113, value: IoValue::U8(80) },
-            IoElement { id: 66, value: IoValue::U16(12_400) },
-            IoElement { id: 182, value: IoValue::U16(9) },
+            IoElement {
+                id: 21,
+                value: IoValue::U8(4),
+            },
+            IoElement {
+                id: 113,
+                value: IoValue::U8(80),
+            },
+            IoElement {
+                id: 66,
+                value: IoValue::U16(12_400),
+            },
+            IoElement {
+                id: 182,
+                value: IoValue::U16(9),
+            },
         ],
     };
     let mut stream = BytesMut::new();
