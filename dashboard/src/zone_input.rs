@@ -53,7 +53,7 @@ pub fn parse_zone(input: &Value) -> Result<ZoneDraft, FieldErrors> {
     };
 
     let name = match obj.get("name").and_then(Value::as_str).map(str::trim) {
-        Some(n) if n.is_empty() => {
+        Some("") => {
             errors.insert("name".into(), "must not be empty".into());
             None
         }

@@ -53,7 +53,7 @@ pub(crate) async fn curfew(
     let mut rows = Vec::new();
     for s in subjects
         .iter()
-        .filter(|s| subject_filter.map_or(true, |id| s.id == id))
+        .filter(|s| subject_filter.is_none() || subject_filter == Some(s.id))
     {
         let zones = store.list_zones(Some(s.id)).await?;
         let alerts = store
