@@ -1,1 +1,982 @@
-//! Fleet simulator: drives simulated devices over GT06, Teltonika and MQTT.
+//! Fleet simulator and load tool: drives simulated ankle tags against the service.
+//!
+//! [`run`] opens one connection per device — GT06 and Teltonika over TCP, the open EM
+//! protocol over MQTT (QoS 1) — logs in, then sends one report per device every
+//! [`SimConfig::pacing`] interval while moving the subject along a plausible track
+//! ([`track`]) and playing its scripted [`Behaviour`] (stay home, leave home during the
+//! curfew, enter an exclusion zone, approach a victim, cut the strap, run the battery down,
+//! go silent). Every report waits for the protocol's acknowledgement (GT06 heartbeat/alarm
+//! ACK, which also confirms the location frames before it; Teltonika accepted-record count;
+//! MQTT PUBACK) and is counted as sent and acked; send→ACK latency goes into an HDR-style
+//! [`Histogram`]. When an MQTT broker is reachable the simulator also subscribes to the
+//! alert feed `em/v1/alerts/#` and measures **fix→alert latency**: from the send of the
+//! last report that should provoke an alert to the `alert.created` notice for that device.
+//!
+//! Connections are spread over several local source addresses
+//! ([`SimConfig::source_ips`], e.g. `127.0.0.1-127.0.0.20`) so that 100,000 TCP
+//! connections do not exhaust one address's ephemeral ports, opened at a bounded
+//! concurrency over a ramp-up period, and re-opened with back-off when the service drops
+//! them. The run always ends: at [`SimConfig::duration`], after
+//! [`SimConfig::max_reports`], or when the cancellation token fires.
+//!
+//! The `em-sim` binary is the command-line front end (`em-sim --help`); the embedded
+//! default of the `em` binary runs the demo fleet from [`crate::demo::seed`] through
+//! [`SimConfig::from_demo`].
+
+pub mod behaviour;
+pub mod conn;
+pub mod fleet;
+pub mod histogram;
+pub mod track;
+
+pub use behaviour::{Behaviour, DeviceScript, Report, SimDevice, Tick};
+pub use fleet::{
+    generate_fleet, imei, parse_source_ips, BehaviourShares, FleetSpec, ProtocolMix, SimConfigError,
+};
+pub use histogram::{Histogram, LatencySummary};
+
+use conn::{ConnError, DeviceConn, Gt06Conn, MqttConn, TeltonikaConn};
+use em_model::{AlertKind, DeviceId, Protocol, SubjectId};
+use em_store::Store;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// MQTT topic filter of the live alert feed (published by `em-alerts`).
+pub const ALERT_TOPIC_FILTER: &str = "em/v1/alerts/#";
+
+/// An MQTT broker address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for MqttEndpoint {
+    type Err = SimConfigError;
+    /// `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| SimConfigError::Other(format!("invalid MQTT URL {s:?}: {why}"));
+        let rest = s.trim();
+        let rest = match rest.split_once("://") {
+            Some((scheme, rest)) => {
+                if !matches!(scheme, "mqtt" | "tcp") {
+                    return Err(bad("only mqtt:// and tcp:// are supported"));
+                }
+                rest
+            }
+            None => rest,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') || rest.contains('/') || rest.contains('?') {
+            return Err(bad("expected host[:port] without credentials or path"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().map_err(|_| bad("port is not a number"))?,
+            ),
+            _ => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(bad("host is empty"));
+        }
+        Ok(MqttEndpoint {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for MqttEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+/// How often devices report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pacing {
+    /// Each device reports every interval.
+    Interval(Duration),
+    /// The whole fleet together sends this many reports per second, evenly phased.
+    TotalRate(f64),
+}
+
+/// Simulator configuration. Build with [`SimConfig::new`] and adjust the public fields.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// GT06 TCP listener of the service.
+    pub gt06: Option<SocketAddr>,
+    /// Teltonika TCP listener of the service.
+    pub teltonika: Option<SocketAddr>,
+    /// MQTT broker for EM devices.
+    pub mqtt: Option<MqttEndpoint>,
+    /// Broker carrying the alert feed for fix→alert latency (None = measure send→ACK only).
+    pub alerts_mqtt: Option<MqttEndpoint>,
+    pub devices: Vec<SimDevice>,
+    pub pacing: Pacing,
+    /// Stop after this long (None = until the token is cancelled; the CLI always sets one).
+    pub duration: Option<Duration>,
+    /// Stop after this many reports in total.
+    pub max_reports: Option<u64>,
+    /// Local addresses client sockets bind to, round-robin by device (empty = kernel's choice).
+    /// Not applied to MQTT connections (rumqttc cannot bind a source address).
+    pub source_ips: Vec<IpAddr>,
+    /// Seed of all randomness (tracks, noise, battery).
+    pub seed: u64,
+    /// Connections being opened at the same time.
+    pub connect_concurrency: usize,
+    /// Connections are opened evenly over this period (devices' reports start after it).
+    pub ramp_up: Duration,
+    /// How long to wait for a login or report acknowledgement.
+    pub ack_timeout: Duration,
+    /// GT06: send a heartbeat (which is acknowledged) after every N location reports.
+    pub gt06_heartbeat_every: u32,
+    /// After the devices stop, how long to keep listening for alerts still in flight.
+    pub alert_grace: Duration,
+}
+
+impl SimConfig {
+    /// Defaults for `devices`: one report per device every 10 s for 60 s, 256 concurrent
+    /// connects, ramp-up of one second per 2,000 devices (at least half a second).
+    pub fn new(devices: Vec<SimDevice>) -> Self {
+        let ramp = Duration::from_secs_f64((devices.len() as f64 / 2000.0).max(0.5));
+        SimConfig {
+            gt06: None,
+            teltonika: None,
+            mqtt: None,
+            alerts_mqtt: None,
+            devices,
+            pacing: Pacing::Interval(Duration::from_secs(10)),
+            duration: Some(Duration::from_secs(60)),
+            max_reports: None,
+            source_ips: Vec::new(),
+            seed: 1,
+            connect_concurrency: 256,
+            ramp_up: ramp,
+            ack_timeout: Duration::from_secs(10),
+            gt06_heartbeat_every: 1,
+            alert_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// The demo fleet of `plan`, reporting every 3 s with no time limit (the embedded
+    /// default runs it until shutdown); set the endpoints before calling [`run`].
+    pub fn from_demo(plan: &crate::demo::DemoPlan) -> Self {
+        let mut cfg = SimConfig::new(plan.devices.iter().map(|d| d.sim_device()).collect());
+        cfg.pacing = Pacing::Interval(Duration::from_secs(3));
+        cfg.duration = None;
+        cfg.ramp_up = Duration::from_millis(500);
+        cfg
+    }
+
+    /// Interval between two reports of one device.
+    pub fn device_interval(&self) -> Duration {
+        match self.pacing {
+            Pacing::Interval(d) => d,
+            Pacing::TotalRate(r) => {
+                Duration::from_secs_f64(self.devices.len().max(1) as f64 / r.max(1e-9))
+            }
+        }
+    }
+
+    /// Check the configuration: every device has an endpoint for its protocol, rates are
+    /// positive and finite.
+    pub fn validate(&self) -> Result<(), SimConfigError> {
+        if let Pacing::TotalRate(r) = self.pacing {
+            if !r.is_finite() || r <= 0.0 {
+                return Err(SimConfigError::Other(format!(
+                    "rate must be a positive number of reports per second, got {r}"
+                )));
+            }
+        }
+        let iv = self.device_interval();
+        if iv < Duration::from_millis(1) {
+            return Err(SimConfigError::Other(format!(
+                "per-device interval {iv:?} is below 1 ms"
+            )));
+        }
+        if self.connect_concurrency == 0 {
+            return Err(SimConfigError::Other(
+                "connect concurrency must be at least 1".into(),
+            ));
+        }
+        for d in &self.devices {
+            let ok = match d.protocol {
+                Protocol::Gt06 => self.gt06.is_some(),
+                Protocol::Teltonika => self.teltonika.is_some(),
+                Protocol::Em => self.mqtt.is_some(),
+                other => {
+                    return Err(SimConfigError::Other(format!(
+                        "device {}: the simulator does not speak {other}",
+                        d.device_id
+                    )))
+                }
+            };
+            if !ok {
+                return Err(SimConfigError::Other(format!(
+                    "device {} uses {} but no {} address is configured",
+                    d.device_id,
+                    d.protocol,
+                    match d.protocol {
+                        Protocol::Em => "MQTT",
+                        p => p.as_str(),
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Gt06, Protocol::Teltonika, Protocol::Em];
+
+fn proto_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Teltonika => 1,
+        Protocol::Em => 2,
+        _ => 0,
+    }
+}
+
+/// Per-protocol live counters.
+#[derive(Debug, Default)]
+pub struct ProtocolStats {
+    pub connected: AtomicU64,
+    pub reports_sent: AtomicU64,
+    pub reports_acked: AtomicU64,
+}
+
+/// Live counters of a run, readable while it goes (the CLI's progress bar polls them).
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    /// Devices currently connected.
+    pub connected_now: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub login_rejected: AtomicU64,
+    /// Established connections lost (timeouts, server closes).
+    pub disconnects: AtomicU64,
+    pub reports_sent: AtomicU64,
+    pub reports_acked: AtomicU64,
+    /// Reports the server answered as not accepted (Teltonika count 0).
+    pub reports_rejected: AtomicU64,
+    pub ack_timeouts: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Devices that went silent on purpose.
+    pub silent_devices: AtomicU64,
+    pub alerts_received: AtomicU64,
+    pub alerts_matched: AtomicU64,
+    pub per_protocol: [ProtocolStats; 3],
+    /// Alert watcher connected to the broker.
+    pub alert_feed_up: AtomicBool,
+}
+
+/// Counts of one protocol in the final report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProtocolReport {
+    pub devices: u64,
+    pub connected: u64,
+    pub reports_sent: u64,
+    pub reports_acked: u64,
+}
+
+/// Outcome of a run (the CLI prints it, `--json` as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimReport {
+    pub devices: u64,
+    /// Seconds from start to the last device stopping.
+    pub elapsed_secs: f64,
+    /// Per-device report interval used, seconds.
+    pub device_interval_secs: f64,
+    pub connections_opened: u64,
+    pub connect_failures: u64,
+    pub login_rejected: u64,
+    pub disconnects: u64,
+    pub reports_sent: u64,
+    pub reports_acked: u64,
+    pub reports_rejected: u64,
+    pub ack_timeouts: u64,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Reports sent per second over the run.
+    pub sent_per_sec: f64,
+    pub acked_per_sec: f64,
+    /// Send → protocol acknowledgement.
+    pub ack_latency: LatencySummary,
+    /// Fix → `alert.created` notice on the alert feed (None when no broker was reachable).
+    pub alert_latency: Option<LatencySummary>,
+    /// Last report → lost-communication alert (measures the service's silence threshold).
+    pub lost_comm_latency: Option<LatencySummary>,
+    /// `alert.created` notices received per alert kind (all subjects).
+    pub alerts_created: BTreeMap<String, u64>,
+    /// Devices whose behaviour should have provoked each alert kind by the end.
+    pub alerts_expected: BTreeMap<String, u64>,
+    /// Of those, devices whose alert arrived.
+    pub alerts_matched: BTreeMap<String, u64>,
+    pub silent_devices: u64,
+    pub by_protocol: BTreeMap<String, ProtocolReport>,
+    /// Why the alert feed was not used, when it was not.
+    pub alert_feed_error: Option<String>,
+    /// Error counts by kind (connect, timeout, closed, …) with one example message each.
+    pub errors: BTreeMap<String, ErrorCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorCount {
+    pub count: u64,
+    pub example: String,
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "devices {} | elapsed {:.1} s | interval {:.2} s/device",
+            self.devices, self.elapsed_secs, self.device_interval_secs
+        )?;
+        writeln!(
+            f,
+            "connections opened {} | connect failures {} | login rejected {} | disconnects {}",
+            self.connections_opened, self.connect_failures, self.login_rejected, self.disconnects
+        )?;
+        writeln!(
+            f,
+            "reports sent {} | acked {} | rejected {} | ack timeouts {} | {:.1} sent/s, {:.1} acked/s",
+            self.reports_sent,
+            self.reports_acked,
+            self.reports_rejected,
+            self.ack_timeouts,
+            self.sent_per_sec,
+            self.acked_per_sec
+        )?;
+        for (p, r) in &self.by_protocol {
+            writeln!(
+                f,
+                "  {p:<10} devices {} connected {} sent {} acked {}",
+                r.devices, r.connected, r.reports_sent, r.reports_acked
+            )?;
+        }
+        writeln!(f, "send→ACK latency: {}", self.ack_latency)?;
+        match &self.alert_latency {
+            Some(l) => writeln!(f, "fix→alert latency: {l}")?,
+            None => writeln!(
+                f,
+                "fix→alert latency: not measured ({})",
+                self.alert_feed_error
+                    .as_deref()
+                    .unwrap_or("no alert broker")
+            )?,
+        }
+        if let Some(l) = &self.lost_comm_latency {
+            writeln!(f, "silence→lost-communication alert: {l}")?;
+        }
+        if !self.alerts_expected.is_empty() || !self.alerts_created.is_empty() {
+            writeln!(f, "alerts (expected devices / matched / created notices):")?;
+            let mut kinds: Vec<&String> = self
+                .alerts_expected
+                .keys()
+                .chain(self.alerts_created.keys())
+                .collect();
+            kinds.sort();
+            kinds.dedup();
+            for k in kinds {
+                writeln!(
+                    f,
+                    "  {k:<24} {} / {} / {}",
+                    self.alerts_expected.get(k).copied().unwrap_or(0),
+                    self.alerts_matched.get(k).copied().unwrap_or(0),
+                    self.alerts_created.get(k).copied().unwrap_or(0)
+                )?;
+            }
+        }
+        for (k, e) in &self.errors {
+            writeln!(f, "error {k}: {} (e.g. {})", e.count, e.example)?;
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the device tasks and the alert watcher.
+struct Ctx {
+    cfg: SimConfig,
+    stats: Arc<LiveStats>,
+    ack_hist: Histogram,
+    alert_hist: Histogram,
+    lost_hist: Histogram,
+    /// Device → (expected alert, send time of the last report that should provoke it).
+    pending: Mutex<HashMap<DeviceId, (AlertKind, Instant)>>,
+    /// Device → alert kinds it was expected to provoke (for the expected/matched table).
+    expected: Mutex<HashMap<DeviceId, AlertKind>>,
+    matched: Mutex<BTreeMap<String, u64>>,
+    created: Mutex<BTreeMap<String, u64>>,
+    subject_device: HashMap<SubjectId, DeviceId>,
+    errors: Mutex<BTreeMap<String, ErrorCount>>,
+    connect_permits: Semaphore,
+    reports_budget: Option<AtomicU64>,
+    start: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+    watch_alerts: AtomicBool,
+}
+
+impl Ctx {
+    fn error(&self, e: &ConnError) {
+        let Ok(mut errors) = self.errors.lock() else {
+            return;
+        };
+        let entry = errors.entry(e.label().to_string()).or_default();
+        entry.count += 1;
+        if entry.example.is_empty() {
+            entry.example = e.to_string();
+        }
+    }
+
+    fn expect(&self, device: &str, kind: AlertKind, at: Instant) {
+        if !self.watch_alerts.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut m) = self.expected.lock() {
+            m.entry(device.to_string()).or_insert(kind);
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(device.to_string(), (kind, at));
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+
+    /// Take one report from the budget; false when it is used up.
+    fn take_report(&self) -> bool {
+        match &self.reports_budget {
+            None => true,
+            Some(b) => b
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+                .is_ok(),
+        }
+    }
+}
+
+/// Run the simulation until its duration, report budget or `shutdown`.
+pub async fn run(cfg: SimConfig, shutdown: CancellationToken) -> anyhow::Result<SimReport> {
+    run_with_stats(cfg, shutdown, Arc::new(LiveStats::default())).await
+}
+
+/// [`run`], updating `stats` live (for progress display).
+pub async fn run_with_stats(
+    cfg: SimConfig,
+    shutdown: CancellationToken,
+    stats: Arc<LiveStats>,
+) -> anyhow::Result<SimReport> {
+    cfg.validate()?;
+    let start = tokio::time::Instant::now();
+    let started = Instant::now();
+    let interval = cfg.device_interval();
+    let subject_device = cfg
+        .devices
+        .iter()
+        .filter_map(|d| d.subject_id.map(|s| (s, d.device_id.clone())))
+        .collect();
+    let ctx = Arc::new(Ctx {
+        stats: stats.clone(),
+        ack_hist: Histogram::new(),
+        alert_hist: Histogram::new(),
+        lost_hist: Histogram::new(),
+        pending: Mutex::new(HashMap::new()),
+        expected: Mutex::new(HashMap::new()),
+        matched: Mutex::new(BTreeMap::new()),
+        created: Mutex::new(BTreeMap::new()),
+        subject_device,
+        errors: Mutex::new(BTreeMap::new()),
+        connect_permits: Semaphore::new(cfg.connect_concurrency),
+        reports_budget: cfg.max_reports.map(AtomicU64::new),
+        start,
+        deadline: cfg.duration.map(|d| start + d),
+        watch_alerts: AtomicBool::new(false),
+        cfg,
+    });
+
+    // Alert feed first, so that early alerts are not missed.
+    let watcher_stop = CancellationToken::new();
+    let mut alert_feed_error = None;
+    let watcher = match ctx.cfg.alerts_mqtt.clone() {
+        None => {
+            alert_feed_error = Some("no alert broker configured".to_string());
+            None
+        }
+        Some(ep) => match subscribe_alerts(&ep, ctx.cfg.ack_timeout).await {
+            Ok((client, eventloop)) => {
+                ctx.watch_alerts.store(true, Ordering::Relaxed);
+                stats.alert_feed_up.store(true, Ordering::Relaxed);
+                let ctx = ctx.clone();
+                let stop = watcher_stop.clone();
+                Some(tokio::spawn(watch_alerts(client, eventloop, ctx, stop)))
+            }
+            Err(e) => {
+                tracing::warn!(broker = %ep, error = %e, "alert feed unavailable; measuring send→ACK latency only");
+                alert_feed_error = Some(format!("{ep}: {e}"));
+                None
+            }
+        },
+    };
+
+    let n = ctx.cfg.devices.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (idx, dev) in ctx.cfg.devices.iter().enumerate() {
+        let ctx = ctx.clone();
+        let dev = dev.clone();
+        let shutdown = shutdown.clone();
+        let frac = if n == 0 { 0.0 } else { idx as f64 / n as f64 };
+        tasks.spawn(async move { device_task(idx, frac, dev, interval, ctx, shutdown).await });
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            tracing::error!(error = %e, "simulated device task failed");
+        }
+    }
+    let devices_done = Instant::now();
+
+    if let Some(w) = watcher {
+        let has_pending = ctx.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        if has_pending && !shutdown.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep(ctx.cfg.alert_grace) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        watcher_stop.cancel();
+        let _ = w.await;
+    }
+
+    Ok(build_report(
+        &ctx,
+        n,
+        interval,
+        devices_done.duration_since(started),
+        alert_feed_error,
+    ))
+}
+
+fn build_report(
+    ctx: &Ctx,
+    n: usize,
+    interval: Duration,
+    elapsed: Duration,
+    alert_feed_error: Option<String>,
+) -> SimReport {
+    let s = &ctx.stats;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let mut by_protocol = BTreeMap::new();
+    for (i, p) in PROTOCOLS.iter().enumerate() {
+        let devices = ctx.cfg.devices.iter().filter(|d| d.protocol == *p).count() as u64;
+        if devices == 0 {
+            continue;
+        }
+        let ps = &s.per_protocol[i];
+        by_protocol.insert(
+            if *p == Protocol::Em {
+                "mqtt".to_string()
+            } else {
+                p.as_str().to_string()
+            },
+            ProtocolReport {
+                devices,
+                connected: get(&ps.connected),
+                reports_sent: get(&ps.reports_sent),
+                reports_acked: get(&ps.reports_acked),
+            },
+        );
+    }
+    let mut alerts_expected = BTreeMap::new();
+    if let Ok(m) = ctx.expected.lock() {
+        for k in m.values() {
+            *alerts_expected.entry(k.as_str().to_string()).or_insert(0) += 1;
+        }
+    }
+    let watched = ctx.watch_alerts.load(Ordering::Relaxed);
+    SimReport {
+        devices: n as u64,
+        elapsed_secs: elapsed.as_secs_f64(),
+        device_interval_secs: interval.as_secs_f64(),
+        connections_opened: get(&s.connections_opened),
+        connect_failures: get(&s.connect_failures),
+        login_rejected: get(&s.login_rejected),
+        disconnects: get(&s.disconnects),
+        reports_sent: get(&s.reports_sent),
+        reports_acked: get(&s.reports_acked),
+        reports_rejected: get(&s.reports_rejected),
+        ack_timeouts: get(&s.ack_timeouts),
+        frames_sent: get(&s.frames_sent),
+        bytes_sent: get(&s.bytes_sent),
+        sent_per_sec: get(&s.reports_sent) as f64 / secs,
+        acked_per_sec: get(&s.reports_acked) as f64 / secs,
+        ack_latency: ctx.ack_hist.summary_ms(),
+        alert_latency: watched.then(|| ctx.alert_hist.summary_ms()),
+        lost_comm_latency: (ctx.lost_hist.count() > 0).then(|| ctx.lost_hist.summary_ms()),
+        alerts_created: ctx.created.lock().map(|m| m.clone()).unwrap_or_default(),
+        alerts_expected,
+        alerts_matched: ctx.matched.lock().map(|m| m.clone()).unwrap_or_default(),
+        silent_devices: get(&s.silent_devices),
+        by_protocol,
+        alert_feed_error,
+        errors: ctx.errors.lock().map(|m| m.clone()).unwrap_or_default(),
+    }
+}
+
+/// Deterministic per-device seed.
+fn device_seed(seed: u64, idx: usize) -> u64 {
+    // SplitMix64 step: well-spread seeds for consecutive indices.
+    let mut z = seed ^ (idx as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+async fn connect_device(idx: usize, dev: &SimDevice, ctx: &Ctx) -> Result<DeviceConn, ConnError> {
+    let cfg = &ctx.cfg;
+    let source = (!cfg.source_ips.is_empty())
+        .then(|| cfg.source_ips.get(idx % cfg.source_ips.len()).copied())
+        .flatten();
+    let t = cfg.ack_timeout;
+    match dev.protocol {
+        Protocol::Gt06 => {
+            let addr = cfg.gt06.ok_or(ConnError::NoEndpoint(Protocol::Gt06))?;
+            Gt06Conn::connect(source, addr, &dev.device_id, cfg.gt06_heartbeat_every, t)
+                .await
+                .map(DeviceConn::Gt06)
+        }
+        Protocol::Teltonika => {
+            let addr = cfg
+                .teltonika
+                .ok_or(ConnError::NoEndpoint(Protocol::Teltonika))?;
+            TeltonikaConn::connect(source, addr, &dev.device_id, t)
+                .await
+                .map(DeviceConn::Teltonika)
+        }
+        p => {
+            let ep = cfg.mqtt.as_ref().ok_or(ConnError::NoEndpoint(p))?;
+            MqttConn::connect(ep, &dev.device_id, dev.secret.as_deref(), t)
+                .await
+                .map(|c| DeviceConn::Mqtt(Box::new(c)))
+        }
+    }
+}
+
+async fn device_task(
+    idx: usize,
+    frac: f64,
+    dev: SimDevice,
+    interval: Duration,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let stats = &ctx.stats;
+    let pstats = &stats.per_protocol[proto_index(dev.protocol)];
+    let mut script = DeviceScript::new(&dev, device_seed(ctx.cfg.seed, idx));
+    let connect_at = ctx.start + ctx.cfg.ramp_up.mul_f64(frac);
+    let mut next_report = ctx.start + ctx.cfg.ramp_up + interval.mul_f64(frac);
+    let stop_at = |t: tokio::time::Instant| match ctx.deadline {
+        Some(d) => t.min(d),
+        None => t,
+    };
+    tokio::select! {
+        _ = tokio::time::sleep_until(stop_at(connect_at)) => {}
+        _ = shutdown.cancelled() => return,
+    }
+    let mut conn: Option<DeviceConn> = None;
+    let mut backoff = Duration::from_millis(500);
+    let mut last_elapsed = 0.0f64;
+    loop {
+        if shutdown.is_cancelled() || ctx.past_deadline() {
+            break;
+        }
+        let Some(c) = conn.as_mut() else {
+            let attempt = async {
+                let _permit = ctx.connect_permits.acquire().await;
+                connect_device(idx, &dev, &ctx).await
+            };
+            let res = tokio::select! {
+                r = attempt => r,
+                _ = shutdown.cancelled() => break,
+            };
+            match res {
+                Ok(c) => {
+                    stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+                    stats.connected_now.fetch_add(1, Ordering::Relaxed);
+                    pstats.connected.fetch_add(1, Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    if matches!(e, ConnError::LoginRejected) {
+                        stats.login_rejected.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ctx.error(&e);
+                    let wake = stop_at(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+            continue;
+        };
+        // Wait for the next report time, keeping the connection alive.
+        let idle = tokio::select! {
+            r = c.idle_until(stop_at(next_report)) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        if let Err(e) = idle {
+            ctx.error(&e);
+            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            stats.connected_now.fetch_sub(1, Ordering::Relaxed);
+            conn = None;
+            continue;
+        }
+        if ctx.past_deadline() {
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(ctx.start).as_secs_f64();
+        let dt = (elapsed - last_elapsed).max(0.0);
+        last_elapsed = elapsed;
+        // Schedule the next report; after a long stall do not burst to catch up.
+        next_report += interval;
+        if next_report + interval < now {
+            next_report = now + interval;
+        }
+        let report = match script.tick(elapsed, dt) {
+            Tick::Silent => {
+                ctx.expect(&dev.device_id, AlertKind::LostCommunication, Instant::now());
+                stats.silent_devices.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Tick::Report(r) => r,
+        };
+        if !ctx.take_report() {
+            break;
+        }
+        stats.reports_sent.fetch_add(1, Ordering::Relaxed);
+        pstats.reports_sent.fetch_add(1, Ordering::Relaxed);
+        let sent_at = Instant::now();
+        if let Some(kind) = report.expect_alert {
+            ctx.expect(&dev.device_id, kind, sent_at);
+        }
+        match c
+            .send(&report, chrono::Utc::now(), ctx.cfg.ack_timeout)
+            .await
+        {
+            Ok(sent) => {
+                stats.frames_sent.fetch_add(sent.frames, Ordering::Relaxed);
+                stats.bytes_sent.fetch_add(sent.bytes, Ordering::Relaxed);
+                stats
+                    .reports_rejected
+                    .fetch_add(sent.rejected, Ordering::Relaxed);
+                let acked_at = Instant::now();
+                let n = sent.confirmed.len() as u64;
+                for t in sent.confirmed {
+                    ctx.ack_hist.record_duration(acked_at.duration_since(t));
+                }
+                stats.reports_acked.fetch_add(n, Ordering::Relaxed);
+                pstats.reports_acked.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if matches!(e, ConnError::Timeout(_)) {
+                    stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                ctx.error(&e);
+                stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                stats.connected_now.fetch_sub(1, Ordering::Relaxed);
+                conn = None;
+            }
+        }
+    }
+    if let Some(mut c) = conn {
+        // GT06 locations since the last heartbeat are still unconfirmed: ask once more.
+        if let Ok(confirmed) = c.confirm_pending(ctx.cfg.ack_timeout).await {
+            let acked_at = Instant::now();
+            let n = confirmed.len() as u64;
+            for t in confirmed {
+                ctx.ack_hist.record_duration(acked_at.duration_since(t));
+            }
+            stats.reports_acked.fetch_add(n, Ordering::Relaxed);
+            pstats.reports_acked.fetch_add(n, Ordering::Relaxed);
+        }
+        c.close().await;
+        stats.connected_now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connect a subscriber to the alert feed; errors when the broker does not answer.
+async fn subscribe_alerts(
+    ep: &MqttEndpoint,
+    timeout: Duration,
+) -> Result<(AsyncClient, rumqttc::EventLoop), String> {
+    let id = format!(
+        "em-sim-alerts-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let mut opts = MqttOptions::new(id, ep.host.clone(), ep.port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(256 * 1024, 16 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    eventloop
+        .network_options
+        .set_connection_timeout(timeout.as_secs().clamp(1, 5));
+    client
+        .try_subscribe(ALERT_TOPIC_FILTER, QoS::AtLeastOnce)
+        .map_err(|e| e.to_string())?;
+    let wait = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout.min(Duration::from_secs(5)), wait).await {
+        Ok(Ok(())) => Ok((client, eventloop)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no SUBACK in time".into()),
+    }
+}
+
+/// The fields of an `em-alerts` AlertNotice the simulator needs.
+#[derive(Debug, Deserialize)]
+struct NoticeLite {
+    event: String,
+    alert: AlertLite,
+}
+
+#[derive(Debug, Deserialize)]
+struct AlertLite {
+    subject_id: SubjectId,
+    #[serde(default)]
+    device_id: Option<DeviceId>,
+    kind: String,
+}
+
+/// Handle one alert-feed message: count it and, when it answers a pending expectation,
+/// record the fix→alert latency.
+fn on_alert(ctx: &Ctx, payload: &[u8], at: Instant) {
+    let Ok(notice) = serde_json::from_slice::<NoticeLite>(payload) else {
+        return;
+    };
+    if notice.event != "alert.created" {
+        return;
+    }
+    ctx.stats.alerts_received.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut c) = ctx.created.lock() {
+        *c.entry(notice.alert.kind.clone()).or_insert(0) += 1;
+    }
+    let Ok(kind) = notice.alert.kind.parse::<AlertKind>() else {
+        return;
+    };
+    let device = notice
+        .alert
+        .device_id
+        .clone()
+        .or_else(|| ctx.subject_device.get(&notice.alert.subject_id).cloned());
+    let Some(device) = device else { return };
+    let hit = {
+        let Ok(mut p) = ctx.pending.lock() else {
+            return;
+        };
+        match p.get(&device) {
+            Some((k, t)) if *k == kind => {
+                let t = *t;
+                p.remove(&device);
+                Some(t)
+            }
+            _ => None,
+        }
+    };
+    if let Some(t) = hit {
+        let latency = at.saturating_duration_since(t);
+        if kind == AlertKind::LostCommunication {
+            ctx.lost_hist.record_duration(latency);
+        } else {
+            ctx.alert_hist.record_duration(latency);
+        }
+        ctx.stats.alerts_matched.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = ctx.matched.lock() {
+            *m.entry(kind.as_str().to_string()).or_insert(0) += 1;
+        }
+    }
+}
+
+async fn watch_alerts(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    ctx: Arc<Ctx>,
+    stop: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = stop.cancelled() => break,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => on_alert(&ctx, &p.payload, Instant::now()),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "alert feed connection lost; retrying");
+                ctx.stats.alert_feed_up.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => break,
+                }
+                // rumqttc reconnects on the next poll; the subscription is re-sent by us.
+                let _ = client.try_subscribe(ALERT_TOPIC_FILTER, QoS::AtLeastOnce);
+                ctx.stats.alert_feed_up.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+/// Register `devices` in `store` (active; EM devices with their secret) so the service
+/// accepts their logins. Idempotent. Returns how many were written.
+pub async fn register_devices(store: &dyn Store, devices: &[SimDevice]) -> anyhow::Result<usize> {
+    use futures::StreamExt;
+    let results: Vec<Result<(), em_store::StoreError>> = futures::stream::iter(devices)
+        .map(|d| async move {
+            store
+                .upsert_device(&em_model::Device {
+                    device_id: d.device_id.clone(),
+                    protocol: d.protocol,
+                    secret: d.secret.clone(),
+                    active: true,
+                })
+                .await
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut n = 0;
+    for r in results {
+        r?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;
