@@ -286,7 +286,10 @@ fn osmand_errors() {
         ("id=1&lat=1&lon=2&charge=maybe", "malformed"),
         // Found by cargo fuzz: year 14690 decoded but could not be re-encoded.
         ("id=1&lat=1&lon=2&timestamp=401410000000000", "malformed"),
-        ("id=1&lat=1&lon=2&timestamp=1969-12-31T23:59:59Z", "malformed"),
+        (
+            "id=1&lat=1&lon=2&timestamp=1969-12-31T23:59:59Z",
+            "malformed",
+        ),
     ] {
         assert_eq!(osmand::decode(q).unwrap_err().reason(), reason, "{q}");
     }
