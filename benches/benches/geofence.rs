@@ -149,6 +149,8 @@ fn build_world(shared_zones: usize) -> World {
         });
         records.push(r);
     }
+    // Pack the tree once after the initial load (what a service does at start-up).
+    index.rebuild_tree();
     let points = (0..65_536).map(|_| random_point(&mut rng)).collect();
     let monitors = subjects
         .iter()

@@ -121,7 +121,13 @@ pub struct ZoneIndex {
     peers: RwLock<HashMap<DeviceId, PeerFix>>,
     peer_max_age: Duration,
     next_version: u64,
+    instance_id: u64,
+    generation: u64,
+    /// Set while `upsert_many` loads: the tree is rebuilt once at the end.
+    defer_tree: bool,
 }
+
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Default for ZoneIndex {
     fn default() -> Self {
@@ -143,12 +149,25 @@ impl ZoneIndex {
             peers: RwLock::new(HashMap::default()),
             peer_max_age: Duration::seconds(DEFAULT_PEER_MAX_AGE_SECS),
             next_version: 1,
+            instance_id: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: 0,
+            defer_tree: false,
         }
     }
 
     /// How old another device's position may be and still define its dynamic zones.
     pub fn set_peer_max_age(&mut self, max_age: Duration) {
         self.peer_max_age = max_age;
+    }
+
+    /// Identifies this index instance (monitors re-sync when used with another index).
+    pub fn instance_id(&self) -> u64 {
+        self.instance_id
+    }
+
+    /// Changes whenever zones or group bindings change.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn len(&self) -> usize {
@@ -195,6 +214,7 @@ impl ZoneIndex {
                 other => other,
             })?;
         self.remove(spec.id);
+        self.generation = self.generation.wrapping_add(1);
         let group_key = group.map(|g| self.group_key(g));
         let version = self.next_version;
         self.next_version = self.next_version.wrapping_add(1);
@@ -210,7 +230,7 @@ impl ZoneIndex {
             schedule,
             version,
         };
-        if let Some(b) = zone.geometry.bbox() {
+        if let Some(b) = zone.geometry.bbox().filter(|_| !self.defer_tree) {
             for env in envelopes(&b) {
                 self.tree.insert(TreeEntry {
                     env,
@@ -238,12 +258,49 @@ impl ZoneIndex {
         Ok(())
     }
 
+    /// Load many zones at once and bulk-load the R-tree (a better-packed tree than one
+    /// built by single inserts, so faster queries). Valid specs are applied even if others
+    /// fail; returns the rejected ones with their errors.
+    pub fn upsert_many<'a>(
+        &mut self,
+        specs: impl IntoIterator<Item = &'a ZoneSpec>,
+    ) -> Vec<(ZoneId, GeofenceError)> {
+        self.defer_tree = true;
+        let errors = specs
+            .into_iter()
+            .filter_map(|spec| self.upsert(spec).err().map(|e| (spec.id, e)))
+            .collect();
+        self.defer_tree = false;
+        self.rebuild_tree();
+        errors
+    }
+
+    /// Rebuild the R-tree from all zones with bulk loading (after heavy churn, or to
+    /// compact a tree built by many single inserts).
+    pub fn rebuild_tree(&mut self) {
+        let entries: Vec<TreeEntry> = self
+            .zones
+            .values()
+            .filter_map(|z| z.geometry.bbox().map(|b| (z, b)))
+            .flat_map(|(z, b)| {
+                envelopes(&b).map(move |env| TreeEntry {
+                    env,
+                    zone_id: z.id,
+                    subject: z.subject_id,
+                    group: z.group_key,
+                })
+            })
+            .collect();
+        self.tree = RTree::bulk_load(entries);
+    }
+
     /// Remove a zone; returns whether it existed.
     pub fn remove(&mut self, id: ZoneId) -> bool {
         let Some(zone) = self.zones.remove(&id) else {
             return false;
         };
-        if let Some(b) = zone.geometry.bbox() {
+        self.generation = self.generation.wrapping_add(1);
+        if let Some(b) = zone.geometry.bbox().filter(|_| !self.defer_tree) {
             for env in envelopes(&b) {
                 self.tree.remove(&TreeEntry {
                     env,
@@ -287,6 +344,7 @@ impl ZoneIndex {
     /// Make `subject` a member of `group`: the group's zones apply to it.
     pub fn bind_group(&mut self, subject: SubjectId, group: &str) {
         let g = self.group_key(group.trim());
+        self.generation = self.generation.wrapping_add(1);
         let groups = self.subject_groups.entry(subject).or_default();
         if !groups.contains(&g) {
             groups.push(g);
@@ -299,6 +357,7 @@ impl ZoneIndex {
         let Some(&g) = self.group_keys.get(group.trim()) else {
             return;
         };
+        self.generation = self.generation.wrapping_add(1);
         if let Some(groups) = self.subject_groups.get_mut(&subject) {
             groups.retain(|x| *x != g);
             if groups.is_empty() {

@@ -343,6 +343,9 @@ pub struct SubjectMonitor {
     last_record_at: Option<DateTime<Utc>>,
     /// Latest time seen from records or ticks.
     clock: Option<DateTime<Utc>>,
+    /// (index instance, generation) the tracks were last synced with.
+    #[serde(default, skip)]
+    synced: Option<(u64, u64)>,
 }
 
 impl SubjectMonitor {
@@ -357,6 +360,7 @@ impl SubjectMonitor {
             last_evidence_at: None,
             last_record_at: None,
             clock: None,
+            synced: None,
         })
     }
 
@@ -449,7 +453,7 @@ impl SubjectMonitor {
         }
         self.last_record_at = Some(t_rec);
         let now = self.advance_clock(t_rec);
-        self.advance(index, subject, now, &mut events);
+        self.advance(index, subject, now, false, &mut events);
 
         let fix = record.position.as_ref().filter(|p| {
             p.valid
@@ -585,7 +589,7 @@ impl SubjectMonitor {
     ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
         let now = self.advance_clock(now);
-        self.advance(index, subject, now, &mut events);
+        self.advance(index, subject, now, true, &mut events);
         events
     }
 
@@ -601,7 +605,7 @@ impl SubjectMonitor {
     ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
         let now = self.advance_clock(at);
-        self.advance(index, subject, now, &mut events);
+        self.advance(index, subject, now, false, &mut events);
         let Some(fix) = self.last_fix.clone() else {
             return events;
         };
@@ -651,16 +655,23 @@ impl SubjectMonitor {
         index: &ZoneIndex,
         subject: &Subject,
         now: DateTime<Utc>,
+        full_sync: bool,
         events: &mut Vec<ComplianceEvent>,
     ) {
-        if subject.timezone != self.timezone.name() {
-            // An invalid new name keeps the previous zone (validated when saved).
-            let _ = self.set_timezone(&subject.timezone);
-        }
-        for zone in index.standing_zones(subject.id) {
-            if !self.tracks.iter().any(|t| t.zone_id == zone.id) {
-                let track = self.new_track(zone, subject, now);
-                self.tracks.push(track);
+        // Zone/binding changes are looked for only when the index changed since the last
+        // call (or on ticks, which also pick up a changed subject time zone).
+        let stamp = (index.instance_id(), index.generation());
+        let synced = !full_sync && self.synced == Some(stamp);
+        if !synced {
+            if subject.timezone != self.timezone.name() {
+                // An invalid new name keeps the previous zone (validated when saved).
+                let _ = self.set_timezone(&subject.timezone);
+            }
+            for zone in index.standing_zones(subject.id) {
+                if !self.tracks.iter().any(|t| t.zone_id == zone.id) {
+                    let track = self.new_track(zone, subject, now);
+                    self.tracks.push(track);
+                }
             }
         }
         let subject_id = self.subject_id;
@@ -673,102 +684,110 @@ impl SubjectMonitor {
         });
         let mut tracks = std::mem::take(&mut self.tracks);
         tracks.retain_mut(|track| {
-            let zone = index
-                .zone(track.zone_id)
-                .filter(|z| index.applies_to(z, subject.id));
-            let Some(zone) = zone else {
-                end_all(track, subject_id, now, EndReason::ZoneChanged, events);
-                return false;
-            };
-            if zone.version != track.zone_version {
-                if zone.kind != track.kind
-                    || zone.dynamic_device() != track.dynamic_device.as_deref()
-                {
+            if !synced {
+                let zone = index
+                    .zone(track.zone_id)
+                    .filter(|z| index.applies_to(z, subject.id));
+                let Some(zone) = zone else {
                     end_all(track, subject_id, now, EndReason::ZoneChanged, events);
-                }
-                let fresh = self.new_track(zone, subject, now);
-                let was_active = track.active;
-                let keep = (
-                    track.breach_since,
-                    track.pending.take(),
-                    track.no_fix_since,
-                    track.active_since,
-                );
-                *track = fresh;
-                if was_active && !track.active {
-                    // Edited so that it is no longer active now.
-                    track.window = None;
-                    let (b, _, nf, _) = keep;
-                    track.breach_since = b;
-                    track.no_fix_since = nf;
-                    end_all(track, subject_id, now, EndReason::WindowClosed, events);
-                } else if was_active {
-                    track.breach_since = keep.0;
-                    track.pending = keep.1;
-                    track.no_fix_since = keep.2;
-                    track.active_since = keep.3;
+                    return false;
+                };
+                if zone.version != track.zone_version {
+                    if zone.kind != track.kind
+                        || zone.dynamic_device() != track.dynamic_device.as_deref()
+                    {
+                        end_all(track, subject_id, now, EndReason::ZoneChanged, events);
+                    }
+                    let fresh = self.new_track(zone, subject, now);
+                    let was_active = track.active;
+                    let keep = (
+                        track.breach_since,
+                        track.pending.take(),
+                        track.no_fix_since,
+                        track.active_since,
+                    );
+                    *track = fresh;
+                    if was_active && !track.active {
+                        // Edited so that it is no longer active now.
+                        track.window = None;
+                        let (b, _, nf, _) = keep;
+                        track.breach_since = b;
+                        track.no_fix_since = nf;
+                        end_all(track, subject_id, now, EndReason::WindowClosed, events);
+                    } else if was_active {
+                        track.breach_since = keep.0;
+                        track.pending = keep.1;
+                        track.no_fix_since = keep.2;
+                        track.active_since = keep.3;
+                    }
                 }
             }
             // Replay schedule transitions up to now.
-            let mut replayed = 0;
-            while let Some(until) = track.valid_until.filter(|u| *u <= now) {
-                let at = if replayed < MAX_REPLAYED_TRANSITIONS {
-                    until
-                } else {
-                    now
-                };
-                replayed += 1;
-                let act = activity(zone, tz, subject, at);
-                if act.active != track.active {
-                    if act.active {
-                        track.active = true;
-                        track.active_since = Some(at);
-                        track.window = act.window;
-                        if track.scheduled {
-                            events.push(track.event(
-                                subject_id,
-                                ComplianceEventKind::WindowOpened,
-                                at,
-                                act.window.map_or(at, |w| w.0),
-                            ));
-                        }
-                        // Window opens: judge the latest evidence as of now.
-                        let judged = judge(
-                            zone,
-                            track,
-                            index,
-                            &rules,
-                            self.last_fix.as_ref().filter(|f| at - f.at <= reeval_age),
-                            self.last_beacon
-                                .as_ref()
-                                .filter(|f| at - f.at <= reeval_age),
-                            &[],
-                            at,
-                        );
-                        if let Some(j) = judged {
-                            apply_verdict(track, subject_id, &rules, &j, at, at, events);
-                        }
+            if let Some(zone) = track
+                .valid_until
+                .filter(|u| *u <= now)
+                .and_then(|_| index.zone(track.zone_id))
+            {
+                let mut replayed = 0;
+                while let Some(until) = track.valid_until.filter(|u| *u <= now) {
+                    let at = if replayed < MAX_REPLAYED_TRANSITIONS {
+                        until
                     } else {
-                        end_all(track, subject_id, at, EndReason::WindowClosed, events);
-                        if track.scheduled {
-                            let started = track.window.map_or(at, |w| w.0);
-                            let mut e = track.event(
-                                subject_id,
-                                ComplianceEventKind::WindowClosed,
+                        now
+                    };
+                    replayed += 1;
+                    let act = activity(zone, tz, subject, at);
+                    if act.active != track.active {
+                        if act.active {
+                            track.active = true;
+                            track.active_since = Some(at);
+                            track.window = act.window;
+                            if track.scheduled {
+                                events.push(track.event(
+                                    subject_id,
+                                    ComplianceEventKind::WindowOpened,
+                                    at,
+                                    act.window.map_or(at, |w| w.0),
+                                ));
+                            }
+                            // Window opens: judge the latest evidence as of now.
+                            let judged = judge(
+                                zone,
+                                track,
+                                index,
+                                &rules,
+                                self.last_fix.as_ref().filter(|f| at - f.at <= reeval_age),
+                                self.last_beacon
+                                    .as_ref()
+                                    .filter(|f| at - f.at <= reeval_age),
+                                &[],
                                 at,
-                                started,
                             );
-                            e.ended_at = Some(at);
-                            events.push(e);
+                            if let Some(j) = judged {
+                                apply_verdict(track, subject_id, &rules, &j, at, at, events);
+                            }
+                        } else {
+                            end_all(track, subject_id, at, EndReason::WindowClosed, events);
+                            if track.scheduled {
+                                let started = track.window.map_or(at, |w| w.0);
+                                let mut e = track.event(
+                                    subject_id,
+                                    ComplianceEventKind::WindowClosed,
+                                    at,
+                                    started,
+                                );
+                                e.ended_at = Some(at);
+                                events.push(e);
+                            }
+                            track.active = false;
+                            track.active_since = None;
                         }
-                        track.active = false;
-                        track.active_since = None;
                     }
-                }
-                track.window = act.window;
-                track.valid_until = act.valid_until;
-                if at >= now {
-                    break;
+                    track.window = act.window;
+                    track.valid_until = act.valid_until;
+                    if at >= now {
+                        break;
+                    }
                 }
             }
             if !track.active {
@@ -807,6 +826,7 @@ impl SubjectMonitor {
             true
         });
         self.tracks = tracks;
+        self.synced = Some(stamp);
     }
 }
 

@@ -268,6 +268,13 @@ fn index_updates_incrementally_and_respects_owners() {
     assert!(idx.remove(1));
     assert!(!idx.remove(1));
     assert!(idx.zones_for(10, 13.0, 55.0, 0.0).is_empty());
+    let errors = idx.upsert_many(&[
+        spec(4, Some(10), None, ZoneKind::Exclusion, circle(14.0, 55.0)),
+        spec(5, Some(10), None, ZoneKind::Exclusion, circle(14.0, 88.0)),
+    ]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].0, 5);
+    assert_eq!(idx.zones_for(10, 14.0, 55.0, 0.0)[0].zone.id, 4);
     idx.unbind_group(11, "schools");
     assert!(idx.zones_for(11, 12.0, 55.0, 0.0).is_empty());
     assert!(matches!(
@@ -344,7 +351,11 @@ fn rtree_matches_brute_force_on_thousands_of_random_zones() {
         }
     }
     let mut non_empty = 0;
-    for _ in 0..3000 {
+    for q in 0..3000 {
+        if q == 1500 {
+            // A bulk-loaded tree gives the same answers.
+            idx.rebuild_tree();
+        }
         let (lon, lat) = if rng.gen_bool(0.1) {
             (rng.gen_range(-180.0..180.0), rng.gen_range(-60.0..60.0))
         } else {
