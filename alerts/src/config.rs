@@ -173,7 +173,8 @@ pub struct OmsConfig {
     pub secret: Option<String>,
     /// Per-request timeout (connect + response). Default 10.
     pub timeout_secs: i64,
-    /// Attempts before a message is dead-lettered. Default 20 (≈ 1 day with the default back-off).
+    /// Attempts before a message is dead-lettered. Default 200: with the default back-off the
+    /// last attempt comes 16–32 hours after the first, so a day-long OMS outage loses nothing.
     pub max_attempts: i32,
     /// First retry delay. Default 2000 ms.
     pub backoff_base_ms: i64,
@@ -211,7 +212,7 @@ impl Default for OmsConfig {
             url: None,
             secret: None,
             timeout_secs: 10,
-            max_attempts: 20,
+            max_attempts: 200,
             backoff_base_ms: 2000,
             backoff_max_ms: 600_000,
             poll_interval_ms: 1000,

@@ -186,3 +186,153 @@ pub fn signals_from_compliance(ev: &ComplianceEvent) -> Vec<Signal> {
         evidence: compliance_evidence(ev, kind),
     }]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{describe, MessageContext};
+    use chrono::TimeZone;
+    use em_geofence::monitor::EventWindow;
+
+    fn fix(
+        at: DateTime<Utc>,
+        source: EvidenceSource,
+        lat: f64,
+        lon: f64,
+        d: Option<f64>,
+    ) -> EvidenceFix {
+        EvidenceFix {
+            at,
+            source,
+            lat: Some(lat),
+            lon: Some(lon),
+            accuracy_m: Some(8.0),
+            distance_m: d,
+            device_id: None,
+        }
+    }
+
+    fn event(kind: ComplianceEventKind) -> ComplianceEvent {
+        let t = Utc.with_ymd_and_hms(2025, 1, 15, 22, 13, 5).unwrap();
+        ComplianceEvent {
+            subject_id: 42,
+            zone_id: 7,
+            zone_kind: ZoneKind::Inclusion,
+            kind,
+            is_curfew: true,
+            dynamic_device_id: None,
+            at: t + chrono::Duration::seconds(60),
+            started_at: t,
+            ended_at: None,
+            window: Some(EventWindow {
+                start: Utc.with_ymd_and_hms(2025, 1, 15, 18, 0, 0).unwrap(),
+                end: Utc.with_ymd_and_hms(2025, 1, 16, 6, 0, 0).unwrap(),
+            }),
+            reason: None,
+            evidence: vec![
+                fix(t, EvidenceSource::Gnss, 55.6774, 12.5713, Some(151.7)),
+                fix(
+                    t + chrono::Duration::seconds(60),
+                    EvidenceSource::Gnss,
+                    55.6781,
+                    12.5726,
+                    Some(240.4),
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn curfew_breach_maps_to_a_curfew_alert_with_a_readable_message() {
+        let ev = event(ComplianceEventKind::BreachStarted);
+        let s = signals_from_compliance(&ev);
+        assert_eq!(s.len(), 1);
+        let s = &s[0];
+        assert_eq!(
+            (s.kind, s.phase),
+            (AlertKind::CurfewViolation, Phase::Started)
+        );
+        assert_eq!(
+            (s.subject_id, s.zone_id, s.at),
+            (42, Some(7), ev.started_at)
+        );
+        assert_eq!(s.evidence["distance_m"], serde_json::json!(240.4));
+        assert_eq!(s.evidence["fixes"].as_array().map(Vec::len), Some(2));
+        let msg = describe(&MessageContext {
+            kind: s.kind,
+            at: s.at,
+            now: s.at,
+            tz: chrono_tz::Europe::Copenhagen,
+            zone: None,
+            evidence: &s.evidence,
+        });
+        assert_eq!(
+            msg,
+            "Left home during curfew (curfew 19:00–07:00). Last position 240 m outside the zone at 23:14."
+        );
+    }
+
+    #[test]
+    fn zone_kinds_and_phases_map_to_alert_kinds() {
+        let mut ev = event(ComplianceEventKind::BreachEnded);
+        let end = ev.at;
+        ev.ended_at = Some(end);
+        let s = signals_from_compliance(&ev);
+        assert_eq!(
+            (s[0].kind, s[0].phase, s[0].at),
+            (AlertKind::CurfewViolation, Phase::Ended, end)
+        );
+
+        ev.is_curfew = false;
+        ev.kind = ComplianceEventKind::BreachStarted;
+        assert_eq!(
+            signals_from_compliance(&ev)[0].kind,
+            AlertKind::InclusionZoneExit
+        );
+        ev.zone_kind = ZoneKind::Exclusion;
+        assert_eq!(
+            signals_from_compliance(&ev)[0].kind,
+            AlertKind::ExclusionZoneEntry
+        );
+
+        ev.kind = ComplianceEventKind::NoFixStarted;
+        let s = signals_from_compliance(&ev);
+        assert_eq!(
+            (s[0].kind, s[0].phase),
+            (AlertKind::NoFixDuringCurfew, Phase::Started)
+        );
+        assert!(s[0].evidence.get("last_fix_time").is_some());
+        ev.kind = ComplianceEventKind::NoFixEnded;
+        assert_eq!(signals_from_compliance(&ev)[0].phase, Phase::Ended);
+
+        for k in [
+            ComplianceEventKind::WindowOpened,
+            ComplianceEventKind::WindowClosed,
+        ] {
+            ev.kind = k;
+            assert!(signals_from_compliance(&ev).is_empty());
+        }
+    }
+
+    #[test]
+    fn victim_proximity_reports_the_distance_to_the_protected_person() {
+        let mut ev = event(ComplianceEventKind::BreachStarted);
+        ev.zone_kind = ZoneKind::Exclusion;
+        ev.is_curfew = false;
+        ev.dynamic_device_id = Some("victim-1".into());
+        let t = ev.at;
+        ev.evidence = vec![
+            fix(t, EvidenceSource::Gnss, 55.6761, 12.5683, Some(-320.0)),
+            // ~180 m north of the subject.
+            fix(t, EvidenceSource::PeerPosition, 55.677718, 12.5683, None),
+        ];
+        let s = &signals_from_compliance(&ev)[0];
+        assert_eq!(s.kind, AlertKind::VictimProximity);
+        let d = s.evidence["distance_m"].as_f64().unwrap();
+        assert!((d - 180.0).abs() < 2.0, "{d}");
+        assert_eq!(
+            s.evidence["victim_device_id"],
+            serde_json::json!("victim-1")
+        );
+    }
+}

@@ -114,20 +114,21 @@ async fn start_receiver(rx: Shared) -> SocketAddr {
 }
 
 fn config(addr: SocketAddr) -> AlertConfig {
-    let mut cfg = AlertConfig::default();
-    cfg.oms = OmsConfig {
-        enabled: true,
-        url: Some(format!("http://{addr}/webhook")),
-        secret: Some(SECRET.into()),
-        timeout_secs: 5,
-        max_attempts: 10_000,
-        backoff_base_ms: 10,
-        backoff_max_ms: 150,
-        poll_interval_ms: 10,
-        batch_size: 100,
-        concurrency: 4,
-    };
-    cfg
+    AlertConfig {
+        oms: OmsConfig {
+            enabled: true,
+            url: Some(format!("http://{addr}/webhook")),
+            secret: Some(SECRET.into()),
+            timeout_secs: 5,
+            max_attempts: 10_000,
+            backoff_base_ms: 10,
+            backoff_max_ms: 150,
+            poll_interval_ms: 10,
+            batch_size: 100,
+            concurrency: 4,
+        },
+        ..AlertConfig::default()
+    }
 }
 
 /// Field names of a JSON document, recursively (values ignored) — the payload "shape".
@@ -459,8 +460,7 @@ async fn client_errors_dead_letter_without_blocking_the_subject() {
     // A later change of the same subject still flows (the dead letter does not block it).
     service.acknowledge(a.id, &f.officer).await.unwrap();
     assert_eq!(worker.run_once().await.unwrap(), 1);
-    let r = rx.lock().unwrap();
-    let last = r.accepted.last().unwrap();
+    let last = rx.lock().unwrap().accepted.last().cloned().unwrap();
     assert_eq!(last.body["event"], json!("alert.acknowledged"));
     assert_eq!(
         store
