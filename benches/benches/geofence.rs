@@ -2,9 +2,10 @@
 //!
 //! World: `N` shared exclusion zones (half circles of 50–500 m, half polygons of
 //! 100–800 m) spread over Denmark in 100 groups, plus 100,000 subjects, each with its own
-//! home curfew circle (19:00–07:00 in Europe/Copenhagen) and bound to 3 groups. Fixes:
-//! 70 % near home, 30 % anywhere in the country; subjects are fed round-robin with
-//! increasing device times (evaluation during the curfew window).
+//! home curfew circle (19:00–07:00 in Europe/Copenhagen) and bound to 3 groups. Fixes
+//! every 10 s per subject: 75 % of the time at home (±100 m jitter), otherwise on a trip
+//! to a random place in the country, walking 20 m per fix; subjects are fed round-robin
+//! (100k subjects: every fix touches cold per-subject state) during the curfew window.
 //!
 //! * `geofence/on_record/zones=N`: full `SubjectMonitor::on_record` per fix (one read
 //!   guard per batch of 1,000 fixes), for N = 100 .. 100,000 shared zones.
@@ -190,7 +191,10 @@ impl World {
         let t: DateTime<Utc> = r.device_time + Duration::seconds(10);
         r.device_time = t;
         r.received_time = t;
-        let p = if step % 10 < 7 {
+        // Per subject: at home (±100 m jitter) 75 % of the time; every fourth 5-minute
+        // period on a trip somewhere in the country, walking 20 m per fix.
+        let k = (t.timestamp() / 10) as usize;
+        let p = if (k / 30) % 4 != 3 {
             let h = self.homes[i];
             offset(
                 h,
@@ -198,7 +202,8 @@ impl World {
                 ((step * 53) % 200) as f64 - 100.0,
             )
         } else {
-            self.points[step & 0xffff]
+            let dest = self.points[(i * 7 + k / 120) & 0xffff];
+            offset(dest, 0.0, (k % 30) as f64 * 20.0)
         };
         if let Some(pos) = r.position.as_mut() {
             pos.lon = p[0];

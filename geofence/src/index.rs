@@ -6,7 +6,7 @@ use crate::schedule::CompiledSchedule;
 use crate::GeofenceError;
 use chrono::{DateTime, Duration, Utc};
 use em_model::{DeviceId, Position, SubjectId, ZoneId, ZoneKind, ZoneSpec};
-use rstar::{RTree, RTreeObject, AABB};
+use rstar::{RStarInsertionStrategy, RTree, RTreeObject, RTreeParams, AABB};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -85,6 +85,18 @@ struct TreeEntry {
     group: Option<GroupKey>,
 }
 
+/// Wider nodes than rstar's default (6): fewer levels, children scanned contiguously,
+/// faster point queries on 100k+ entries (measured in the geofence bench).
+#[derive(Debug, Clone, Copy)]
+struct ZoneTreeParams;
+
+impl RTreeParams for ZoneTreeParams {
+    const MIN_SIZE: usize = 6;
+    const MAX_SIZE: usize = 16;
+    const REINSERTION_COUNT: usize = 4;
+    type DefaultInsertionStrategy = RStarInsertionStrategy;
+}
+
 impl RTreeObject for TreeEntry {
     type Envelope = AABB<[f64; 2]>;
     fn envelope(&self) -> Self::Envelope {
@@ -110,7 +122,7 @@ fn envelopes(b: &BBox) -> impl Iterator<Item = AABB<[f64; 2]>> {
 #[derive(Debug)]
 pub struct ZoneIndex {
     zones: HashMap<ZoneId, Zone>,
-    tree: RTree<TreeEntry>,
+    tree: RTree<TreeEntry, ZoneTreeParams>,
     group_keys: HashMap<String, GroupKey>,
     /// Standing (inclusion and dynamic) zones per owning subject / group.
     subject_standing: HashMap<SubjectId, Vec<ZoneId>>,
@@ -139,7 +151,7 @@ impl ZoneIndex {
     pub fn new() -> Self {
         ZoneIndex {
             zones: HashMap::default(),
-            tree: RTree::new(),
+            tree: RTree::new_with_params(),
             group_keys: HashMap::default(),
             subject_standing: HashMap::default(),
             group_standing: HashMap::default(),
@@ -291,7 +303,7 @@ impl ZoneIndex {
                 })
             })
             .collect();
-        self.tree = RTree::bulk_load(entries);
+        self.tree = RTree::bulk_load_with_params(entries);
     }
 
     /// Remove a zone; returns whether it existed.

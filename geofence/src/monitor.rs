@@ -69,6 +69,31 @@ const MAX_REPLAYED_TRANSITIONS: usize = 64;
 /// Freshness of the last evidence re-used when a window opens, when `no_fix_secs` is 0.
 const DEFAULT_REEVAL_MAX_AGE_SECS: i64 = 900;
 
+/// R-tree answers are reused while the subject stays within this distance (metres) of
+/// the point they were computed for (queried with the margin plus this slack), and the
+/// index has not changed. Stationary subjects then skip the tree entirely.
+pub const NEAR_CACHE_SLACK_M: f64 = 250.0;
+
+/// Candidate exclusion zones within `radius_m` of a point.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct NearCache {
+    lon: f64,
+    lat: f64,
+    radius_m: f64,
+    stamp: (u64, u64),
+    zones: Vec<ZoneId>,
+}
+
+impl NearCache {
+    /// Distance from the cached point, metres (local projection; +1 m for rounding).
+    fn distance_m(&self, lon: f64, lat: f64) -> f64 {
+        let dlon = crate::geometry::shift_into_frame(lon, self.lon) - self.lon;
+        let dx = dlon * crate::geometry::M_PER_DEG * self.lat.to_radians().cos();
+        let dy = (lat - self.lat) * crate::geometry::M_PER_DEG;
+        (dx * dx + dy * dy).sqrt() * 1.001 + 1.0
+    }
+}
+
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -343,6 +368,9 @@ pub struct SubjectMonitor {
     last_record_at: Option<DateTime<Utc>>,
     /// Latest time seen from records or ticks.
     clock: Option<DateTime<Utc>>,
+    /// Exclusion-zone candidates around a recent fix (not persisted).
+    #[serde(default, skip)]
+    near_cache: Option<NearCache>,
     /// (index instance, generation) the tracks were last synced with.
     #[serde(default, skip)]
     synced: Option<(u64, u64)>,
@@ -361,6 +389,7 @@ impl SubjectMonitor {
             last_record_at: None,
             clock: None,
             synced: None,
+            near_cache: None,
         })
     }
 
@@ -531,11 +560,31 @@ impl SubjectMonitor {
             let (lon, lat) = (f.lon.unwrap_or(0.0), f.lat.unwrap_or(0.0));
             let margin =
                 f.accuracy_m.unwrap_or(ASSUMED_ACCURACY_M) + subject.rules.buffer_m.max(0.0);
-            index.for_each_candidate(subject.id, lon, lat, margin, |zone| {
-                if zone.kind == ZoneKind::Exclusion {
-                    near.push(zone.id);
-                }
-            });
+            let stamp = (index.instance_id(), index.generation());
+            let reuse = self
+                .near_cache
+                .as_ref()
+                .is_some_and(|c| c.stamp == stamp && c.distance_m(lon, lat) + margin <= c.radius_m);
+            if !reuse {
+                let radius_m = margin + NEAR_CACHE_SLACK_M;
+                let mut zones = self.near_cache.take().map(|c| c.zones).unwrap_or_default();
+                zones.clear();
+                index.for_each_candidate(subject.id, lon, lat, radius_m, |zone| {
+                    if zone.kind == ZoneKind::Exclusion {
+                        zones.push(zone.id);
+                    }
+                });
+                self.near_cache = Some(NearCache {
+                    lon,
+                    lat,
+                    radius_m,
+                    stamp,
+                    zones,
+                });
+            }
+            if let Some(c) = self.near_cache.as_mut() {
+                near = std::mem::take(&mut c.zones);
+            }
             for &id in &near {
                 if !self.tracks.iter().any(|t| t.zone_id == id) {
                     if let Some(zone) = index.zone(id) {
@@ -574,6 +623,9 @@ impl SubjectMonitor {
             self.tracks.retain(|t| {
                 t.standing || t.in_breach() || t.pending.is_some() || near.contains(&t.zone_id)
             });
+            if let Some(c) = self.near_cache.as_mut() {
+                c.zones = near;
+            }
         }
         events
     }

@@ -592,3 +592,50 @@ fn stale_and_invalid_records_are_ignored() {
         assert!(m.on_record(&idx, &s, &r).is_empty());
     }
 }
+
+#[test]
+fn walking_into_exclusion_zones_with_cached_candidates() {
+    let mut idx = ZoneIndex::new();
+    let school = offset(HOME, 0.0, 2000.0);
+    let circle = |id: i64, c: [f64; 2]| ZoneSpec {
+        id,
+        subject_id: Some(1),
+        group: None,
+        name: "no-go".into(),
+        kind: ZoneKind::Exclusion,
+        geometry: ZoneGeometry::Circle {
+            center: c,
+            radius_m: 100.0,
+        },
+        schedule: None,
+        is_curfew_home: false,
+    };
+    idx.upsert(&circle(1, school)).unwrap();
+    let s = subject(1, "UTC");
+    let mut m = SubjectMonitor::new(&s).unwrap();
+    let mut t = utc(2024, 6, 3, 12, 0);
+    let mut ev = Vec::new();
+    // Walk east 15 m per fix from home into the school zone, then stand still there.
+    for i in 0..150 {
+        let east = (i as f64 * 15.0).min(2000.0);
+        ev.extend(m.on_record(&idx, &s, &fix("tag", t, offset(HOME, 0.0, east), 5.0)));
+        t += Duration::seconds(10);
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachStarted]);
+    // A zone added where the subject now stands is seen at once (index changed).
+    idx.upsert(&circle(2, offset(school, 0.0, 10.0))).unwrap();
+    let mut ev = Vec::new();
+    for _ in 0..3 {
+        ev.extend(m.on_record(&idx, &s, &fix("tag", t, school, 5.0)));
+        t += Duration::seconds(10);
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachStarted]);
+    assert_eq!(ev[0].zone_id, 2);
+    // A jump far away ends both.
+    let mut ev = Vec::new();
+    for _ in 0..3 {
+        ev.extend(m.on_record(&idx, &s, &fix("tag", t, offset(HOME, 0.0, -5000.0), 5.0)));
+        t += Duration::seconds(10);
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachEnded, K::BreachEnded]);
+}
