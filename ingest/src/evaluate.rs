@@ -242,6 +242,21 @@ impl Evaluator {
         self.emit_health(health_sigs, subject_id, &r.device_id)
             .await;
 
+        // Only records with location evidence go to the geofence engine: it ignores records
+        // older than the last one it saw, so a login/heartbeat stamped with the server time
+        // must not hide the buffered fixes uploaded right after it.
+        let has_evidence = r.position.is_some()
+            || r.beacon_in_range.is_some()
+            || r.events.iter().any(|e| {
+                matches!(
+                    e,
+                    em_model::DeviceEventKind::BeaconInRange
+                        | em_model::DeviceEventKind::BeaconOutOfRange
+                )
+            });
+        if !has_evidence {
+            return;
+        }
         if let Some(subject) = self.subject(subject_id).await {
             if self.ensure_monitor(&subject) {
                 let events = match self.monitors.get_mut(&subject_id) {

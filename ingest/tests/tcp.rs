@@ -29,7 +29,11 @@ async fn gt06_fixes_are_acked_after_storage(db: TestDb) {
     let t0 = now_s() - ChronoDuration::seconds(60);
     for i in 0..5u16 {
         let t = t0 + ChronoDuration::seconds(i64::from(i));
-        send(&mut s, &gt06_alarm(10 + i, t, 55.68 + f64::from(i) * 1e-4, 12.57)).await;
+        send(
+            &mut s,
+            &gt06_alarm(10 + i, t, 55.68 + f64::from(i) * 1e-4, 12.57),
+        )
+        .await;
         let ack = read_n(&mut s, 10, T).await.expect("alarm ACK");
         assert_eq!(ack, gt06_ack(gt06::proto::ALARM, 10 + i));
         // Durable when acknowledged: visible in the store right after the ACK.
@@ -37,7 +41,11 @@ async fn gt06_fixes_are_acked_after_storage(db: TestDb) {
         assert_eq!(n, 2 + i64::from(i), "record {i} stored before its ACK");
     }
     // Location frames have no ACK in GT06; they are stored all the same.
-    send(&mut s, &gt06_location(20, t0 + ChronoDuration::seconds(30), 55.69, 12.58)).await;
+    send(
+        &mut s,
+        &gt06_location(20, t0 + ChronoDuration::seconds(30), 55.69, 12.58),
+    )
+    .await;
     eventually("location stored", T, || async {
         db.store.count_records(imei).await.unwrap() == 7
     })
@@ -67,7 +75,10 @@ async fn teltonika_packet_count_is_acked_after_storage(db: TestDb) {
 
     // Re-sending the same packet (as a device does without an ACK) does not duplicate.
     send(&mut s, &teltonika_packet(t0, 7, 55.6, 12.5)).await;
-    assert_eq!(read_n(&mut s, 4, T).await.unwrap(), 7u32.to_be_bytes().to_vec());
+    assert_eq!(
+        read_n(&mut s, 4, T).await.unwrap(),
+        7u32.to_be_bytes().to_vec()
+    );
     assert_eq!(db.store.count_records(imei).await.unwrap(), 8);
     drop(s);
     svc.stop().await;
@@ -92,7 +103,10 @@ async fn h02_reports_are_stored(db: TestDb) {
     .await;
     let recs = db.store.device_records(imei, 10).await.unwrap();
     let pos = recs.iter().find_map(|r| r.position).expect("a position");
-    assert!((pos.lat - 55.68).abs() < 1e-3 && (pos.lon - 12.575).abs() < 1e-3, "{pos:?}");
+    assert!(
+        (pos.lat - 55.68).abs() < 1e-3 && (pos.lon - 12.575).abs() < 1e-3,
+        "{pos:?}"
+    );
 
     // Another IMEI on the same connection is refused: the connection is closed.
     send(&mut s, b"*HQ,4209917999,XT#").await;
@@ -106,12 +120,18 @@ async fn unknown_devices_are_rejected(db: TestDb) {
     // GT06: no login ACK, connection closed.
     let mut s = connect(svc.addrs.gt06.unwrap()).await;
     send(&mut s, &gt06_login("358307100000999", 1)).await;
-    assert!(closed_by_server(&mut s, T).await, "GT06 unknown device closed");
+    assert!(
+        closed_by_server(&mut s, T).await,
+        "GT06 unknown device closed"
+    );
     // Teltonika: 0x00, then closed.
     let mut s = connect(svc.addrs.teltonika.unwrap()).await;
     send(&mut s, &teltonika_imei("352094000000999")).await;
     assert_eq!(read_n(&mut s, 1, T).await.unwrap(), vec![0x00]);
-    assert!(closed_by_server(&mut s, T).await, "Teltonika unknown device closed");
+    assert!(
+        closed_by_server(&mut s, T).await,
+        "Teltonika unknown device closed"
+    );
     // Inactive devices are refused like unknown ones.
     db.store
         .upsert_device(&em_model::Device {
@@ -159,7 +179,10 @@ async fn malformed_frames_keep_or_close_the_connection(db: TestDb) {
     send(&mut s, &teltonika_imei(tt)).await;
     assert_eq!(read_n(&mut s, 1, T).await.unwrap(), vec![0x01]);
     send(&mut s, &[0, 0, 0, 7, 0, 0, 0, 10, 1, 2, 3]).await;
-    assert!(closed_by_server(&mut s, T).await, "fatal framing error closes");
+    assert!(
+        closed_by_server(&mut s, T).await,
+        "fatal framing error closes"
+    );
     svc.stop().await;
 }
 
@@ -178,7 +201,10 @@ async fn connection_limit_per_ip(db: TestDb) {
         read_n(s, 10, T).await.expect("login ACK");
     }
     let mut c = connect(addr).await;
-    assert!(closed_by_server(&mut c, T).await, "third connection refused");
+    assert!(
+        closed_by_server(&mut c, T).await,
+        "third connection refused"
+    );
     // Closing one frees a slot.
     a.shutdown().await.ok();
     drop(a);

@@ -123,6 +123,11 @@ impl Running {
 }
 
 pub async fn start(cfg: Config) -> Running {
+    // Logs with RUST_LOG=... (captured per test).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     cfg.validate().expect("test config is valid");
     let shutdown = CancellationToken::new();
     let svc = Service::start(cfg, shutdown.clone())
@@ -188,7 +193,10 @@ pub async fn read_n(s: &mut TcpStream, n: usize, t: Duration) -> std::io::Result
 /// True when the server closes the connection within `t` (EOF or reset).
 pub async fn closed_by_server(s: &mut TcpStream, t: Duration) -> bool {
     let mut buf = [0u8; 64];
-    matches!(tokio::time::timeout(t, s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+    matches!(
+        tokio::time::timeout(t, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 pub fn gt06_login(imei: &str, serial: u16) -> Bytes {

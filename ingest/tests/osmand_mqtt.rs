@@ -1,0 +1,262 @@
+//! OsmAnd over HTTP and the open EM protocol over MQTT (real Mosquitto), end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use em_model::Protocol;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(10);
+
+/// One HTTP/1.1 request over a raw socket; returns the status code.
+async fn http(addr: std::net::SocketAddr, method: &str, target: &str, body: &str) -> u16 {
+    let mut s = connect(addr).await;
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut resp))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&resp);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osmand_reports_need_a_known_device_and_its_token() {
+    let db = sqlite_db().await;
+    register(&*db.store, "phone-1", Protocol::Osmand, None).await;
+    register(
+        &*db.store,
+        "phone-2",
+        Protocol::Osmand,
+        Some("tok-secret-2"),
+    )
+    .await;
+    let svc = start(test_config(&db)).await;
+    let addr = svc.addrs.osmand.expect("osmand listener");
+    let ts = now_s().timestamp();
+
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            &format!("/?id=phone-1&lat=55.1&lon=12.1&timestamp={ts}&batt=77"),
+            ""
+        )
+        .await,
+        200
+    );
+    // Stored before the 200 was sent.
+    assert_eq!(db.store.count_records("phone-1").await.unwrap(), 1);
+    let r = &db.store.device_records("phone-1", 1).await.unwrap()[0];
+    assert_eq!(r.battery_pct, Some(77));
+
+    // Form body instead of a query.
+    assert_eq!(
+        http(
+            addr,
+            "POST",
+            "/",
+            &format!("id=phone-1&lat=55.2&lon=12.2&timestamp={}", ts + 1)
+        )
+        .await,
+        200
+    );
+    assert_eq!(db.store.count_records("phone-1").await.unwrap(), 2);
+
+    // Unknown device, missing/wrong token, malformed report.
+    assert_eq!(http(addr, "GET", "/?id=nobody&lat=1&lon=1", "").await, 403);
+    assert_eq!(http(addr, "GET", "/?id=phone-2&lat=1&lon=1", "").await, 403);
+    assert_eq!(
+        http(addr, "GET", "/?id=phone-2&lat=1&lon=1&token=wrong", "").await,
+        403
+    );
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            "/?id=phone-2&lat=1&lon=1&token=tok-secret-2",
+            ""
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        http(addr, "GET", "/?id=phone-1&lat=95&lon=1", "").await,
+        400
+    );
+    assert_eq!(http(addr, "GET", "/?lat=1&lon=1", "").await, 400);
+    assert_eq!(db.store.count_records("phone-2").await.unwrap(), 1);
+    assert_eq!(db.store.count_records("nobody").await.unwrap(), 0);
+    svc.stop().await;
+}
+
+/// True when the broker answers; otherwise SKIPPED (or a panic under CI=true).
+async fn mosquitto_available(url: &str) -> bool {
+    let u = em_ingest::config::MqttUrl::parse(url).expect("MQTT_URL");
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((u.host.as_str(), u.port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => true,
+        _ => {
+            let msg = format!("MQTT broker not reachable at {url}; set MQTT_URL");
+            if in_ci() {
+                panic!("CI=true and {msg}");
+            }
+            eprintln!("\n*** SKIPPED: {msg} ***\n");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_em_telemetry_is_stored_and_unknown_devices_dropped() {
+    let url = mqtt_url();
+    if !mosquitto_available(&url).await {
+        return;
+    }
+    let db = sqlite_db().await;
+    let suffix = std::process::id();
+    let dev = format!("em-test-{suffix}");
+    let unknown = format!("em-unknown-{suffix}");
+    register(&*db.store, &dev, Protocol::Em, None).await;
+    let mut cfg = test_config(&db);
+    cfg.mqtt.enabled = true;
+    cfg.mqtt.url = url.clone();
+    cfg.mqtt.client_id = format!("em-ingest-test-{suffix}");
+    let svc = start(cfg).await;
+    // Let the subscription be in place before publishing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let u = em_ingest::config::MqttUrl::parse(&url).unwrap();
+    let mut o = MqttOptions::new(format!("em-test-device-{suffix}"), u.host, u.port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(o, 16);
+    let acked = std::sync::Arc::new(tokio::sync::Notify::new());
+    let a2 = acked.clone();
+    let poller = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => a2.notify_one(),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let t = now_s();
+    let payload = serde_json::json!([
+        {"seq": 1, "time": t.to_rfc3339(), "position": {"lat": 55.6, "lon": 12.5}, "battery_pct": 90},
+        {"seq": 2, "time": (t + chrono::Duration::seconds(1)).to_rfc3339(), "position": {"lat": 55.61, "lon": 12.5}}
+    ]);
+    client
+        .publish(
+            format!("em/v1/{dev}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            payload.to_string(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            format!("em/v1/{dev}/event"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::json!({"seq": 3, "time": t.to_rfc3339(), "events": ["strap_tamper"]})
+                .to_string(),
+        )
+        .await
+        .unwrap();
+    // Unknown device and malformed payload: dropped, nothing stored.
+    client
+        .publish(
+            format!("em/v1/{unknown}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::json!({"seq": 1, "time": t.to_rfc3339()}).to_string(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            format!("em/v1/{dev}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            "not json",
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(T, acked.notified())
+        .await
+        .expect("broker PUBACK");
+
+    eventually("EM records stored", T, || async {
+        db.store.count_records(&dev).await.unwrap() == 3
+    })
+    .await;
+    let recs = db.store.device_records(&dev, 10).await.unwrap();
+    assert!(recs
+        .iter()
+        .any(|r| r.events.contains(&em_model::DeviceEventKind::StrapTamper)));
+    assert!(recs.iter().all(|r| r.protocol == Protocol::Em));
+    // Give the dropped ones time to (not) arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db.store.count_records(&unknown).await.unwrap(), 0);
+    assert_eq!(db.store.count_records(&dev).await.unwrap(), 3);
+    poller.abort();
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_carries_em_telemetry() {
+    let db = sqlite_db().await;
+    let dev = "em-embedded-1";
+    register(&*db.store, dev, Protocol::Em, None).await;
+    let mut cfg = test_config(&db);
+    let port = free_port();
+    cfg.mqtt.enabled = true;
+    cfg.mqtt.broker.enabled = true;
+    cfg.mqtt.broker.bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    cfg.mqtt.url = format!("mqtt://127.0.0.1:{port}");
+    let svc = start(cfg).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut o = MqttOptions::new("embedded-device", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(o, 16);
+    let poller = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let t = now_s();
+    client
+        .publish(
+            format!("em/v1/{dev}/status"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::json!({"seq": 7, "time": t.to_rfc3339(), "battery_pct": 50}).to_string(),
+        )
+        .await
+        .unwrap();
+    eventually("stored via the embedded broker", T, || async {
+        db.store.count_records(dev).await.unwrap() == 1
+    })
+    .await;
+    poller.abort();
+    svc.stop().await;
+}
