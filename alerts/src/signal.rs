@@ -33,7 +33,10 @@ pub struct Signal {
     /// `zone_name` (string), `window` ("19:00–07:00"), `distance_m` (metres outside an
     /// inclusion zone / inside an exclusion zone / from the protected person), `radius_m`
     /// (allowed victim distance), `fix_time` and `last_fix_time` (RFC 3339), `battery_pct`,
-    /// `last_contact` (RFC 3339), `silent_secs`, `offset_secs` (device clock minus server clock).
+    /// `last_contact` (RFC 3339), `silent_secs`, `offset_secs` or `skew_secs` (device clock
+    /// minus server clock), `not_charging_secs`, `reason` (`"device_reported"` for jamming the
+    /// tag itself reports), `last_valid_fix` (RFC 3339), `no_fix_secs`, and `window_start` /
+    /// `window_end` (RFC 3339, the curfew interval in force).
     pub evidence: serde_json::Value,
 }
 
