@@ -142,6 +142,9 @@ pub struct SimConfig {
     pub gt06_heartbeat_every: u32,
     /// After the devices stop, how long to keep listening for alerts still in flight.
     pub alert_grace: Duration,
+    /// Leave out (with a warning) devices whose protocol has no endpoint configured,
+    /// instead of failing validation. The demo sets it: the service may run without MQTT.
+    pub skip_devices_without_endpoint: bool,
 }
 
 impl SimConfig {
@@ -165,6 +168,17 @@ impl SimConfig {
             ack_timeout: Duration::from_secs(10),
             gt06_heartbeat_every: 1,
             alert_grace: Duration::from_secs(5),
+            skip_devices_without_endpoint: false,
+        }
+    }
+
+    /// Whether this configuration has an endpoint for `protocol`.
+    pub fn has_endpoint(&self, protocol: Protocol) -> bool {
+        match protocol {
+            Protocol::Gt06 => self.gt06.is_some(),
+            Protocol::Teltonika => self.teltonika.is_some(),
+            Protocol::Em => self.mqtt.is_some(),
+            _ => false,
         }
     }
 
@@ -175,6 +189,7 @@ impl SimConfig {
         cfg.pacing = Pacing::Interval(Duration::from_secs(3));
         cfg.duration = None;
         cfg.ramp_up = Duration::from_millis(500);
+        cfg.skip_devices_without_endpoint = true;
         cfg
     }
 
@@ -210,18 +225,16 @@ impl SimConfig {
             ));
         }
         for d in &self.devices {
-            let ok = match d.protocol {
-                Protocol::Gt06 => self.gt06.is_some(),
-                Protocol::Teltonika => self.teltonika.is_some(),
-                Protocol::Em => self.mqtt.is_some(),
-                other => {
-                    return Err(SimConfigError::Other(format!(
-                        "device {}: the simulator does not speak {other}",
-                        d.device_id
-                    )))
-                }
-            };
-            if !ok {
+            if !matches!(
+                d.protocol,
+                Protocol::Gt06 | Protocol::Teltonika | Protocol::Em
+            ) {
+                return Err(SimConfigError::Other(format!(
+                    "device {}: the simulator does not speak {}",
+                    d.device_id, d.protocol
+                )));
+            }
+            if !self.has_endpoint(d.protocol) && !self.skip_devices_without_endpoint {
                 return Err(SimConfigError::Other(format!(
                     "device {} uses {} but no {} address is configured",
                     d.device_id,
@@ -479,7 +492,24 @@ pub async fn run_with_stats(
     shutdown: CancellationToken,
     stats: Arc<LiveStats>,
 ) -> anyhow::Result<SimReport> {
+    let mut cfg = cfg;
     cfg.validate()?;
+    if cfg.skip_devices_without_endpoint {
+        let before = cfg.devices.len();
+        let keep: Vec<SimDevice> = cfg
+            .devices
+            .iter()
+            .filter(|d| cfg.has_endpoint(d.protocol))
+            .cloned()
+            .collect();
+        if keep.len() < before {
+            tracing::warn!(
+                skipped = before - keep.len(),
+                "simulated devices left out: no endpoint for their protocol"
+            );
+        }
+        cfg.devices = keep;
+    }
     let start = tokio::time::Instant::now();
     let started = Instant::now();
     let interval = cfg.device_interval();

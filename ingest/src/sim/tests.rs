@@ -230,6 +230,10 @@ fn config_validation() {
     assert!(cfg.validate().unwrap_err().to_string().contains("MQTT"));
     cfg.mqtt = Some("mqtt://127.0.0.1:1883".parse().unwrap());
     cfg.validate().unwrap();
+    let mut lenient = cfg.clone();
+    lenient.mqtt = None;
+    lenient.skip_devices_without_endpoint = true;
+    lenient.validate().unwrap();
     cfg.pacing = Pacing::TotalRate(0.0);
     assert!(cfg.validate().is_err());
     cfg.pacing = Pacing::TotalRate(f64::NAN);
