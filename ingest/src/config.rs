@@ -537,12 +537,14 @@ impl Config {
         self.alerts
             .validate()
             .map_err(|e| inv(format!("[alerts] {e}")))?;
-        if self.demo.enabled && self.demo.simulate {
-            if self.listeners.gt06_port == 0 && self.listeners.teltonika_port == 0 {
-                return Err(inv(
-                    "demo.simulate needs the GT06 or Teltonika listener (a port > 0)".into(),
-                ));
-            }
+        if self.demo.enabled
+            && self.demo.simulate
+            && self.listeners.gt06_port == 0
+            && self.listeners.teltonika_port == 0
+        {
+            return Err(inv(
+                "demo.simulate needs the GT06 or Teltonika listener (a port > 0)".into(),
+            ));
         }
         Ok(())
     }

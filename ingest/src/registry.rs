@@ -183,7 +183,11 @@ impl Registry {
         at: DateTime<Utc>,
     ) -> Result<Option<SubjectId>, StoreError> {
         if let Some(a) = self.read().assignments.get(device_id) {
-            if a.from <= at && a.to.map_or(true, |to| at < to) {
+            let before_end = match a.to {
+                Some(to) => at < to,
+                None => true,
+            };
+            if a.from <= at && before_end {
                 return Ok(Some(a.subject_id));
             }
         }
