@@ -464,6 +464,9 @@ impl SubjectMonitor {
     }
 
     /// Process one record of the subject's own device. Returns the state changes.
+    ///
+    /// Zone edits and group bindings are noticed through [`ZoneIndex::generation`]; a
+    /// changed `Subject::timezone` is picked up on the next [`SubjectMonitor::on_tick`].
     pub fn on_record(
         &mut self,
         index: &ZoneIndex,
