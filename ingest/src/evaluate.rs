@@ -276,12 +276,7 @@ impl Evaluator {
     }
 
     fn owner_device(&self, subject: SubjectId) -> Option<DeviceId> {
-        self.ctx
-            .registry
-            .current_assignments()
-            .into_iter()
-            .find(|a| a.subject_id == subject)
-            .map(|a| a.device_id)
+        self.ctx.registry.device_of(subject)
     }
 
     async fn dynamic_update(&mut self, subject_id: SubjectId, device_id: &str, at: DateTime<Utc>) {

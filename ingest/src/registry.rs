@@ -45,6 +45,8 @@ impl std::fmt::Display for Refusal {
 struct Cache {
     devices: HashMap<DeviceId, Device>,
     assignments: HashMap<DeviceId, Assignment>,
+    /// Current device of each subject.
+    by_subject: HashMap<SubjectId, DeviceId>,
     /// Devices recently found missing in the store, with the time of the look-up.
     misses: HashMap<DeviceId, Instant>,
 }
@@ -80,6 +82,10 @@ impl Registry {
         c.devices = devices
             .into_iter()
             .map(|d| (d.device_id.clone(), d))
+            .collect();
+        c.by_subject = assignments
+            .iter()
+            .map(|a| (a.subject_id, a.device_id.clone()))
             .collect();
         c.assignments = assignments
             .into_iter()
@@ -169,6 +175,11 @@ impl Registry {
     /// Current assignment of a device, from the cache.
     pub fn current_assignment(&self, device_id: &str) -> Option<Assignment> {
         self.read().assignments.get(device_id).cloned()
+    }
+
+    /// The device a subject currently wears, from the cache.
+    pub fn device_of(&self, subject: SubjectId) -> Option<DeviceId> {
+        self.read().by_subject.get(&subject).cloned()
     }
 
     /// All current assignments (device → subject), from the cache.

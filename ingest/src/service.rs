@@ -91,12 +91,8 @@ pub async fn load_orders(
     let all_zones = store.list_zones(None).await?;
     let mut bindings = Vec::new();
     for s in &all_subjects {
-        for z in store.list_zones(Some(s.id)).await? {
-            if let Some(g) = z.group.as_deref() {
-                if z.subject_id != Some(s.id) {
-                    bindings.push((s.id, g.to_owned()));
-                }
-            }
+        for g in store.subject_zone_groups(s.id).await? {
+            bindings.push((s.id, g));
         }
     }
     {
