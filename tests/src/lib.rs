@@ -33,12 +33,15 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-/// Reports a missing server: panics under CI, otherwise prints a loud `SKIPPED` line.
+/// Reports a missing server: panics under CI, otherwise prints a loud `SKIPPED` line. The
+/// line goes straight to the process's stderr (not the test harness's captured output), so
+/// it shows even for a passing run.
 pub fn skip_or_fail(msg: &str) {
     if in_ci() {
         panic!("CI=true and {msg}");
     }
-    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {msg} ***\n");
 }
 
 /// `MQTT_URL`, or `mqtt://127.0.0.1:1883`.
@@ -61,7 +64,15 @@ pub fn init_logs() {
 /// service is configured with. `None` (after `SKIPPED`, or a panic under CI) without a server.
 pub async fn postgres() -> Option<(Arc<dyn Store>, String)> {
     init_logs();
-    em_store::testing::postgres_store_with_schema().await
+    let found = em_store::testing::postgres_store_with_schema().await;
+    if found.is_none() {
+        // em-store has already panicked under CI; repeat its notice where it is seen.
+        skip_or_fail(&format!(
+            "PostgreSQL not reachable at {}; set DATABASE_URL",
+            em_store::redact_url(&em_store::testing::database_url())
+        ));
+    }
+    found
 }
 
 /// The MQTT broker's host and port when it accepts TCP connections; otherwise `None` after

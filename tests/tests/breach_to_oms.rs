@@ -42,6 +42,8 @@ struct Hit {
     key: String,
     event_header: String,
     attempt: u32,
+    /// `X-EM-Timestamp`: Unix seconds of the attempt.
+    timestamp: i64,
     signature_ok: bool,
     /// Accepted, but the key had been processed before (absorbed by idempotency).
     duplicate: bool,
@@ -109,6 +111,7 @@ async fn webhook(State(oms): State<Arc<Oms>>, headers: HeaderMap, body: Bytes) -
         key: key.clone(),
         event_header: header(&headers, "x-em-event"),
         attempt: header(&headers, "x-em-attempt").parse().unwrap_or(0),
+        timestamp: header(&headers, "x-em-timestamp").parse().unwrap_or(0),
         signature_ok,
         duplicate: false,
         body: parsed.clone(),
@@ -337,6 +340,11 @@ async fn curfew_breach_reaches_the_oms_signed_and_survives_an_outage() {
     assert!(created.signature_ok, "signature verified by the OMS");
     assert_eq!(created.event_header, "alert.created");
     assert!(!created.key.is_empty(), "Idempotency-Key header present");
+    assert!(
+        (Utc::now().timestamp() - created.timestamp).abs() < 120,
+        "X-EM-Timestamp is the time of the attempt ({})",
+        created.timestamp
+    );
     let body = created.body.clone().expect("JSON body");
     let payload: OmsPayload = serde_json::from_value(body.clone()).expect("OMS payload shape");
     assert_eq!(payload.id, created.key, "body id = Idempotency-Key");
