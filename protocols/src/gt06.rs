@@ -324,6 +324,10 @@ impl Gt06Frame {
             Gt06Message::Location { gps, .. } => {
                 r.device_time = gps.time;
                 r.position = gps_position(gps);
+                // The serial is a transport counter: a buffered fix re-uploaded after a lost
+                // ACK comes with a new serial. The fix's identity is (device, GPS time), so
+                // leave `seq` empty and let the store de-duplicate on the device time.
+                r.seq = None;
             }
             Gt06Message::Status(status) => {
                 apply_status(&mut r, status);
@@ -333,6 +337,7 @@ impl Gt06Frame {
                 r.device_time = gps.time;
                 r.position = gps_position(gps);
                 apply_status(&mut r, status);
+                r.seq = None; // identity is (device, GPS time), as for locations
             }
             Gt06Message::Lbs { time, .. } => {
                 // A cell-only report: no coordinates without a cell database.
