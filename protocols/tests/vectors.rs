@@ -96,6 +96,9 @@ fn gt06_location_example() {
     assert_eq!(p.course_deg, Some(143.0));
     assert_eq!(r.device_time, gps.time);
     assert_eq!(r.received_time, now());
+    // The serial is a transport counter, not the fix's identity: a re-upload of the same
+    // fix with another serial must map to the same record key (device, device time, seq).
+    assert_eq!(r.seq, None);
 }
 
 // Heartbeat captured from a device and discussed against the GT06 document
