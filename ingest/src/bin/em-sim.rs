@@ -96,6 +96,17 @@ struct Args {
     /// the service accepts them (it must load them: start or reload it afterwards).
     #[arg(long, value_name = "DB_URL")]
     register: Option<String>,
+    /// With --register: also create one subject per device with a home zone under a curfew
+    /// in force for --curfew-hours, assigned to the device, so misbehaviours raise alerts
+    /// (restart the service afterwards so it loads the orders).
+    #[arg(long, requires = "register")]
+    register_subjects: bool,
+    /// Hours the curfew of --register-subjects stays in force.
+    #[arg(long, default_value_t = 2)]
+    curfew_hours: i64,
+    /// With --register: register the devices and exit without simulating.
+    #[arg(long, requires = "register")]
+    register_only: bool,
     /// IMEI prefix (up to 13 digits): device i gets prefix + zero-padded i + Luhn digit. Use
     /// the prefix of devices the service already knows instead of --register.
     #[arg(long, default_value = "35")]
@@ -235,14 +246,28 @@ async fn build_config(args: &Args) -> anyhow::Result<SimConfig> {
         misbehave_after_secs: args.misbehave_after,
         ..FleetSpec::default()
     };
-    let devices = generate_fleet(&spec)?;
+    let mut devices = generate_fleet(&spec)?;
 
     if let Some(url) = &args.register {
         let store = em_store::connect(url)
             .await
             .map_err(|e| anyhow::anyhow!("--register: {e}"))?;
-        let n = sim::register_devices(store.as_ref(), &devices).await?;
-        eprintln!("registered {n} devices in the {} store", store.backend());
+        if args.register_subjects {
+            let n = sim::register_subjects(
+                store.as_ref(),
+                &mut devices,
+                chrono::Utc::now(),
+                args.curfew_hours,
+            )
+            .await?;
+            eprintln!(
+                "registered {n} devices with subjects and curfew homes in the {} store",
+                store.backend()
+            );
+        } else {
+            let n = sim::register_devices(store.as_ref(), &devices).await?;
+            eprintln!("registered {n} devices in the {} store", store.backend());
+        }
     }
 
     let mut cfg = SimConfig::new(devices);
@@ -293,6 +318,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let cfg = build_config(&args).await?;
+    if args.register_only {
+        return Ok(());
+    }
 
     let tcp_devices = cfg
         .devices

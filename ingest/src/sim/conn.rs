@@ -651,3 +651,88 @@ pub fn em_message(
         .map_err(|e| ConnError::Encode(e.to_string()))?;
     Ok((topic, body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use em_model::{FixSource, Position};
+
+    fn report(events: Vec<DeviceEventKind>, strap_intact: bool) -> Report {
+        Report {
+            position: Position {
+                lat: 55.6761,
+                lon: 12.5683,
+                accuracy_m: Some(6.5),
+                speed_kmh: Some(4.2),
+                course_deg: Some(359.7),
+                altitude_m: Some(12.0),
+                satellites: Some(9),
+                valid: true,
+                source: FixSource::Gnss,
+            },
+            battery_pct: 18,
+            charging: false,
+            strap_intact,
+            events,
+            expect_alert: None,
+        }
+    }
+
+    #[test]
+    fn em_messages_decode_with_the_service_codec() {
+        let t = DateTime::from_timestamp(1_750_000_000, 0).unwrap();
+        let (topic, body) = em_message("864425000000046", 7, &report(vec![], true), t).unwrap();
+        assert_eq!(topic, "em/v1/864425000000046/telemetry");
+        let msg = em_protocols::em::decode(&topic, &body).unwrap();
+        let recs = msg.to_records(t);
+        assert_eq!(recs.len(), 1);
+        let r = &recs[0];
+        assert_eq!(r.seq, Some(7));
+        assert_eq!(r.battery_pct, Some(18));
+        assert_eq!(r.device_time, t);
+        let p = r.position.unwrap();
+        assert!((p.lat - 55.6761).abs() < 1e-9 && p.accuracy_m == Some(6.5));
+        assert!(r.events.is_empty());
+
+        let (topic, body) = em_message(
+            "864425000000046",
+            8,
+            &report(vec![DeviceEventKind::StrapTamper], false),
+            t,
+        )
+        .unwrap();
+        assert_eq!(topic, "em/v1/864425000000046/event");
+        let r = &em_protocols::em::decode(&topic, &body)
+            .unwrap()
+            .to_records(t)[0];
+        assert_eq!(r.events, vec![DeviceEventKind::StrapTamper]);
+    }
+
+    #[test]
+    fn teltonika_packets_decode_with_the_service_codec() {
+        use em_protocols::teltonika::TeltonikaCodec;
+        use tokio_util::codec::Decoder;
+        let t = DateTime::from_timestamp(1_750_000_000, 0).unwrap();
+        let mut codec = TeltonikaCodec::with_imei("352094000000015");
+        let mut buf = BytesMut::new();
+        TeltonikaConn::packet(&report(vec![], true), t)
+            .encode(&mut buf)
+            .unwrap();
+        let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
+        let recs = frame.to_records("352094000000015", t);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].battery_pct, Some(18));
+        let p = recs[0].position.unwrap();
+        assert!((p.lon - 12.5683).abs() < 1e-6 && p.valid);
+        assert_eq!(frame.response().unwrap().as_ref(), &[0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn gt06_voltage_levels() {
+        assert_eq!(gt06_voltage_level(100), 6);
+        assert_eq!(gt06_voltage_level(0), 0);
+        assert_eq!(gt06_voltage_level(18), 1);
+        assert_eq!(gt06_voltage_level(60), 4);
+        assert_eq!(gt06_voltage_level(255), 6);
+    }
+}

@@ -1008,5 +1008,104 @@ pub async fn register_devices(store: &dyn Store, devices: &[SimDevice]) -> anyho
     Ok(n)
 }
 
+/// Reference of the subject [`register_subjects`] creates for a device.
+pub fn sim_subject_reference(device_id: &str) -> String {
+    format!("SIM-{device_id}")
+}
+
+/// Register `devices` and, for each, a subject (`SIM-{device_id}`, Europe/Copenhagen) with a
+/// circular curfew home zone at the device's home whose curfew is in force from
+/// `now - 10 min` for `hours` (an extra-curfew exception), and assign the device to it, so
+/// the scripted misbehaviours of a load run raise real alerts (the service must load the
+/// orders: start it afterwards). Sets `subject_id` on the devices. Idempotent.
+pub async fn register_subjects(
+    store: &dyn Store,
+    devices: &mut [SimDevice],
+    now: chrono::DateTime<chrono::Utc>,
+    hours: i64,
+) -> anyhow::Result<usize> {
+    use em_model::{
+        BreachRules, ExceptionKind, ScheduleException, ScheduleSpec, Subject, ZoneGeometry,
+        ZoneKind, ZoneSpec,
+    };
+    use futures::StreamExt;
+    register_devices(store, devices).await?;
+    let existing: HashMap<String, Subject> = store
+        .list_subjects(None)
+        .await?
+        .into_iter()
+        .map(|s| (s.reference.clone(), s))
+        .collect();
+    let existing = &existing;
+    let from = now - chrono::Duration::minutes(10);
+    let until = now + chrono::Duration::hours(hours.max(1));
+    let ids: Vec<anyhow::Result<SubjectId>> = futures::stream::iter(devices.iter())
+        .map(|d| async move {
+            let reference = sim_subject_reference(&d.device_id);
+            let prev = existing.get(&reference);
+            let subject_id = store
+                .upsert_subject(&Subject {
+                    id: prev.map_or(0, |s| s.id),
+                    reference,
+                    display_name: format!("Simulated subject {}", d.device_id),
+                    officer_id: None,
+                    timezone: "Europe/Copenhagen".into(),
+                    order_start: Some(prev.and_then(|s| s.order_start).unwrap_or(from)),
+                    order_end: None,
+                    rules: BreachRules {
+                        buffer_m: 25.0,
+                        consecutive_fixes: 3,
+                        persist_secs: 30,
+                        no_fix_secs: 600,
+                    },
+                })
+                .await?;
+            let zone_id = if prev.is_some() {
+                store
+                    .list_zones(Some(subject_id))
+                    .await?
+                    .into_iter()
+                    .find(|z| z.is_curfew_home && z.subject_id == Some(subject_id))
+                    .map_or(0, |z| z.id)
+            } else {
+                0
+            };
+            store
+                .upsert_zone(&ZoneSpec {
+                    id: zone_id,
+                    subject_id: Some(subject_id),
+                    group: None,
+                    name: "Home".into(),
+                    kind: ZoneKind::Inclusion,
+                    geometry: ZoneGeometry::Circle {
+                        center: d.home,
+                        radius_m: d.home_radius_m,
+                    },
+                    schedule: Some(ScheduleSpec {
+                        windows: Vec::new(),
+                        exceptions: vec![ScheduleException {
+                            kind: ExceptionKind::ExtraCurfew,
+                            start: from,
+                            end: until,
+                            note: Some("sim: curfew for the load run".into()),
+                        }],
+                    }),
+                    is_curfew_home: true,
+                })
+                .await?;
+            if store.subject_for_device_at(&d.device_id, now).await? != Some(subject_id) {
+                store.assign_device(&d.device_id, subject_id, now).await?;
+            }
+            Ok(subject_id)
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    for (d, id) in devices.iter_mut().zip(ids) {
+        d.subject_id = Some(id?);
+    }
+    Ok(devices.len())
+}
+
 #[cfg(test)]
 mod tests;

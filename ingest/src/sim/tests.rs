@@ -320,3 +320,41 @@ fn alert_notices_match_pending_expectations() {
     assert!(ctx.pending.lock().unwrap().is_empty());
     assert_eq!(ctx.matched.lock().unwrap().values().sum::<u64>(), 2);
 }
+
+#[tokio::test]
+async fn register_subjects_is_idempotent_and_puts_homes_under_curfew() {
+    let store = em_store::testing::sqlite_store().await;
+    let mut shares = BehaviourShares::none();
+    shares.leave_home = 0.5;
+    let mut devs = fleet(6, "gt06=1,teltonika=1,mqtt=1", shares);
+    let now = chrono::Utc::now();
+    assert_eq!(
+        register_subjects(store.as_ref(), &mut devs, now, 2)
+            .await
+            .unwrap(),
+        6
+    );
+    let first: Vec<_> = devs.iter().map(|d| d.subject_id).collect();
+    assert!(first.iter().all(Option::is_some));
+    register_subjects(store.as_ref(), &mut devs, now, 2)
+        .await
+        .unwrap();
+    assert_eq!(devs.iter().map(|d| d.subject_id).collect::<Vec<_>>(), first);
+    assert_eq!(store.list_subjects(None).await.unwrap().len(), 6);
+    assert_eq!(store.list_zones(None).await.unwrap().len(), 6);
+    assert_eq!(store.current_assignments().await.unwrap().len(), 6);
+    let tz: chrono_tz::Tz = "Europe/Copenhagen".parse().unwrap();
+    for d in &devs {
+        let zones = store.list_zones(d.subject_id).await.unwrap();
+        let sched = zones[0].schedule.as_ref().unwrap();
+        let compiled = em_geofence::CompiledSchedule::compile(sched).unwrap();
+        assert!(compiled.state_at(tz, now).active);
+        assert_eq!(
+            store
+                .subject_for_device_at(&d.device_id, now)
+                .await
+                .unwrap(),
+            d.subject_id
+        );
+    }
+}
