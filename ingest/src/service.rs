@@ -81,29 +81,46 @@ fn sqlite_url(url: &str) -> anyhow::Result<String> {
     Ok(format!("{url}?mode=rwc"))
 }
 
-/// Loads zones, group bindings and subjects into the shared index and cache.
+/// Zone-group memberships per subject, as applied to the index.
+pub type GroupBindings = HashMap<em_model::SubjectId, Vec<String>>;
+
+/// Loads zones, group bindings and subjects into the shared index and cache; returns the
+/// bindings applied.
 pub async fn load_orders(
     store: &dyn Store,
     zones: &SharedZoneIndex,
     subjects: &SubjectCache,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<GroupBindings> {
     let all_subjects = store.list_subjects(None).await?;
     let all_zones = store.list_zones(None).await?;
-    let mut bindings = Vec::new();
+    let mut bindings = GroupBindings::new();
     for s in &all_subjects {
-        for g in store.subject_zone_groups(s.id).await? {
-            bindings.push((s.id, g));
+        let groups = store.subject_zone_groups(s.id).await?;
+        if !groups.is_empty() {
+            bindings.insert(s.id, groups);
         }
     }
     {
         let mut idx = zones.write();
+        // Zones deleted since an earlier load.
+        let keep: std::collections::HashSet<_> = all_zones.iter().map(|z| z.id).collect();
+        let stale: Vec<_> = idx
+            .zones()
+            .map(|z| z.id)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in stale {
+            idx.remove(id);
+        }
         for z in &all_zones {
             if let Err(e) = idx.upsert(z) {
                 tracing::error!(zone = z.id, error = %e, "zone rejected by the geofence engine; not enforced");
             }
         }
-        for (s, g) in &bindings {
-            idx.bind_group(*s, g);
+        for (s, groups) in &bindings {
+            for g in groups {
+                idx.bind_group(*s, g);
+            }
         }
     }
     tracing::info!(
@@ -112,7 +129,36 @@ pub async fn load_orders(
         "orders loaded"
     );
     subjects.replace_all(all_subjects);
-    Ok(())
+    Ok(bindings)
+}
+
+/// Re-reads one subject's zone groups and applies the difference to the index.
+async fn rebind_subject(
+    store: &dyn Store,
+    zones: &SharedZoneIndex,
+    bindings: &mut GroupBindings,
+    subject: em_model::SubjectId,
+) {
+    let groups = match store.subject_zone_groups(subject).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(subject, error = %e, "reading zone groups failed");
+            return;
+        }
+    };
+    let old = bindings.remove(&subject).unwrap_or_default();
+    {
+        let mut idx = zones.write();
+        for g in old.iter().filter(|g| !groups.contains(g)) {
+            idx.unbind_group(subject, g);
+        }
+        for g in groups.iter().filter(|g| !old.contains(g)) {
+            idx.bind_group(subject, g);
+        }
+    }
+    if !groups.is_empty() {
+        bindings.insert(subject, groups);
+    }
 }
 
 impl Service {
@@ -135,7 +181,7 @@ impl Service {
         let registry = Registry::load(store.clone()).await?;
         let zones = SharedZoneIndex::new(ZoneIndex::new());
         let subjects = SubjectCache::default();
-        load_orders(&*store, &zones, &subjects).await?;
+        let bindings = load_orders(&*store, &zones, &subjects).await?;
         let last_contacts: HashMap<_, _> = store
             .latest_states(None)
             .await?
@@ -266,6 +312,7 @@ impl Service {
         let changes = state.order_changes();
         bg.push(tokio::spawn(apply_order_changes(
             changes,
+            bindings,
             store.clone(),
             zones.clone(),
             subjects.clone(),
@@ -402,6 +449,7 @@ async fn bind_opt<P: crate::tcp::TcpProtocol>(
 
 async fn apply_order_changes(
     mut rx: tokio::sync::broadcast::Receiver<OrderChange>,
+    mut bindings: GroupBindings,
     store: Arc<dyn Store>,
     zones: SharedZoneIndex,
     subjects: SubjectCache,
@@ -422,12 +470,6 @@ async fn apply_order_changes(
                         tracing::error!(zone = z.id, error = %e, "zone rejected by the geofence engine")
                     }
                 }
-                if z.group.is_some() {
-                    // Group membership is derived from the store.
-                    if let Err(e) = load_orders(&*store, &zones, &subjects).await {
-                        tracing::error!(error = %e, "reloading orders failed");
-                    }
-                }
             }
             Ok(OrderChange::ZoneDeleted(id)) => {
                 zones.write().remove(id);
@@ -435,12 +477,22 @@ async fn apply_order_changes(
             }
             Ok(OrderChange::SubjectUpserted(s)) => {
                 tracing::info!(subject = s.id, "subject updated");
+                rebind_subject(&*store, &zones, &mut bindings, s.id).await;
                 subjects.insert(s);
             }
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "order changes lagged; reloading all orders");
-                if let Err(e) = load_orders(&*store, &zones, &subjects).await {
-                    tracing::error!(error = %e, "reloading orders failed");
+                {
+                    let mut idx = zones.write();
+                    for (subject, groups) in bindings.drain() {
+                        for g in groups {
+                            idx.unbind_group(subject, &g);
+                        }
+                    }
+                }
+                match load_orders(&*store, &zones, &subjects).await {
+                    Ok(b) => bindings = b,
+                    Err(e) => tracing::error!(error = %e, "reloading orders failed"),
                 }
             }
             Err(RecvError::Closed) => break,

@@ -260,3 +260,74 @@ async fn embedded_broker_carries_em_telemetry() {
     poller.abort();
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_splits_devices_between_instances() {
+    let url = mqtt_url();
+    if !mosquitto_available(&url).await {
+        return;
+    }
+    // Two instances on one database, one shared-subscription group.
+    let db = sqlite_db().await;
+    let suffix = std::process::id();
+    let group = format!("emtest{suffix}");
+    let devices: Vec<String> = (0..8).map(|i| format!("em-share-{suffix}-{i}")).collect();
+    for d in &devices {
+        register(&*db.store, d, Protocol::Em, None).await;
+    }
+    let mut instances = Vec::new();
+    for n in 0..2 {
+        let mut cfg = test_config(&db);
+        cfg.mqtt.enabled = true;
+        cfg.mqtt.url = url.clone();
+        cfg.mqtt.client_id = format!("em-ingest-share-{suffix}-{n}");
+        cfg.mqtt.shared_group = Some(group.clone());
+        instances.push(start(cfg).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let u = em_ingest::config::MqttUrl::parse(&url).unwrap();
+    let mut o = MqttOptions::new(format!("em-share-pub-{suffix}"), u.host, u.port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(o, 64);
+    let poller = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let t = now_s();
+    for (i, d) in devices.iter().enumerate() {
+        for k in 0..5i64 {
+            let p = serde_json::json!({
+                "seq": k, "time": (t + chrono::Duration::seconds(k)).to_rfc3339(),
+                "position": {"lat": 55.0 + i as f64 * 0.01, "lon": 12.0}
+            });
+            client
+                .publish(
+                    format!("em/v1/{d}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    p.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    for d in &devices {
+        eventually("shared-subscription records stored", T, || async {
+            db.store.count_records(d).await.unwrap() == 5
+        })
+        .await;
+    }
+    // Nothing is lost or duplicated with two consumers in the group.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for d in &devices {
+        assert_eq!(db.store.count_records(d).await.unwrap(), 5);
+    }
+    poller.abort();
+    for i in instances {
+        i.stop().await;
+    }
+}
