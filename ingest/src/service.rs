@@ -359,6 +359,11 @@ impl Service {
                         host: u.host,
                         port: u.port,
                     });
+                    // The alert feed is published on the same broker: the demo simulator
+                    // then measures fix→alert latency too.
+                    if cfg.mqtt.publish_alerts {
+                        sim.alerts_mqtt = sim.mqtt.clone();
+                    }
                 }
             }
             let s = shutdown.clone();
