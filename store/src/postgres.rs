@@ -11,8 +11,9 @@
 //!   batch touches a month not yet prepared) and a DEFAULT partition, so nothing is rejected.
 //!
 //! Batches are written with one `INSERT … SELECT FROM UNNEST(arrays)` per batch plus one
-//! `latest_state` upsert, in one transaction; `ON CONFLICT DO NOTHING` on
-//! (device_id, device_time, seq) makes re-sent records harmless.
+//! `latest_state` upsert, in one transaction; a plain insert that falls back to
+//! `ON CONFLICT DO NOTHING` on (device_id, device_time, seq) when a batch holds an already stored
+//! record makes re-sent records harmless (see [`fixes`] for the details and why).
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -27,6 +28,9 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use crate::common::*;
 use crate::*;
+
+mod baseline;
+pub mod fixes;
 
 /// Embedded migrations of the PostgreSQL schema (`store/migrations/postgres`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -58,6 +62,11 @@ fn timescale_steps() -> Vec<String> {
             charging        BOOLEAN,
             beacon_in_range BOOLEAN,
             extra           JSONB NOT NULL,
+            course_deg      REAL,
+            altitude_m      REAL,
+            satellites      SMALLINT,
+            fix_source      TEXT,
+            gsm_signal      SMALLINT,
             CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq))"
             .into(),
         "SELECT create_hypertable('positions', 'device_time',
@@ -178,6 +187,8 @@ pub struct PgStore {
     layout: PositionsLayout,
     /// Months whose native partition is known to exist (avoids a round trip per batch).
     ensured_months: Mutex<HashSet<i32>>,
+    /// When a batch last met an already stored record (selects the insert form).
+    duplicates: fixes::DuplicateWindow,
 }
 
 impl PgStore {
@@ -223,6 +234,7 @@ impl PgStore {
             pool,
             layout,
             ensured_months: Mutex::new(HashSet::new()),
+            duplicates: fixes::DuplicateWindow::new(),
         };
         if layout == PositionsLayout::NativePartitions {
             // Last month through two months ahead.
@@ -274,6 +286,7 @@ impl PgStore {
                     .await?;
             }
         }
+        fixes::ensure_position_columns(conn).await?;
         Ok(layout)
     }
 
@@ -319,22 +332,32 @@ impl PgStore {
         &self.pool
     }
 
+    /// Writes a batch the way the store did before issue #4 (every row through
+    /// `ON CONFLICT DO NOTHING`, per-row JSON for the non-column fields). Same guarantees as
+    /// [`Store::insert_records`], slower; kept as the comparison baseline of
+    /// `examples/insert_bench.rs` and to test that rows of both formats read back alike.
+    pub async fn insert_records_baseline(&self, records: &[StoredRecord]) -> Result<()> {
+        baseline::insert_records(self, records).await
+    }
+
     /// Creates native partitions for the months of a batch (within two years back and two
     /// months ahead; anything else lands in the default partition). Failures are logged, never
     /// fatal: the default partition accepts every row.
-    async fn ensure_partitions_for(&self, rows: &[RecordRow]) {
+    pub(crate) async fn ensure_partitions_for(&self, device_times: &[DateTime<Utc>]) {
         if self.layout != PositionsLayout::NativePartitions {
             return;
         }
         let now = month_index(Utc::now());
-        let wanted: HashSet<i32> = rows
-            .iter()
-            .map(|r| month_index(r.device_time))
-            .filter(|m| (now - 24..=now + 2).contains(m))
-            .collect();
+        let mut wanted: Vec<i32> = Vec::new();
+        for t in device_times {
+            let m = month_index(*t);
+            if (now - 24..=now + 2).contains(&m) && !wanted.contains(&m) {
+                wanted.push(m);
+            }
+        }
         let missing: Vec<i32> = match self.ensured_months.lock() {
-            Ok(known) => wanted.difference(&known).copied().collect(),
-            Err(_) => wanted.into_iter().collect(),
+            Ok(known) => wanted.into_iter().filter(|m| !known.contains(m)).collect(),
+            Err(_) => wanted,
         };
         for m in missing {
             let Some(start) = month_start(m) else {
@@ -539,7 +562,7 @@ fn audit_from_row(r: &PgRow) -> Result<AuditEntry> {
 }
 
 fn record_from_row(r: &PgRow) -> Result<Record> {
-    record_from_parts(
+    let mut record = record_from_parts(
         r.try_get("device_id")?,
         r.try_get::<&str, _>("protocol")?,
         r.try_get("device_time")?,
@@ -554,7 +577,34 @@ fn record_from_row(r: &PgRow) -> Result<Record> {
         r.try_get("charging")?,
         r.try_get("beacon_in_range")?,
         r.try_get("extra")?,
-    )
+    )?;
+    // Rows of the fast write path hold these in columns (NULL in rows of the earlier path,
+    // which kept them in `extra`).
+    if let Some(g) = r.try_get::<Option<i16>, _>("gsm_signal")? {
+        record.gsm_signal = small_u8("GSM signal", Some(i64::from(g)))?;
+    }
+    if let Some(p) = record.position.as_mut() {
+        apply_position_columns(r, p)?;
+    }
+    Ok(record)
+}
+
+/// Overrides a position's course, altitude, satellites and source with the row's columns where
+/// they are set (`positions` and `latest_state` share the column names).
+fn apply_position_columns(r: &PgRow, p: &mut Position) -> Result<()> {
+    if let Some(c) = r.try_get::<Option<f32>, _>("course_deg")? {
+        p.course_deg = Some(c);
+    }
+    if let Some(a) = r.try_get::<Option<f32>, _>("altitude_m")? {
+        p.altitude_m = Some(a);
+    }
+    if let Some(s) = r.try_get::<Option<i16>, _>("satellites")? {
+        p.satellites = small_u8("satellites", Some(i64::from(s)))?;
+    }
+    if let Some(src) = r.try_get::<Option<&str>, _>("fix_source")? {
+        p.source = fixes::fix_source_from_str(src)?;
+    }
+    Ok(())
 }
 
 fn zone_kind_str(k: ZoneKind) -> &'static str {
@@ -563,56 +613,6 @@ fn zone_kind_str(k: ZoneKind) -> &'static str {
         ZoneKind::Exclusion => "exclusion",
     }
 }
-
-const RECORDS_INSERT: &str = "
-INSERT INTO positions (device_id, device_time, seq, received_time, subject_id, protocol, lat, lon,
-    accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra)
-SELECT d, t, s, rt, sub, p, la, lo, acc, spd, v, bat, chg, bcn, ex::jsonb
-FROM UNNEST($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[], $5::int8[], $6::text[],
-    $7::float8[], $8::float8[], $9::float4[], $10::float4[], $11::bool[], $12::int2[], $13::bool[],
-    $14::bool[], $15::text[])
-    AS u(d, t, s, rt, sub, p, la, lo, acc, spd, v, bat, chg, bcn, ex)
-ON CONFLICT (device_id, device_time, seq) DO NOTHING";
-
-/// One statement for all subjects of a batch; each field only moves forward in device time.
-const LATEST_UPSERT: &str = "
-INSERT INTO latest_state AS ls (subject_id, device_id, last_contact, lat, lon, accuracy_m, speed_kmh,
-    valid, position_extra, position_time, status_time, battery_pct, charging, beacon_in_range,
-    strap_ok, case_ok)
-SELECT sub, dev, lc, la, lo, acc, spd, v, px::jsonb, pt, st, bat, chg, bcn, strap, cse
-FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::float8[], $5::float8[], $6::float4[],
-    $7::float4[], $8::bool[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::int2[],
-    $13::bool[], $14::bool[], $15::bool[], $16::bool[])
-    AS u(sub, dev, lc, la, lo, acc, spd, v, px, pt, st, bat, chg, bcn, strap, cse)
-ON CONFLICT (subject_id) DO UPDATE SET
-    device_id = CASE WHEN EXCLUDED.last_contact >= ls.last_contact THEN EXCLUDED.device_id ELSE ls.device_id END,
-    last_contact = GREATEST(ls.last_contact, EXCLUDED.last_contact),
-    lat = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.lat ELSE ls.lat END,
-    lon = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.lon ELSE ls.lon END,
-    accuracy_m = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.accuracy_m ELSE ls.accuracy_m END,
-    speed_kmh = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.speed_kmh ELSE ls.speed_kmh END,
-    valid = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.valid ELSE ls.valid END,
-    position_extra = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.position_extra ELSE ls.position_extra END,
-    position_time = CASE WHEN EXCLUDED.position_time >= ls.position_time OR (ls.position_time IS NULL AND EXCLUDED.position_time IS NOT NULL)
-               THEN EXCLUDED.position_time ELSE ls.position_time END,
-    battery_pct = CASE WHEN EXCLUDED.battery_pct IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.battery_pct ELSE ls.battery_pct END,
-    charging = CASE WHEN EXCLUDED.charging IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.charging ELSE ls.charging END,
-    beacon_in_range = CASE WHEN EXCLUDED.beacon_in_range IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.beacon_in_range ELSE ls.beacon_in_range END,
-    strap_ok = CASE WHEN EXCLUDED.strap_ok IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.strap_ok ELSE ls.strap_ok END,
-    case_ok = CASE WHEN EXCLUDED.case_ok IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.case_ok ELSE ls.case_ok END,
-    status_time = CASE WHEN EXCLUDED.status_time IS NOT NULL AND (ls.status_time IS NULL OR EXCLUDED.status_time >= ls.status_time)
-               THEN EXCLUDED.status_time ELSE ls.status_time END";
 
 #[async_trait]
 impl Store for PgStore {
@@ -931,144 +931,7 @@ impl Store for PgStore {
     }
 
     async fn insert_records(&self, records: &[StoredRecord]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let rows = records
-            .iter()
-            .map(RecordRow::from_stored)
-            .collect::<Result<Vec<_>>>()?;
-        self.ensure_partitions_for(&rows).await;
-        let n = rows.len();
-        let mut device_id = Vec::with_capacity(n);
-        let mut device_time = Vec::with_capacity(n);
-        let mut seq = Vec::with_capacity(n);
-        let mut received = Vec::with_capacity(n);
-        let mut subject = Vec::with_capacity(n);
-        let mut protocol = Vec::with_capacity(n);
-        let mut lat = Vec::with_capacity(n);
-        let mut lon = Vec::with_capacity(n);
-        let mut acc = Vec::with_capacity(n);
-        let mut speed = Vec::with_capacity(n);
-        let mut valid = Vec::with_capacity(n);
-        let mut battery = Vec::with_capacity(n);
-        let mut charging = Vec::with_capacity(n);
-        let mut beacon = Vec::with_capacity(n);
-        let mut extra = Vec::with_capacity(n);
-        for r in rows {
-            device_id.push(r.device_id);
-            device_time.push(r.device_time);
-            seq.push(r.seq);
-            received.push(r.received_time);
-            subject.push(r.subject_id);
-            protocol.push(r.protocol);
-            lat.push(r.lat);
-            lon.push(r.lon);
-            acc.push(r.accuracy_m);
-            speed.push(r.speed_kmh);
-            valid.push(r.valid);
-            battery.push(r.battery_pct);
-            charging.push(r.charging);
-            beacon.push(r.beacon_in_range);
-            extra.push(r.extra);
-        }
-        let deltas = fold_latest(records);
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(RECORDS_INSERT)
-            .bind(&device_id)
-            .bind(&device_time)
-            .bind(&seq)
-            .bind(&received)
-            .bind(&subject)
-            .bind(&protocol)
-            .bind(&lat)
-            .bind(&lon)
-            .bind(&acc)
-            .bind(&speed)
-            .bind(&valid)
-            .bind(&battery)
-            .bind(&charging)
-            .bind(&beacon)
-            .bind(&extra)
-            .execute(&mut *tx)
-            .await?;
-        if !deltas.is_empty() {
-            let mut pos_extra: Vec<Option<String>> = Vec::with_capacity(deltas.len());
-            for d in &deltas {
-                pos_extra.push(
-                    d.position
-                        .map(|p| {
-                            serde_json::to_string(&RecordExtra {
-                                course_deg: p.course_deg,
-                                altitude_m: p.altitude_m,
-                                satellites: p.satellites,
-                                source: Some(p.source),
-                                ..RecordExtra::default()
-                            })
-                            .map_err(|e| {
-                                StoreError::Invalid(format!("cannot encode position extras: {e}"))
-                            })
-                        })
-                        .transpose()?,
-                );
-            }
-            sqlx::query(LATEST_UPSERT)
-                .bind(deltas.iter().map(|d| d.subject_id).collect::<Vec<_>>())
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.device_id.clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(deltas.iter().map(|d| d.last_contact).collect::<Vec<_>>())
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.position.map(|p| p.lat))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.position.map(|p| p.lon))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.position.and_then(|p| p.accuracy_m))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.position.and_then(|p| p.speed_kmh))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.position.map(|p| p.valid))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(pos_extra)
-                .bind(deltas.iter().map(|d| d.position_time).collect::<Vec<_>>())
-                .bind(deltas.iter().map(|d| d.status_time).collect::<Vec<_>>())
-                .bind(
-                    deltas
-                        .iter()
-                        .map(|d| d.battery_pct.map(i16::from))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(deltas.iter().map(|d| d.charging).collect::<Vec<_>>())
-                .bind(deltas.iter().map(|d| d.beacon_in_range).collect::<Vec<_>>())
-                .bind(deltas.iter().map(|d| d.strap_ok).collect::<Vec<_>>())
-                .bind(deltas.iter().map(|d| d.case_ok).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        fixes::insert_records(self, records).await
     }
 
     async fn trail(
@@ -1125,7 +988,7 @@ impl Store for PgStore {
                                 Some(v) => from_json("position extras", v)?,
                                 None => RecordExtra::default(),
                             };
-                        Some(Position {
+                        let mut p = Position {
                             lat,
                             lon,
                             accuracy_m: r.try_get("accuracy_m")?,
@@ -1135,7 +998,9 @@ impl Store for PgStore {
                             satellites: extra.satellites,
                             valid: r.try_get::<Option<bool>, _>("valid")?.unwrap_or(false),
                             source: extra.source.unwrap_or_default(),
-                        })
+                        };
+                        apply_position_columns(r, &mut p)?;
+                        Some(p)
                     }
                     _ => None,
                 };
