@@ -34,6 +34,11 @@ use crate::registry::Registry;
 
 /// Frames a connection may have queued (stored or not) ahead of their ACK.
 const MAX_PENDING_FRAMES: usize = 64;
+/// Initial read-buffer capacity of a connection. Tags send frames of tens of bytes (a
+/// Teltonika packet rarely exceeds 1 KiB); the buffer grows on demand for larger frames. A
+/// small start keeps idle connections cheap (the codec default of 8 KiB per connection
+/// dominated the memory of idle devices).
+const READ_BUFFER_INITIAL: usize = 512;
 /// Decode errors logged at WARN per connection; further ones go to DEBUG (still counted).
 const MAX_WARN_LOGS: u32 = 10;
 
@@ -298,8 +303,14 @@ impl<P: TcpProtocol> Connection<P> {
         let proto = P::PROTOCOL;
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
-        let mut frames = FramedRead::new(rd, P::codec(self.settings.max_frame_bytes));
-        let (tx, rx) = mpsc::channel::<Pending>(MAX_PENDING_FRAMES);
+        let mut frames = FramedRead::with_capacity(
+            rd,
+            P::codec(self.settings.max_frame_bytes),
+            READ_BUFFER_INITIAL,
+        );
+        // Boxed: the channel allocates its slots up front in blocks, so a small slot keeps the
+        // per-connection cost of an idle device low.
+        let (tx, rx) = mpsc::channel::<Box<Pending>>(MAX_PENDING_FRAMES);
         let writer_failed = CancellationToken::new();
         let writer = tokio::spawn(write_acks(wr, rx, writer_failed.clone(), proto, self.peer));
 
@@ -381,11 +392,11 @@ impl<P: TcpProtocol> Connection<P> {
                             if step.is_login {
                                 if let Some(reply) = step.reject_reply {
                                     let _ = tx
-                                        .send(Pending {
+                                        .send(Box::new(Pending {
                                             stored: Vec::new(),
                                             reply: Some(reply),
                                             close: true,
-                                        })
+                                        }))
                                         .await;
                                 }
                             }
@@ -422,11 +433,11 @@ impl<P: TcpProtocol> Connection<P> {
             }
             tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
             if tx
-                .send(Pending {
+                .send(Box::new(Pending {
                     stored,
                     reply: step.reply,
                     close: false,
-                })
+                }))
                 .await
                 .is_err()
             {
@@ -473,7 +484,7 @@ fn log_decode(
 
 async fn write_acks(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<Box<Pending>>,
     failed: CancellationToken,
     proto: Protocol,
     peer: SocketAddr,
