@@ -132,31 +132,7 @@ pub(crate) struct RecordRow {
 impl RecordRow {
     pub fn from_stored(sr: &StoredRecord) -> Result<Self> {
         let r = &sr.record;
-        if r.device_id.is_empty() {
-            return Err(StoreError::Invalid("record without device id".into()));
-        }
-        if let Some(p) = &r.position {
-            if !(p.lat.is_finite() && (-90.0..=90.0).contains(&p.lat)) {
-                return Err(StoreError::Invalid(format!(
-                    "device {}: latitude {} out of range",
-                    r.device_id, p.lat
-                )));
-            }
-            if !(p.lon.is_finite() && (-180.0..=180.0).contains(&p.lon)) {
-                return Err(StoreError::Invalid(format!(
-                    "device {}: longitude {} out of range",
-                    r.device_id, p.lon
-                )));
-            }
-        }
-        if let Some(b) = r.battery_pct {
-            if b > 100 {
-                return Err(StoreError::Invalid(format!(
-                    "device {}: battery {b}% above 100",
-                    r.device_id
-                )));
-            }
-        }
+        validate_record(r)?;
         let extra = serde_json::to_string(&RecordExtra::of(r))
             .map_err(|e| StoreError::Invalid(format!("cannot encode record extras: {e}")))?;
         Ok(RecordRow {
@@ -488,6 +464,37 @@ pub(crate) fn outbox_status_from_str(s: &str) -> Result<crate::OutboxStatus> {
             "stored outbox status {other:?}"
         ))),
     }
+}
+
+/// Rejects what the database must never hold; both backends and both PostgreSQL write paths
+/// call it, so the rules are the same everywhere.
+pub(crate) fn validate_record(r: &Record) -> Result<()> {
+    if r.device_id.is_empty() {
+        return Err(StoreError::Invalid("record without device id".into()));
+    }
+    if let Some(p) = &r.position {
+        if !(p.lat.is_finite() && (-90.0..=90.0).contains(&p.lat)) {
+            return Err(StoreError::Invalid(format!(
+                "device {}: latitude {} out of range",
+                r.device_id, p.lat
+            )));
+        }
+        if !(p.lon.is_finite() && (-180.0..=180.0).contains(&p.lon)) {
+            return Err(StoreError::Invalid(format!(
+                "device {}: longitude {} out of range",
+                r.device_id, p.lon
+            )));
+        }
+    }
+    if let Some(b) = r.battery_pct {
+        if b > 100 {
+            return Err(StoreError::Invalid(format!(
+                "device {}: battery {b}% above 100",
+                r.device_id
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

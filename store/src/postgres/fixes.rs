@@ -180,7 +180,7 @@ fn encode_copy(records: &[StoredRecord]) -> Result<Vec<u8>> {
     buf.extend_from_slice(&0i32.to_be_bytes()); // no header extension
     for sr in records {
         let r = &sr.record;
-        validate(r)?;
+        validate_record(r)?;
         let p = r.position.as_ref();
         buf.extend_from_slice(&COPY_FIELDS.to_be_bytes());
         let mut row = CopyRow { buf: &mut buf };
@@ -332,36 +332,6 @@ struct EventsOnly<'a> {
     events: &'a [DeviceEventKind],
 }
 
-/// Rejects what the database must never hold (same rules as the SQLite backend).
-fn validate(r: &Record) -> Result<()> {
-    if r.device_id.is_empty() {
-        return Err(StoreError::Invalid("record without device id".into()));
-    }
-    if let Some(p) = &r.position {
-        if !(p.lat.is_finite() && (-90.0..=90.0).contains(&p.lat)) {
-            return Err(StoreError::Invalid(format!(
-                "device {}: latitude {} out of range",
-                r.device_id, p.lat
-            )));
-        }
-        if !(p.lon.is_finite() && (-180.0..=180.0).contains(&p.lon)) {
-            return Err(StoreError::Invalid(format!(
-                "device {}: longitude {} out of range",
-                r.device_id, p.lon
-            )));
-        }
-    }
-    if let Some(b) = r.battery_pct {
-        if b > 100 {
-            return Err(StoreError::Invalid(format!(
-                "device {}: battery {b}% above 100",
-                r.device_id
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The positions of one batch, one array per column.
 struct FixColumns<'a> {
     device_id: Vec<&'a str>,
@@ -413,7 +383,7 @@ impl<'a> FixColumns<'a> {
         };
         for sr in records {
             let r = &sr.record;
-            validate(r)?;
+            validate_record(r)?;
             let p = r.position.as_ref();
             c.device_id.push(&r.device_id);
             c.device_time.push(r.device_time);
