@@ -38,7 +38,7 @@ const MAX_PENDING_FRAMES: usize = 64;
 /// Teltonika packet rarely exceeds 1 KiB); the buffer grows on demand for larger frames. A
 /// small start keeps idle connections cheap (the codec default of 8 KiB per connection
 /// dominated the memory of idle devices).
-const READ_BUFFER_INITIAL: usize = 512;
+const READ_BUFFER_INITIAL: usize = 256;
 /// Decode errors logged at WARN per connection; further ones go to DEBUG (still counted).
 const MAX_WARN_LOGS: u32 = 10;
 
@@ -260,12 +260,13 @@ impl<P: TcpProtocol> TcpServer<P> {
                 shutdown: shutdown.clone(),
                 _p: std::marker::PhantomData,
             };
-            tracker.spawn(async move {
+            let fut = async move {
                 let _permit = permit;
                 m::connection_opened(proto);
                 conn.run(stream).await;
                 m::connection_closed(proto);
-            });
+            };
+            tracker.spawn(fut);
         }
         tracing::info!(protocol = %proto, "device listener stopped accepting");
     }
@@ -380,7 +381,7 @@ impl<P: TcpProtocol> Connection<P> {
                         break Stop::Refused;
                     }
                     Some(_) => {}
-                    None => match self.registry.admit(id, None).await {
+                    None => match Box::pin(self.registry.admit(id, None)).await {
                         Ok(Ok(_)) => {
                             tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
                             device = Some(id.to_owned());
@@ -417,20 +418,11 @@ impl<P: TcpProtocol> Connection<P> {
                 continue;
             }
 
-            let mut stored = Vec::with_capacity(step.records.len());
-            let mut closed = false;
-            for rec in step.records {
-                match self.pipeline.submit(rec).await {
-                    Ok(rx) => stored.push(rx),
-                    Err(_) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            if closed {
+            // Boxed (one allocation per frame): the submit future is large, and held inline it
+            // would enlarge every connection's task, idle ones included.
+            let Some(stored) = Box::pin(submit_all(&self.pipeline, step.records)).await else {
                 break Stop::Shutdown;
-            }
+            };
             tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
             if tx
                 .send(Box::new(Pending {
@@ -462,6 +454,18 @@ impl<P: TcpProtocol> Connection<P> {
         tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(), reason,
             "connection closed");
     }
+}
+
+/// Queues a frame's records in the pipeline; `None` when the pipeline is shut down.
+async fn submit_all(
+    pipeline: &Pipeline,
+    records: Vec<Record>,
+) -> Option<Vec<oneshot::Receiver<Result<(), IngestError>>>> {
+    let mut stored = Vec::with_capacity(records.len());
+    for rec in records {
+        stored.push(pipeline.submit(rec).await.ok()?);
+    }
+    Some(stored)
 }
 
 fn log_decode(
