@@ -395,8 +395,10 @@ impl AlertService {
         self.config.escalate_after(kind, severity)
     }
 
-    /// Escalates every open alert that has not been acknowledged within its time (counted from
-    /// the start of the condition) as of `now`. Returns the escalated alerts.
+    /// Escalates every open alert that has not been acknowledged within its time as of `now`.
+    /// The time counts from `created_at` (when the platform raised the alert, server clock), not
+    /// from `started_at` (device time of the first evidence): an alert raised from a late,
+    /// buffered backlog gives the officer the full time. Returns the escalated alerts.
     pub async fn escalate_due(&self, now: DateTime<Utc>) -> Result<Vec<Alert>, AlertError> {
         let mut limits: BTreeSet<Duration> = BTreeSet::new();
         for sev in [

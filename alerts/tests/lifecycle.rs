@@ -294,8 +294,9 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
                 .unwrap()
         }
     };
-    let tamper = raise(AlertKind::StrapTamper, minutes_ago(10)).await; // critical, 10 min > 5
-    let curfew = raise(AlertKind::CurfewViolation, minutes_ago(10)).await; // high, 10 min < 15
+    // Times count from the raise (created_at), whatever the device time of the evidence.
+    let tamper = raise(AlertKind::StrapTamper, minutes_ago(10)).await; // critical, 6 min > 5
+    let curfew = raise(AlertKind::CurfewViolation, minutes_ago(10)).await; // high, 6 min < 15
     let jam = raise(AlertKind::GpsJammingSuspected, minutes_ago(2)).await; // override 60 s
     let battery = raise(AlertKind::LowBattery, minutes_ago(60 * 24 * 3)).await; // low: never
     let silent = raise(AlertKind::LostCommunication, minutes_ago(120)).await; // disabled
@@ -303,7 +304,12 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
     service.acknowledge(acked.id, &f.officer).await.unwrap();
 
     let mut rx = service.subscribe();
-    let now = Utc::now();
+    // Nothing is due right after the raise, although every condition started long ago.
+    assert!(
+        service.escalate_due(Utc::now()).await.unwrap().is_empty(),
+        "{name}"
+    );
+    let now = Utc::now() + chrono::Duration::minutes(6);
     let mut got: Vec<AlertId> = service
         .escalate_due(now)
         .await
@@ -334,7 +340,7 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
     assert!(notices.iter().all(|(e, _)| e == events::ESCALATED));
     // Escalation happens once.
     assert!(service.escalate_due(now).await.unwrap().is_empty());
-    // 20 minutes later the high curfew alert is due too.
+    // 20 minutes later (26 after the raise) the high curfew alert is due too.
     let later = now + chrono::Duration::minutes(20);
     let got: Vec<AlertId> = service
         .escalate_due(later)
@@ -356,11 +362,76 @@ async fn unacknowledged_alerts_escalate_by_configured_times() {
     }
 }
 
+/// A tag that was offline uploads its backlog: the alert's evidence is two hours old, but no
+/// officer has had the alert yet. It is escalated only once its time has passed since the raise.
+async fn late_data_escalation_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let service = AlertService::new(store.clone(), AlertConfig::default()).unwrap();
+    let limit = service
+        .escalate_after(AlertKind::StrapTamper, Severity::Critical)
+        .expect("critical alerts escalate by default");
+    let limit = chrono::Duration::from_std(limit).unwrap();
+    let started = minutes_ago(120);
+    let before_raise = Utc::now();
+    let a = service
+        .handle(Signal::new(
+            AlertKind::StrapTamper,
+            Phase::Started,
+            f.subject,
+            started,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let after_raise = Utc::now();
+    assert_eq!(a.severity, Severity::Critical, "{name}");
+    assert_eq!(a.started_at, started.trunc_subsecs(6), "{name}");
+    assert!(
+        a.created_at >= before_raise.trunc_subsecs(6) && a.created_at <= after_raise,
+        "{name}: created_at {} is not the time of the raise",
+        a.created_at
+    );
+    // started_at + limit is long past, but the alert was just raised: not due.
+    assert!(
+        service.escalate_due(Utc::now()).await.unwrap().is_empty(),
+        "{name}: escalated from the device time of buffered evidence"
+    );
+    // Just before created_at + limit: still not due.
+    let almost = a.created_at + limit - chrono::Duration::seconds(1);
+    assert!(
+        service.escalate_due(almost).await.unwrap().is_empty(),
+        "{name}"
+    );
+    assert!(!store.get_alert(a.id).await.unwrap().unwrap().escalated);
+    // Once created_at + limit has passed it is escalated.
+    let due = a.created_at + limit + chrono::Duration::seconds(1);
+    let got: Vec<AlertId> = service
+        .escalate_due(due)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(got, vec![a.id], "{name}");
+    let stored = store.get_alert(a.id).await.unwrap().unwrap();
+    assert!(stored.escalated, "{name}");
+    assert_eq!(stored.created_at, a.created_at, "{name}");
+}
+
+#[tokio::test]
+async fn late_buffered_data_escalates_from_the_raise_not_the_device_time() {
+    for (name, store) in stores().await {
+        late_data_escalation_on(name, store).await;
+    }
+}
+
 #[tokio::test]
 async fn escalation_task_runs_and_stops() {
     let store = em_store::testing::sqlite_store().await;
     let f = fixture(&store).await;
-    let service = Arc::new(AlertService::new(store.clone(), AlertConfig::default()).unwrap());
+    let cfg: AlertConfig =
+        toml::from_str("[kinds.victim_proximity]\nescalate_after_secs = 1").unwrap();
+    let service = Arc::new(AlertService::new(store.clone(), cfg).unwrap());
     let a = service
         .handle(Signal::new(
             AlertKind::VictimProximity,

@@ -405,6 +405,7 @@ mod tests {
             zone_id: Some(9),
             message: "out".into(),
             started_at: start,
+            created_at: start,
             last_seen_at: start,
             ended_at: end,
             escalated: false,

@@ -440,6 +440,10 @@ pub struct Alert {
     pub message: String,
     /// When the condition started (device time of the first evidence).
     pub started_at: DateTime<Utc>,
+    /// When the platform raised the alert (server clock at insert; repeats leave it unchanged).
+    /// Escalation counts from here: late, buffered evidence has an old `started_at`, but no
+    /// officer has had the alert before it was raised.
+    pub created_at: DateTime<Utc>,
     /// When the condition was last seen (repeats update this, not a new alert).
     pub last_seen_at: DateTime<Utc>,
     /// When the condition ended (auto-resolution evidence), if it has.

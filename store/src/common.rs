@@ -519,6 +519,7 @@ mod tests {
             zone_id: None,
             message: "m".into(),
             started_at: t(0),
+            created_at: t(0),
             last_seen_at: t(0),
             ended_at: None,
             escalated: false,

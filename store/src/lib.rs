@@ -289,7 +289,8 @@ pub trait Store: Send + Sync + 'static {
 
     // --- alerts + outbox (one transaction each) -------------------------------------------
     /// Opens a new alert, or folds a repeat into the ongoing one (same subject, kind, zone,
-    /// not resolved): bumps `occurrences` and `last_seen_at`. Writes the audit record and,
+    /// not resolved): bumps `occurrences` and `last_seen_at`. A new alert gets `created_at` from
+    /// the server clock; a repeat leaves it unchanged. Writes the audit record and,
     /// when `outbox_channels` is non-empty, one outbox message per channel — all in one transaction.
     async fn raise_alert(&self, alert: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert>;
     /// Applies a lifecycle change, writes the audit record (with the previous state) and the
@@ -311,7 +312,8 @@ pub trait Store: Send + Sync + 'static {
         kind: AlertKind,
         zone: Option<ZoneId>,
     ) -> Result<Option<Alert>>;
-    /// Open (unacknowledged, not escalated) alerts created before `before` — escalation input.
+    /// Open (unacknowledged, not escalated) alerts whose `created_at` (server time of the raise,
+    /// not the device time `started_at`) is before `before` — escalation input, oldest first.
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>>;
 
     /// Up to `limit` pending messages of `channel` that are due at `now`, taking only the

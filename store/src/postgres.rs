@@ -518,6 +518,7 @@ fn alert_from_row(r: &PgRow) -> Result<(Alert, i64)> {
         zone_id: r.try_get("zone_id")?,
         message: r.try_get("message")?,
         started_at: r.try_get("started_at")?,
+        created_at: r.try_get("created_at")?,
         last_seen_at: r.try_get("last_seen_at")?,
         ended_at: r.try_get("ended_at")?,
         escalated: r.try_get("escalated")?,
@@ -1050,8 +1051,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key, message,
-                 started_at, last_seen_at, evidence, occurrences, version)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $8, $9, 1, 1)
+                 started_at, last_seen_at, created_at, evidence, occurrences, version)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $8, $10, $9, 1, 1)
              ON CONFLICT (subject_id, kind, zone_key) WHERE state <> 'resolved' DO UPDATE SET
                  occurrences = alerts.occurrences + 1,
                  last_seen_at = GREATEST(alerts.last_seen_at, EXCLUDED.last_seen_at),
@@ -1069,6 +1070,7 @@ impl Store for PgStore {
         .bind(&a.message)
         .bind(a.at)
         .bind(&a.evidence)
+        .bind(Utc::now())
         .fetch_one(&mut *tx)
         .await?;
         let (alert, version) = alert_from_row(&row)?;
@@ -1208,8 +1210,8 @@ impl Store for PgStore {
 
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
         sqlx::query(
-            "SELECT * FROM alerts WHERE state = 'open' AND NOT escalated AND started_at < $1
-             ORDER BY started_at, id",
+            "SELECT * FROM alerts WHERE state = 'open' AND NOT escalated AND created_at < $1
+             ORDER BY created_at, id",
         )
         .bind(before)
         .fetch_all(&self.pool)

@@ -235,6 +235,7 @@ fn alert_from_row(r: &SqliteRow) -> Result<(Alert, i64)> {
         zone_id: r.try_get("zone_id")?,
         message: r.try_get("message")?,
         started_at: from_us(r.try_get("started_at")?)?,
+        created_at: from_us(r.try_get("created_at")?)?,
         last_seen_at: from_us(r.try_get("last_seen_at")?)?,
         ended_at: opt_from_us(r.try_get("ended_at")?)?,
         escalated: r.try_get("escalated")?,
@@ -817,8 +818,8 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key, message,
-                 started_at, last_seen_at, evidence, occurrences, version)
-             VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, 1, 1)
+                 started_at, last_seen_at, created_at, evidence, occurrences, version)
+             VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, 1, 1)
              ON CONFLICT (subject_id, kind, zone_key) WHERE state <> 'resolved' DO UPDATE SET
                  occurrences = alerts.occurrences + 1,
                  last_seen_at = max(alerts.last_seen_at, excluded.last_seen_at),
@@ -836,6 +837,7 @@ impl Store for SqliteStore {
         .bind(&a.message)
         .bind(us(a.at))
         .bind(us(a.at))
+        .bind(us(Utc::now()))
         .bind(json_text("evidence", &a.evidence)?)
         .fetch_one(&mut *tx)
         .await?;
@@ -990,8 +992,8 @@ impl Store for SqliteStore {
 
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
         sqlx::query(
-            "SELECT * FROM alerts WHERE state = 'open' AND escalated = 0 AND started_at < ?
-             ORDER BY started_at, id",
+            "SELECT * FROM alerts WHERE state = 'open' AND escalated = 0 AND created_at < ?
+             ORDER BY created_at, id",
         )
         .bind(us(before))
         .fetch_all(&self.pool)

@@ -85,6 +85,66 @@ async fn postgres_audit_is_append_only() {
     );
 }
 
+/// Alerts written before `created_at` existed get `started_at` as their creation time when the
+/// store is upgraded, and escalation then finds them by it.
+#[tokio::test]
+async fn sqlite_upgrade_backfills_alert_created_at() {
+    let stamp = format!(
+        "{}-{}",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
+    let dir = std::env::temp_dir().join(format!("em-store-upgrade-{stamp}"));
+    std::fs::create_dir_all(&dir).expect("migration dir");
+    let first = "0001_init.sql";
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations/sqlite")
+            .join(first),
+        dir.join(first),
+    )
+    .expect("copy the first migration");
+    let path = dir.join("store.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let started = Utc::now().duration_trunc(Duration::seconds(1)).expect("t") - Duration::hours(2);
+    {
+        // The schema as it was before the created_at migration, with one open alert.
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+        sqlx::migrate::Migrator::new(dir.as_path())
+            .await
+            .expect("old migrations")
+            .run(&pool)
+            .await
+            .expect("old schema");
+        sqlx::query(
+            "INSERT INTO alerts (subject_id, kind, severity, state, zone_key, message, started_at,
+                 last_seen_at, evidence)
+             VALUES (1, 'strap_tamper', 3, 'open', 0, 'strap', ?, ?, '{}')",
+        )
+        .bind(started.timestamp_micros())
+        .bind(started.timestamp_micros())
+        .execute(&pool)
+        .await
+        .expect("legacy alert");
+        pool.close().await;
+    }
+    let s = connect(&url).await.expect("upgrade");
+    let a = s
+        .get_alert(1)
+        .await
+        .expect("get")
+        .expect("legacy alert kept");
+    assert_eq!(a.started_at, started);
+    assert_eq!(a.created_at, started);
+    let due = s
+        .unacknowledged_alerts(started + Duration::seconds(1))
+        .await
+        .expect("unacked");
+    assert_eq!(due.iter().map(|a| a.id).collect::<Vec<_>>(), vec![1]);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn sqlite_data_survives_reopen() {
     let path = std::env::temp_dir().join(format!(

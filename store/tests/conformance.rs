@@ -15,6 +15,13 @@ fn base() -> DateTime<Utc> {
         - Duration::hours(1)
 }
 
+/// The server clock at the precision both backends store (microseconds).
+fn server_now() -> DateTime<Utc> {
+    Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .expect("truncate")
+}
+
 fn pos(lat: f64, lon: f64) -> Position {
     Position {
         lat,
@@ -521,6 +528,7 @@ async fn latest_state(s: Arc<dyn Store>) {
 
 async fn alerts_fold_and_lifecycle(s: Arc<dyn Store>) {
     let t0 = base();
+    let raised_from = server_now();
     let r1 = s
         .raise_alert(
             &new_alert(1, AlertKind::InclusionZoneExit, Some(5), t0),
@@ -686,13 +694,27 @@ async fn alerts_fold_and_lifecycle(s: Arc<dyn Store>) {
     assert!(again.created);
     assert_ne!(again.alert.id, id);
 
-    // Escalation input and escalation.
-    let unacked = s
+    // Escalation input counts from created_at (server time of the raise), not from started_at
+    // (device time): these alerts started up to an hour ago on the tags but were raised just now.
+    assert!(s
         .unacknowledged_alerts(t0 + Duration::minutes(10))
+        .await
+        .expect("unacked")
+        .is_empty());
+    assert!(s
+        .unacknowledged_alerts(raised_from)
+        .await
+        .expect("unacked")
+        .is_empty());
+    let unacked = s
+        .unacknowledged_alerts(Utc::now() + Duration::seconds(1))
         .await
         .expect("unacked");
     let ids: Vec<AlertId> = unacked.iter().map(|a| a.id).collect();
-    assert_eq!(ids, vec![other_zone.alert.id, tamper.alert.id]);
+    assert_eq!(
+        ids,
+        vec![other_zone.alert.id, tamper.alert.id, again.alert.id]
+    );
     let esc = s
         .update_alert(
             tamper.alert.id,
@@ -707,11 +729,13 @@ async fn alerts_fold_and_lifecycle(s: Arc<dyn Store>) {
     assert!(esc.escalated);
     assert_eq!(esc.state, AlertState::Open);
     assert_eq!(
-        s.unacknowledged_alerts(t0 + Duration::minutes(10))
+        s.unacknowledged_alerts(Utc::now() + Duration::seconds(1))
             .await
             .expect("unacked")
-            .len(),
-        1
+            .iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>(),
+        vec![other_zone.alert.id, again.alert.id]
     );
 
     // Listing: newest first, filters.
@@ -788,6 +812,104 @@ async fn alerts_fold_and_lifecycle(s: Arc<dyn Store>) {
     assert_eq!(resolve_entry.actor_id, Some(11));
     assert_eq!(resolve_entry.subject_id, Some(1));
     assert_eq!(resolve_entry.details["previous"]["state"], "acknowledged");
+}
+
+/// `created_at` is the server time of the raise, whatever the device time of the evidence, and
+/// neither repeats nor lifecycle changes move it.
+async fn alert_created_at_is_server_time(s: Arc<dyn Store>) {
+    // A tag that was offline uploads a backlog: the first evidence is two hours old.
+    let started = base() - Duration::hours(1);
+    let before = server_now();
+    let r1 = s
+        .raise_alert(
+            &new_alert(3, AlertKind::StrapTamper, None, started),
+            &["oms"],
+        )
+        .await
+        .expect("raise");
+    let after = Utc::now();
+    assert!(r1.created);
+    assert_eq!(r1.alert.started_at, started);
+    let created = r1.alert.created_at;
+    assert!(
+        created >= before && created <= after,
+        "created_at {created} is not the server time of the raise ({before}..{after})"
+    );
+    // The outbox payload carries it too.
+    let due = s
+        .due_outbox("oms", after + Duration::seconds(1), 10)
+        .await
+        .expect("due");
+    let payload_created = due
+        .iter()
+        .find_map(|m| m.payload.pointer("/alert/created_at").cloned())
+        .expect("outbox payload has alert.created_at");
+    assert_eq!(
+        serde_json::from_value::<DateTime<Utc>>(payload_created).expect("time"),
+        created
+    );
+    // Not due for escalation before it was raised, even though it started long ago.
+    assert!(s
+        .unacknowledged_alerts(before)
+        .await
+        .expect("unacked")
+        .is_empty());
+    assert!(s
+        .unacknowledged_alerts(started + Duration::hours(1))
+        .await
+        .expect("unacked")
+        .is_empty());
+    assert_eq!(
+        s.unacknowledged_alerts(after + Duration::milliseconds(1))
+            .await
+            .expect("unacked")
+            .iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>(),
+        vec![r1.alert.id]
+    );
+
+    // A repeat, raised later by the server clock, folds in and keeps created_at.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let r2 = s
+        .raise_alert(
+            &new_alert(
+                3,
+                AlertKind::StrapTamper,
+                None,
+                started + Duration::minutes(1),
+            ),
+            &["oms"],
+        )
+        .await
+        .expect("repeat");
+    assert!(!r2.created);
+    assert_eq!(r2.alert.id, r1.alert.id);
+    assert_eq!(r2.alert.occurrences, 2);
+    assert_eq!(r2.alert.created_at, created);
+    assert_eq!(r2.alert.started_at, started);
+
+    // Lifecycle changes keep it as well.
+    let acked = s
+        .update_alert(
+            r1.alert.id,
+            &AlertUpdate::Acknowledge {
+                by: 11,
+                at: Utc::now(),
+            },
+            "officer1",
+            &[],
+        )
+        .await
+        .expect("ack");
+    assert_eq!(acked.created_at, created);
+    assert_eq!(
+        s.get_alert(r1.alert.id)
+            .await
+            .expect("get")
+            .map(|a| a.created_at),
+        Some(created)
+    );
 }
 
 async fn outbox(s: Arc<dyn Store>) {
@@ -1172,6 +1294,7 @@ conformance!(
     records_idempotent_and_trail,
     latest_state,
     alerts_fold_and_lifecycle,
+    alert_created_at_is_server_time,
     outbox,
     audit_log,
     retention,

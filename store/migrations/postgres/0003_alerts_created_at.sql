@@ -1,0 +1,10 @@
+-- Server time an alert was raised. Escalation counts from here, not from started_at (the device
+-- time of the first evidence, which is old when a tag uploads a buffered backlog). Rows written
+-- before this migration only have started_at: it is the best available value for them.
+ALTER TABLE alerts ADD COLUMN created_at TIMESTAMPTZ;
+UPDATE alerts SET created_at = started_at;
+ALTER TABLE alerts ALTER COLUMN created_at SET NOT NULL;
+
+-- The escalation scan filters open, not escalated alerts on created_at.
+DROP INDEX IF EXISTS alerts_open;
+CREATE INDEX alerts_open ON alerts (created_at) WHERE state = 'open' AND NOT escalated;
