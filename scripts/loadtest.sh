@@ -10,7 +10,8 @@
 # Environment: DB_URL (postgres://postgres@127.0.0.1:5432/test), MQTT_URL
 # (mqtt://127.0.0.1:1883), RATES ("2000 5000 10000 20000"), DURATION (25 s per rate),
 # DEVICES (2000 active devices), IDLE_CONNS (18000; the service needs one fd per connection,
-# so keep it below `ulimit -n`), STEPS ("throughput latency idle"), SKIP_BUILD=1.
+# so keep it below `ulimit -n`), STEPS ("throughput latency idle"), SKIP_BUILD=1,
+# PIPELINE (extra `[pipeline]` settings, e.g. PIPELINE="workers = 4; batch_max_wait_ms = 10").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +59,8 @@ enabled = false
 bind = "127.0.0.1:$((BASE + 80))"
 [retention]
 enabled = false
+[pipeline]
+$(tr ';' '\n' <<<"${PIPELINE:-}")
 TOML
 # em-sim --register takes the schema from the URL's search path for PostgreSQL.
 REG_URL=$DB_URL
