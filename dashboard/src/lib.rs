@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
 use em_alerts::AlertService;
-use em_model::{Subject, ZoneId, ZoneSpec};
+use em_model::{DeviceId, Subject, ZoneId, ZoneSpec};
 use em_store::Store;
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -78,6 +78,10 @@ pub enum OrderChange {
     ZoneUpserted(ZoneSpec),
     ZoneDeleted(ZoneId),
     SubjectUpserted(Subject),
+    /// A device was created, changed (e.g. deactivated) or (un)assigned: the ingest registry
+    /// must re-read it at once, so that a tag moved to another person is never attributed
+    /// to the previous wearer, and a deactivated tag is refused.
+    RegistryChanged(DeviceId),
 }
 
 /// Settings applied from [`DashboardConfig`].

@@ -232,6 +232,7 @@ async fn admin_only_endpoints() {
     for f in ["username", "display_name", "role", "password"] {
         assert!(errs[f].is_string(), "missing {f}: {errs}");
     }
+    let mut changes = app.state.order_changes();
     let dev = admin.post("/api/devices", Some(json!({"device_id": "864000000000001", "protocol": "gt06", "secret": "s3cret-token"}))).await;
     assert_eq!(dev.status, StatusCode::OK, "{}", dev.text);
     assert_eq!(dev.json()["has_secret"], true);
@@ -252,6 +253,13 @@ async fn admin_only_endpoints() {
         .post("/api/devices/864000000000001/unassign", None)
         .await;
     assert_eq!(un.status, StatusCode::OK, "{}", un.text);
+    // Create, assign and unassign each tell the ingest registry to re-read the device at once.
+    for step in ["create", "assign", "unassign"] {
+        assert!(
+            matches!(changes.try_recv(), Ok(OrderChange::RegistryChanged(d)) if d == "864000000000001"),
+            "no registry change after {step}"
+        );
+    }
 
     // Admin cannot lock themselves out.
     let me = admin

@@ -316,6 +316,7 @@ impl Service {
             store.clone(),
             zones.clone(),
             subjects.clone(),
+            registry.clone(),
             background.clone(),
         )));
         {
@@ -458,6 +459,7 @@ async fn apply_order_changes(
     store: Arc<dyn Store>,
     zones: SharedZoneIndex,
     subjects: SubjectCache,
+    registry: Registry,
     shutdown: CancellationToken,
 ) {
     use tokio::sync::broadcast::error::RecvError;
@@ -485,6 +487,14 @@ async fn apply_order_changes(
                 rebind_subject(&*store, &zones, &mut bindings, s.id).await;
                 subjects.insert(s);
             }
+            Ok(OrderChange::RegistryChanged(device)) => {
+                // Rare (an admin action): re-read the whole registry rather than patch it.
+                match registry.refresh().await {
+                    Ok(()) => tracing::info!(device = %device, "device registry reloaded"),
+                    Err(e) => tracing::error!(device = %device, error = %e,
+                        "reloading the device registry failed; the periodic refresh will retry"),
+                }
+            }
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "order changes lagged; reloading all orders");
                 {
@@ -498,6 +508,9 @@ async fn apply_order_changes(
                 match load_orders(&*store, &zones, &subjects).await {
                     Ok(b) => bindings = b,
                     Err(e) => tracing::error!(error = %e, "reloading orders failed"),
+                }
+                if let Err(e) = registry.refresh().await {
+                    tracing::error!(error = %e, "reloading the device registry failed");
                 }
             }
             Err(RecvError::Closed) => break,

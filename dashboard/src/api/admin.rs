@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::JsonBody;
 use crate::auth::{hash_password, CurrentUser, MIN_PASSWORD_LEN};
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::AppState;
+use crate::{AppState, OrderChange};
 
 pub(crate) async fn list_users(
     State(st): State<AppState>,
@@ -325,6 +325,7 @@ pub(crate) async fn upsert_device(
         active,
     };
     st.inner.store.upsert_device(&device).await?;
+    st.publish(OrderChange::RegistryChanged(device.device_id.clone()));
     st.audit(
         &me,
         if created {
@@ -367,6 +368,7 @@ pub(crate) async fn assign_device(
         .store
         .assign_device(&device_id, subject_id, at)
         .await?;
+    st.publish(OrderChange::RegistryChanged(device_id.clone()));
     st.audit(
         &me,
         "device.assign",
@@ -402,6 +404,7 @@ pub(crate) async fn unassign_device(
     };
     let at = Utc::now();
     st.inner.store.unassign_device(&device_id, at).await?;
+    st.publish(OrderChange::RegistryChanged(device_id.clone()));
     st.audit(
         &me,
         "device.unassign",
