@@ -563,18 +563,8 @@ impl Decoder for H02Codec {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        match self.decode_one(src) {
-            Some(item) => Ok(Some(item)),
-            None if src.is_empty() => Ok(None),
-            None => {
-                let remaining = src.len();
-                src.clear();
-                Ok(Some(Err(DecodeError::Truncated {
-                    protocol: P,
-                    remaining,
-                })))
-            }
-        }
+        let decoded = self.decode_one(src);
+        Ok(crate::util::at_eof(P, decoded, src))
     }
 }
 

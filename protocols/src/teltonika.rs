@@ -641,18 +641,8 @@ impl Decoder for TeltonikaCodec {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        match self.decode(src)? {
-            Some(item) => Ok(Some(item)),
-            None if src.is_empty() => Ok(None),
-            None => {
-                let remaining = src.len();
-                src.clear();
-                Ok(Some(Err(DecodeError::Truncated {
-                    protocol: P,
-                    remaining,
-                })))
-            }
-        }
+        let decoded = self.decode(src)?;
+        Ok(crate::util::at_eof(P, decoded, src))
     }
 }
 

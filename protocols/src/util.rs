@@ -117,6 +117,27 @@ pub fn hdop_to_accuracy_m(hdop: f32) -> f32 {
 /// Knots to km/h.
 pub(crate) const KNOTS_TO_KMH: f64 = 1.852;
 
+/// End of stream for the streaming codecs: a frame still decodable from `src` is returned;
+/// leftover bytes that do not form a frame are dropped and reported as `Truncated`.
+pub(crate) fn at_eof<T>(
+    protocol: em_model::Protocol,
+    decoded: Option<Result<T, crate::DecodeError>>,
+    src: &mut bytes::BytesMut,
+) -> Option<Result<T, crate::DecodeError>> {
+    match decoded {
+        Some(item) => Some(item),
+        None if src.is_empty() => None,
+        None => {
+            let remaining = src.len();
+            src.clear();
+            Some(Err(crate::DecodeError::Truncated {
+                protocol,
+                remaining,
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
