@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MqttConfig, MqttUrl};
 use crate::metrics as m;
-use crate::pipeline::{IngestError, Pipeline};
+use crate::pipeline::{Pipeline, Stored};
 use crate::registry::Registry;
 
 const P: Protocol = Protocol::Em;
@@ -63,7 +63,7 @@ pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, String> {
 
 struct Acked {
     publish: Publish,
-    stored: Vec<oneshot::Receiver<Result<(), IngestError>>>,
+    stored: Stored,
 }
 
 /// Runs the MQTT subscriber (and, with `alerts`, the alert publisher on the same connection)
@@ -228,7 +228,12 @@ async fn handle_messages(
         m::frame(P);
         let stored = match accept(&publish, &pipeline, &registry, max_payload).await {
             Ok(stored) => stored,
-            Err(Refuse::Acknowledge) => Vec::new(),
+            Err(Refuse::Acknowledge) => {
+                // Nothing to store: PUBACK at once, in order with the others.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Ok(()));
+                rx
+            }
             Err(Refuse::Later) => continue,
             Err(Refuse::Closed) => break,
         };
@@ -252,7 +257,7 @@ async fn accept(
     pipeline: &Pipeline,
     registry: &Registry,
     max_payload: usize,
-) -> Result<Vec<oneshot::Receiver<Result<(), IngestError>>>, Refuse> {
+) -> Result<Stored, Refuse> {
     if publish.payload.len() > max_payload {
         m::decode_error(P, "oversized");
         m::mqtt_message("oversized");
@@ -287,35 +292,25 @@ async fn accept(
             return Err(Refuse::Later);
         }
     }
-    let mut stored = Vec::new();
-    for rec in msg.to_records(Utc::now()) {
-        match pipeline.submit(rec).await {
-            Ok(rx) => stored.push(rx),
-            Err(_) => return Err(Refuse::Closed),
-        }
-    }
+    // One message (a report or a batch of up to 100) is one frame: one completion.
+    let Ok(stored) = pipeline.submit_frame(msg.to_records(Utc::now())).await else {
+        return Err(Refuse::Closed);
+    };
     m::mqtt_message("accepted");
     Ok(stored)
 }
 
 async fn ack_messages(mut rx: mpsc::Receiver<Acked>, client: AsyncClient) {
     while let Some(a) = rx.recv().await {
-        let mut ok = true;
-        for s in a.stored {
-            match s.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(topic = %a.publish.topic, error = %e,
-                        "EM message not stored; not acknowledged (redelivered after reconnect)");
-                    ok = false;
-                    break;
-                }
-                Err(_) => {
-                    ok = false;
-                    break;
-                }
+        let ok = match a.stored.await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(topic = %a.publish.topic, error = %e,
+                    "EM message not stored; not acknowledged (redelivered after reconnect)");
+                false
             }
-        }
+            Err(_) => false,
+        };
         if !ok {
             m::mqtt_message("store_failed");
             // Reconnect so the broker redelivers what we could not store.

@@ -1,16 +1,19 @@
 //! The sharded ingest pipeline.
 //!
-//! Every record is routed by a hash of its device id to one of a fixed set of workers, over a
-//! BOUNDED queue: when a worker falls behind, [`Pipeline::submit`] waits, which stops the
-//! connection task reading from its socket (backpressure reaches the device; memory stays
-//! bounded). Because one device always lands on the same worker, its records are handled in
-//! order and its per-device / per-subject state lives in exactly one place.
+//! Every frame's records are routed by a hash of the device id to one of a fixed set of
+//! workers, over a queue BOUNDED in records: when a worker falls behind,
+//! [`Pipeline::submit_frame`] waits, which stops the connection task reading from its socket
+//! (backpressure reaches the device; memory stays bounded). Because one device always lands on
+//! the same worker, its records are handled in order and its per-device / per-subject state
+//! lives in exactly one place.
 //!
-//! A worker takes what is queued (up to `batch_max_records`, waiting at most
-//! `batch_max_wait_ms` for more), resolves each record's subject through the assignment history,
-//! writes the whole batch with ONE `Store::insert_records` call and only then completes each
-//! record's oneshot — the connection task waits for that before it writes the protocol ACK, so a
-//! device is never acknowledged for data that is not durably stored. After the ACKs, the
+//! A frame (a Teltonika AVL packet of up to 255 records, an EM batch, one GT06 location) is one
+//! queue entry with one completion: a device's packet costs one channel send and one oneshot,
+//! not one per record. A worker takes what is queued (up to `batch_max_records`, waiting at
+//! most `batch_max_wait_ms` for more), resolves each record's subject through the assignment
+//! history, writes the whole batch with ONE `Store::insert_records` call and only then
+//! completes each frame's oneshot — the connection task waits for that before it writes the
+//! protocol ACK, so a device is never acknowledged for data that is not durably stored. After the ACKs, the
 //! worker's [`ShardProcessor`] evaluates the stored records (geofences, device health, alerts);
 //! a periodic tick drives the time-based rules.
 
@@ -23,7 +26,7 @@ use chrono::{DateTime, Utc};
 use em_model::{Record, SubjectId};
 use em_store::{Store, StoreError, StoredRecord};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::metrics as m;
@@ -35,7 +38,8 @@ use crate::registry::Registry;
 pub struct PipelineConfig {
     /// Number of workers (shards). 0 = one per CPU core.
     pub workers: usize,
-    /// Capacity of each worker's queue, in records. A full queue makes connections wait.
+    /// Capacity of each worker's queue, in records (a frame larger than this is admitted
+    /// alone). A full queue makes connections wait.
     pub queue_capacity: usize,
     /// Maximum records per `insert_records` call.
     pub batch_max_records: usize,
@@ -104,9 +108,31 @@ pub enum IngestError {
 
 type Done = oneshot::Sender<Result<(), IngestError>>;
 
+/// Completes once every record of a submitted frame is durably stored (or was refused).
+pub type Stored = oneshot::Receiver<Result<(), IngestError>>;
+
 enum Job {
-    Record { record: Record, done: Option<Done> },
+    /// Records of one device, in order, with the queue permits they hold.
+    Records {
+        records: Vec<Record>,
+        done: Option<Done>,
+        permits: u32,
+    },
     Control(Control),
+}
+
+/// One worker's queue: an unbounded channel whose length is bounded by a semaphore counted in
+/// records (a bounded channel would count frames, and a 255-record packet is not one fix).
+struct Queue {
+    tx: mpsc::UnboundedSender<Job>,
+    room: Arc<Semaphore>,
+    capacity: u32,
+}
+
+/// What a [`ShardLinks`] keeps of a queue: nothing that keeps the worker alive.
+struct WeakQueue {
+    tx: mpsc::WeakUnboundedSender<Job>,
+    room: Arc<Semaphore>,
 }
 
 /// A message from one worker to another (state of a subject lives in one worker only).
@@ -125,7 +151,7 @@ pub enum Control {
 #[derive(Clone)]
 pub struct ShardLinks {
     index: usize,
-    shards: Arc<Vec<mpsc::WeakSender<Job>>>,
+    shards: Arc<Vec<WeakQueue>>,
 }
 
 impl ShardLinks {
@@ -150,10 +176,20 @@ impl ShardLinks {
     /// next record or tick).
     pub fn send(&self, device_id: &str, msg: Control) -> bool {
         let idx = shard_of(device_id, self.shards.len());
-        let Some(tx) = self.shards.get(idx).and_then(|w| w.upgrade()) else {
+        let Some(q) = self.shards.get(idx) else {
             return false;
         };
-        tx.try_send(Job::Control(msg)).is_ok()
+        let Some(tx) = q.tx.upgrade() else {
+            return false;
+        };
+        // A control message takes one slot of the record queue, so it is bounded like records.
+        match q.room.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                tx.send(Job::Control(msg)).is_ok()
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -183,7 +219,7 @@ impl ShardProcessor for NoopProcessor {
 /// when every handle is dropped.
 #[derive(Clone)]
 pub struct Pipeline {
-    shards: Arc<Vec<mpsc::Sender<Job>>>,
+    shards: Arc<Vec<Queue>>,
 }
 
 /// Worker index of a device (stable for the life of the process).
@@ -221,14 +257,29 @@ impl Pipeline {
         let n = cfg.worker_count();
         let mut senders = Vec::with_capacity(n);
         let mut receivers = Vec::with_capacity(n);
+        let capacity =
+            u32::try_from(cfg.queue_capacity.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         for _ in 0..n {
-            let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-            senders.push(tx);
-            receivers.push(rx);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let room = Arc::new(Semaphore::new(capacity as usize));
+            senders.push(Queue {
+                tx,
+                room: room.clone(),
+                capacity,
+            });
+            receivers.push((rx, room));
         }
-        let weak: Arc<Vec<_>> = Arc::new(senders.iter().map(|s| s.downgrade()).collect());
+        let weak: Arc<Vec<_>> = Arc::new(
+            senders
+                .iter()
+                .map(|q| WeakQueue {
+                    tx: q.tx.downgrade(),
+                    room: q.room.clone(),
+                })
+                .collect(),
+        );
         let mut handles = Vec::with_capacity(n);
-        for (i, rx) in receivers.into_iter().enumerate() {
+        for (i, (rx, room)) in receivers.into_iter().enumerate() {
             let links = ShardLinks {
                 index: i,
                 shards: weak.clone(),
@@ -236,6 +287,7 @@ impl Pipeline {
             let w = Worker {
                 index: i,
                 rx,
+                room,
                 store: store.clone(),
                 registry: registry.clone(),
                 cfg: cfg.clone(),
@@ -258,55 +310,109 @@ impl Pipeline {
 
     /// Queues a record and returns the receiver that completes once it is stored. Waits while
     /// the worker's queue is full (backpressure).
-    pub async fn submit(
-        &self,
-        record: Record,
-    ) -> Result<oneshot::Receiver<Result<(), IngestError>>, IngestError> {
+    pub async fn submit(&self, record: Record) -> Result<Stored, IngestError> {
+        self.submit_frame(vec![record]).await
+    }
+
+    /// Queues the records of one frame (one device, in order) and returns ONE receiver that
+    /// completes when all of them are stored, or with the first error. Waits while the
+    /// worker's queue is full (backpressure). An empty frame completes at once.
+    ///
+    /// Records of several devices (not produced by any codec) are split per worker and
+    /// joined by a small task, so the contract holds for any input.
+    pub async fn submit_frame(&self, records: Vec<Record>) -> Result<Stored, IngestError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(record, Some(tx)).await?;
+        let Some(first) = records.first() else {
+            let _ = tx.send(Ok(()));
+            return Ok(rx);
+        };
+        let n = self.shards.len();
+        let idx = shard_of(&first.device_id, n);
+        if records.iter().all(|r| r.device_id == first.device_id) {
+            self.enqueue(idx, records, Some(tx)).await?;
+            return Ok(rx);
+        }
+        let mut groups: Vec<(usize, Vec<Record>)> = Vec::new();
+        for r in records {
+            let i = shard_of(&r.device_id, n);
+            match groups.iter_mut().find(|(g, _)| *g == i) {
+                Some((_, v)) => v.push(r),
+                None => groups.push((i, vec![r])),
+            }
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        for (i, recs) in groups {
+            let (ptx, prx) = oneshot::channel();
+            self.enqueue(i, recs, Some(ptx)).await?;
+            parts.push(prx);
+        }
+        tokio::spawn(async move {
+            let mut res = Ok(());
+            for p in parts {
+                if let Err(e) = p.await.unwrap_or(Err(IngestError::Closed)) {
+                    res = Err(e);
+                    break;
+                }
+            }
+            let _ = tx.send(res);
+        });
         Ok(rx)
     }
 
-    async fn enqueue(&self, record: Record, done: Option<Done>) -> Result<(), IngestError> {
-        let idx = shard_of(&record.device_id, self.shards.len());
-        let sender = self.shards.get(idx).ok_or(IngestError::Closed)?;
-        sender
-            .send(Job::Record { record, done })
+    async fn enqueue(
+        &self,
+        idx: usize,
+        records: Vec<Record>,
+        done: Option<Done>,
+    ) -> Result<(), IngestError> {
+        let q = self.shards.get(idx).ok_or(IngestError::Closed)?;
+        // A frame larger than the whole queue waits for an empty queue, then goes in alone.
+        let permits = u32::try_from(records.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, q.capacity);
+        q.room
+            .acquire_many(permits)
             .await
-            .map_err(|_| IngestError::Closed)
+            .map_err(|_| IngestError::Closed)?
+            .forget();
+        q.tx.send(Job::Records {
+            records,
+            done,
+            permits,
+        })
+        .map_err(|e| {
+            q.room.add_permits(permits as usize);
+            drop(e);
+            IngestError::Closed
+        })
     }
 
     /// Stores one record; returns when it is durably stored (or failed).
     pub async fn store(&self, record: Record) -> Result<(), IngestError> {
-        let rx = self.submit(record).await?;
-        rx.await.unwrap_or(Err(IngestError::Closed))
+        self.store_all(vec![record]).await
     }
 
-    /// Stores several records of one device (in order); returns when ALL are stored. The
-    /// records are queued before waiting, so they can share one batch.
+    /// Stores several records of one device (in order); returns when ALL are stored. They are
+    /// queued as one frame, so they share one batch.
     pub async fn store_all(&self, records: Vec<Record>) -> Result<(), IngestError> {
-        let mut pending = Vec::with_capacity(records.len());
-        for r in records {
-            pending.push(self.submit(r).await?);
-        }
-        for rx in pending {
-            rx.await.unwrap_or(Err(IngestError::Closed))?;
-        }
-        Ok(())
+        let rx = self.submit_frame(records).await?;
+        rx.await.unwrap_or(Err(IngestError::Closed))
     }
 
     /// Total records waiting in the queues.
     pub fn queued(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.max_capacity() - s.capacity())
+            .map(|q| (q.capacity as usize).saturating_sub(q.room.available_permits()))
             .sum()
     }
 }
 
 struct Worker {
     index: usize,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::UnboundedReceiver<Job>,
+    /// Queue permits; returned as jobs are taken off the queue.
+    room: Arc<Semaphore>,
     store: Arc<dyn Store>,
     registry: Registry,
     cfg: PipelineConfig,
@@ -332,22 +438,33 @@ impl Worker {
                     continue;
                 }
             };
-            let mut batch = Vec::new();
-            let mut controls = Vec::new();
-            let mut take = |job: Job, batch: &mut Vec<(Record, Option<Done>)>| match job {
-                Job::Record { record, done } => batch.push((record, done)),
-                Job::Control(c) => controls.push(c),
+            let mut batch = Batch::default();
+            let room = &self.room;
+            let take = |job: Job, batch: &mut Batch| match job {
+                Job::Records {
+                    records,
+                    done,
+                    permits,
+                } => {
+                    room.add_permits(permits as usize);
+                    batch.records.extend(records);
+                    batch.frames.push((batch.records.len(), done));
+                }
+                Job::Control(c) => {
+                    room.add_permits(1);
+                    batch.controls.push(c);
+                }
             };
             take(first, &mut batch);
-            while batch.len() < max {
+            while batch.records.len() < max {
                 match self.rx.try_recv() {
                     Ok(j) => take(j, &mut batch),
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() && batch.len() < max && !wait.is_zero() {
+            if !batch.records.is_empty() && batch.records.len() < max && !wait.is_zero() {
                 let deadline = tokio::time::Instant::now() + wait;
-                while batch.len() < max {
+                while batch.records.len() < max {
                     match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                         Ok(Some(j)) => take(j, &mut batch),
                         _ => break,
@@ -355,7 +472,8 @@ impl Worker {
                 }
             }
             m::queue_depth(&shard, self.rx.len());
-            if !batch.is_empty() {
+            let controls = std::mem::take(&mut batch.controls);
+            if !batch.frames.is_empty() {
                 self.process(batch).await;
             }
             for c in controls {
@@ -365,11 +483,13 @@ impl Worker {
         tracing::debug!(worker = self.index, "pipeline worker drained and stopped");
     }
 
-    async fn process(&mut self, batch: Vec<(Record, Option<Done>)>) {
-        let mut stored = Vec::with_capacity(batch.len());
-        let mut dones = Vec::with_capacity(batch.len());
+    async fn process(&mut self, batch: Batch) {
+        let Batch {
+            records, frames, ..
+        } = batch;
+        let mut stored = Vec::with_capacity(records.len());
         let mut resolve_err = None;
-        for (record, done) in batch {
+        for record in records {
             let subject = if resolve_err.is_none() {
                 match self
                     .registry
@@ -389,14 +509,15 @@ impl Worker {
                 subject_id: subject,
                 record,
             });
-            dones.push(done);
         }
         if let Some(e) = resolve_err {
             tracing::error!(worker = self.index, error = %e, records = stored.len(),
                 "subject resolution failed; batch not stored, devices will re-send");
             m::store_error();
-            for d in dones.into_iter().flatten() {
-                let _ = d.send(Err(IngestError::Store(e.clone())));
+            for (_, d) in frames {
+                if let Some(d) = d {
+                    let _ = d.send(Err(IngestError::Store(e.clone())));
+                }
             }
             return;
         }
@@ -407,8 +528,10 @@ impl Worker {
         m::store_batch(started.elapsed(), stored.len(), self.store.backend());
         match result {
             Ok(()) => {
-                for d in dones.into_iter().flatten() {
-                    let _ = d.send(Ok(()));
+                for (_, d) in frames {
+                    if let Some(d) = d {
+                        let _ = d.send(Ok(()));
+                    }
                 }
                 for r in &stored {
                     m::record_stored(r.record.protocol);
@@ -416,30 +539,38 @@ impl Worker {
                 self.processor.after_store(&stored).await;
             }
             Err(e) => {
-                // Isolate bad records so one cannot block the rest of the batch.
+                // Isolate bad frames so one cannot block the rest of the batch: each frame (one
+                // device's packet) is written on its own and acknowledged or refused as a whole.
                 tracing::error!(worker = self.index, error = %e, records = stored.len(),
                     "batch write failed after retries");
                 m::store_error();
-                if stored.len() == 1 {
-                    for d in dones.into_iter().flatten() {
-                        let _ = d.send(Err(IngestError::Store(e.to_string())));
+                if frames.len() == 1 {
+                    for (_, d) in frames {
+                        if let Some(d) = d {
+                            let _ = d.send(Err(IngestError::Store(e.to_string())));
+                        }
                     }
                     return;
                 }
                 let mut ok = Vec::new();
-                for (rec, done) in stored.into_iter().zip(dones) {
-                    let one = std::slice::from_ref(&rec);
-                    match self.store.insert_records(one).await {
+                let mut start = 0;
+                for (end, done) in frames {
+                    let part = stored.get(start..end).unwrap_or_default();
+                    start = end;
+                    match self.store.insert_records(part).await {
                         Ok(()) => {
-                            m::record_stored(rec.record.protocol);
+                            for r in part {
+                                m::record_stored(r.record.protocol);
+                            }
                             if let Some(d) = done {
                                 let _ = d.send(Ok(()));
                             }
-                            ok.push(rec);
+                            ok.extend_from_slice(part);
                         }
                         Err(e) => {
-                            tracing::warn!(device = %rec.record.device_id, error = %e,
-                                "record refused by the store; not acknowledged");
+                            let device = part.first().map(|r| r.record.device_id.as_str());
+                            tracing::warn!(device, records = part.len(), error = %e,
+                                "frame refused by the store; not acknowledged");
                             if let Some(d) = done {
                                 let _ = d.send(Err(IngestError::Store(e.to_string())));
                             }
@@ -452,6 +583,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// Records taken off a worker's queue for one write.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    /// Per frame: end index (exclusive) of its records in `records`, and its completion.
+    frames: Vec<(usize, Option<Done>)>,
+    controls: Vec<Control>,
 }
 
 async fn insert_with_retry(

@@ -1,15 +1,18 @@
 //! TCP device listeners (GT06, Teltonika, H02).
 //!
-//! One task per connection reads frames through the protocol codec
-//! (`tokio_util::codec::FramedRead`), checks the device against the registry at its login /
-//! IMEI (nothing is accepted before), queues the records in the pipeline and hands the
-//! pending "stored" receivers, in order, to a writer task. The writer waits for each frame's
-//! records to be durably stored and only then writes the protocol acknowledgement (GT06
-//! response, Teltonika record count); a storage failure closes the connection without the
-//! ACK, so the device keeps the data and sends it again. The reader may run ahead of the
-//! writer by a bounded number of frames, so a device that streams frames is not slowed to one
-//! store round-trip per frame, and memory stays bounded.
+//! ONE task per connection (an idle tag costs one small task, one socket and a 256-byte read
+//! buffer: ~1.5 KiB in all, see the README's load figures). The task reads frames through the
+//! protocol codec (`tokio_util::codec::FramedRead`), checks the device against the registry at
+//! its login / IMEI (nothing is accepted before), queues each frame's records in the pipeline
+//! and keeps the frame's "stored" receiver, in order, in a small queue. It waits on the oldest
+//! receiver and the socket at the same time: when a frame's records are durably stored it
+//! writes that frame's protocol acknowledgement (GT06 response, Teltonika record count); a
+//! storage failure closes the connection without the ACK, so the device keeps the data and
+//! sends it again. Reading may run ahead of the ACKs by a bounded number of frames, so a
+//! device that streams frames is not slowed to one store round-trip per frame, and memory
+//! stays bounded.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,16 +23,15 @@ use em_model::{Protocol, Record};
 use em_protocols::{gt06, h02, teltonika, CodecError, DecodeError};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::limits::ConnectionLimiter;
 use crate::metrics as m;
-use crate::pipeline::{IngestError, Pipeline};
+use crate::pipeline::{IngestError, Pipeline, Stored};
 use crate::registry::Registry;
 
 /// Frames a connection may have queued (stored or not) ahead of their ACK.
@@ -281,12 +283,10 @@ struct Connection<P: TcpProtocol> {
     _p: std::marker::PhantomData<P>,
 }
 
-/// Work handed from the reader to the writer, in frame order.
+/// A frame queued for storage whose ACK is not written yet, in frame order.
 struct Pending {
-    stored: Vec<oneshot::Receiver<Result<(), IngestError>>>,
+    stored: Stored,
     reply: Option<Bytes>,
-    /// Close the connection after this (refused device).
-    close: bool,
 }
 
 enum Stop {
@@ -296,28 +296,52 @@ enum Stop {
     Shutdown,
     Fatal,
     Refused,
-    WriterGone,
+    /// Records not stored (or the pipeline closed): no ACK, the device re-sends.
+    NotStored,
+    WriteFailed,
 }
+
+impl Stop {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Stop::Eof => "eof",
+            Stop::Idle => "idle_timeout",
+            Stop::LoginTimeout => "login_timeout",
+            Stop::Shutdown => "shutdown",
+            Stop::Fatal => "fatal_decode_error",
+            Stop::Refused => "refused",
+            Stop::NotStored => "not_stored",
+            Stop::WriteFailed => "write_failed",
+        }
+    }
+}
+
+/// What woke the connection task.
+enum Wake<T> {
+    Shutdown,
+    /// The oldest pending frame finished storing.
+    Stored(Result<(), IngestError>),
+    Read(Result<Option<T>, tokio::time::error::Elapsed>),
+}
+
+type Frames<P> = FramedRead<TcpStream, <P as TcpProtocol>::Codec>;
+type Item<P> = Result<Result<<P as TcpProtocol>::Frame, DecodeError>, CodecError>;
 
 impl<P: TcpProtocol> Connection<P> {
     async fn run(self, stream: TcpStream) {
         let proto = P::PROTOCOL;
         let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
-        let mut frames = FramedRead::with_capacity(
-            rd,
+        let mut frames: Frames<P> = FramedRead::with_capacity(
+            stream,
             P::codec(self.settings.max_frame_bytes),
             READ_BUFFER_INITIAL,
         );
-        // Boxed: the channel allocates its slots up front in blocks, so a small slot keeps the
-        // per-connection cost of an idle device low.
-        let (tx, rx) = mpsc::channel::<Box<Pending>>(MAX_PENDING_FRAMES);
-        let writer_failed = CancellationToken::new();
-        let writer = tokio::spawn(write_acks(wr, rx, writer_failed.clone(), proto, self.peer));
-
+        // Empty until the first frame: an idle device holds no allocation here.
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         let connected = tokio::time::Instant::now();
         let mut device: Option<String> = None;
         let mut warn_logs = 0u32;
+
         let stop = loop {
             let deadline = if device.is_none() {
                 (connected + self.settings.login_timeout)
@@ -325,17 +349,23 @@ impl<P: TcpProtocol> Connection<P> {
             } else {
                 tokio::time::Instant::now() + self.settings.idle_timeout
             };
-            let next = tokio::select! {
+            let can_read = pending.len() < MAX_PENDING_FRAMES;
+            let wake: Wake<Item<P>> = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => break Stop::Shutdown,
-                _ = writer_failed.cancelled() => break Stop::WriterGone,
-                r = tokio::time::timeout_at(deadline, frames.next()) => r,
+                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                r = oldest(&mut pending), if !pending.is_empty() => Wake::Stored(r),
+                r = tokio::time::timeout_at(deadline, frames.next()), if can_read => Wake::Read(r),
             };
-            let item = match next {
-                Err(_) if device.is_none() => break Stop::LoginTimeout,
-                Err(_) => break Stop::Idle,
-                Ok(None) => break Stop::Eof,
-                Ok(Some(item)) => item,
+            let item = match wake {
+                Wake::Shutdown => break Stop::Shutdown,
+                Wake::Stored(r) => match self.acknowledge(&mut frames, &mut pending, r).await {
+                    Ok(()) => continue,
+                    Err(stop) => break stop,
+                },
+                Wake::Read(Err(_)) if device.is_none() => break Stop::LoginTimeout,
+                Wake::Read(Err(_)) => break Stop::Idle,
+                Wake::Read(Ok(None)) => break Stop::Eof,
+                Wake::Read(Ok(Some(item))) => item,
             };
             let frame = match item {
                 Ok(Ok(frame)) => frame,
@@ -381,6 +411,8 @@ impl<P: TcpProtocol> Connection<P> {
                         break Stop::Refused;
                     }
                     Some(_) => {}
+                    // Boxed: the look-up future is large and would otherwise enlarge every
+                    // connection's task, idle ones included.
                     None => match Box::pin(self.registry.admit(id, None)).await {
                         Ok(Ok(_)) => {
                             tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
@@ -392,13 +424,10 @@ impl<P: TcpProtocol> Connection<P> {
                                 reason = %refusal, "device refused");
                             if step.is_login {
                                 if let Some(reply) = step.reject_reply {
-                                    let _ = tx
-                                        .send(Box::new(Pending {
-                                            stored: Vec::new(),
-                                            reply: Some(reply),
-                                            close: true,
-                                        }))
-                                        .await;
+                                    // Earlier frames' ACKs first (none before a login, but keep
+                                    // the order rule in one place).
+                                    self.drain(&mut frames, &mut pending).await;
+                                    let _ = frames.get_mut().write_all(&reply).await;
                                 }
                             }
                             break Stop::Refused;
@@ -418,54 +447,86 @@ impl<P: TcpProtocol> Connection<P> {
                 continue;
             }
 
-            // Boxed (one allocation per frame): the submit future is large, and held inline it
-            // would enlarge every connection's task, idle ones included.
-            let Some(stored) = Box::pin(submit_all(&self.pipeline, step.records)).await else {
+            // Boxed (one allocation per frame) for the same reason as the look-up above.
+            let Ok(stored) = Box::pin(self.pipeline.submit_frame(step.records)).await else {
                 break Stop::Shutdown;
             };
             tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
-            if tx
-                .send(Box::new(Pending {
-                    stored,
-                    reply: step.reply,
-                    close: false,
-                }))
-                .await
-                .is_err()
-            {
-                break Stop::WriterGone;
-            }
+            pending.push_back(Pending {
+                stored,
+                reply: step.reply,
+            });
         };
-        drop(tx);
-        let reason = match stop {
-            Stop::Eof => "eof",
-            Stop::Idle => "idle_timeout",
-            Stop::LoginTimeout => {
-                m::device_rejected(proto, "no_login");
-                "login_timeout"
-            }
-            Stop::Shutdown => "shutdown",
-            Stop::Fatal => "fatal_decode_error",
-            Stop::Refused => "refused",
-            Stop::WriterGone => "write_failed",
-        };
-        // Let the writer send the ACKs of everything already queued (bounded at shutdown).
-        let _ = writer.await;
+        let reason = stop.as_str();
+        if matches!(stop, Stop::LoginTimeout) {
+            m::device_rejected(proto, "no_login");
+        }
+        // Write the ACKs of everything already queued (the pipeline drains its queues at
+        // shutdown, so this ends), unless the socket or the store already failed.
+        if !matches!(stop, Stop::NotStored | Stop::WriteFailed) {
+            self.drain(&mut frames, &mut pending).await;
+        }
+        let _ = frames.get_mut().shutdown().await;
         tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(), reason,
             "connection closed");
     }
+
+    /// The oldest pending frame is stored (or failed): write its ACK, and those of the frames
+    /// after it that are already stored.
+    async fn acknowledge(
+        &self,
+        frames: &mut Frames<P>,
+        pending: &mut VecDeque<Pending>,
+        first: Result<(), IngestError>,
+    ) -> Result<(), Stop> {
+        let mut result = first;
+        loop {
+            let Some(p) = pending.pop_front() else {
+                return Ok(());
+            };
+            if let Err(e) = result {
+                if e != IngestError::Closed {
+                    tracing::warn!(protocol = %P::PROTOCOL, peer = %self.peer, error = %e,
+                        "records not stored; closing without ACK (device will re-send)");
+                }
+                return Err(Stop::NotStored);
+            }
+            if let Some(reply) = p.reply {
+                if let Err(e) = frames.get_mut().write_all(&reply).await {
+                    tracing::debug!(protocol = %P::PROTOCOL, peer = %self.peer, error = %e, "ACK write failed");
+                    return Err(Stop::WriteFailed);
+                }
+            }
+            // Next one only if it is already done; otherwise back to the select.
+            let Some(next) = pending.front_mut() else {
+                return Ok(());
+            };
+            result = match next.stored.try_recv() {
+                Ok(r) => r,
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => Err(IngestError::Closed),
+            };
+        }
+    }
+
+    /// Waits for every pending frame in order and writes its ACK; stops at the first failure.
+    async fn drain(&self, frames: &mut Frames<P>, pending: &mut VecDeque<Pending>) {
+        while !pending.is_empty() {
+            let r = oldest(pending).await;
+            if self.acknowledge(frames, pending, r).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
-/// Queues a frame's records in the pipeline; `None` when the pipeline is shut down.
-async fn submit_all(
-    pipeline: &Pipeline,
-    records: Vec<Record>,
-) -> Option<Vec<oneshot::Receiver<Result<(), IngestError>>>> {
-    let mut stored = Vec::with_capacity(records.len());
-    for rec in records {
-        stored.push(pipeline.submit(rec).await.ok()?);
+/// Waits until the oldest pending frame is stored (or failed). Pending forever when empty
+/// (callers guard on that).
+async fn oldest(pending: &mut VecDeque<Pending>) -> Result<(), IngestError> {
+    match pending.front_mut() {
+        Some(p) => (&mut p.stored).await.unwrap_or(Err(IngestError::Closed)),
+        None => std::future::pending().await,
     }
-    Some(stored)
 }
 
 fn log_decode(
@@ -484,37 +545,4 @@ fn log_decode(
         tracing::debug!(protocol = %proto, %peer, device, reason = e.reason(), fatal, error = %e,
             "malformed frame");
     }
-}
-
-async fn write_acks(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Box<Pending>>,
-    failed: CancellationToken,
-    proto: Protocol,
-    peer: SocketAddr,
-) {
-    'outer: while let Some(p) = rx.recv().await {
-        for s in p.stored {
-            match s.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(protocol = %proto, %peer, error = %e,
-                        "records not stored; closing without ACK (device will re-send)");
-                    break 'outer;
-                }
-                Err(_) => break 'outer,
-            }
-        }
-        if let Some(reply) = p.reply {
-            if let Err(e) = wr.write_all(&reply).await {
-                tracing::debug!(protocol = %proto, %peer, error = %e, "ACK write failed");
-                break;
-            }
-        }
-        if p.close {
-            break;
-        }
-    }
-    failed.cancel();
-    let _ = wr.shutdown().await;
 }

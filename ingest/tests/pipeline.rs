@@ -411,3 +411,97 @@ async fn records_of_many_devices_share_one_write() {
     drop(p);
     workers.join().await;
 }
+
+#[tokio::test]
+async fn a_frame_completes_once_all_its_records_are_stored() {
+    let real = em_store::testing::sqlite_store().await;
+    let store = GatedStore::new(real.clone(), false, None);
+    let (p, workers) = pipeline(store.clone(), one_worker()).await;
+    let frame: Vec<Record> = (0..20).map(|i| rec("multi", i)).collect();
+    let mut rx = p.submit_frame(frame).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(rx.try_recv().is_err(), "no completion before the write");
+    store.gate.add_permits(1);
+    let res = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .unwrap();
+    assert_eq!(res.unwrap(), Ok(()));
+    assert_eq!(real.count_records("multi").await.unwrap(), 20);
+    assert_eq!(
+        store.inserted_batches.load(Ordering::SeqCst),
+        1,
+        "one frame, one write"
+    );
+    // An empty frame (a heartbeat with nothing to store) completes at once.
+    let empty = p.submit_frame(Vec::new()).await.unwrap();
+    assert_eq!(empty.await.unwrap(), Ok(()));
+    drop(p);
+    workers.join().await;
+}
+
+#[tokio::test]
+async fn queue_capacity_counts_records_not_frames() {
+    let real = em_store::testing::sqlite_store().await;
+    let store = GatedStore::new(real.clone(), false, None);
+    let cfg = PipelineConfig {
+        queue_capacity: 10,
+        batch_max_records: 1,
+        ..one_worker()
+    };
+    let (p, workers) = pipeline(store.clone(), cfg).await;
+    // The worker takes the first frame and blocks in its write.
+    let first = p.submit(rec("cap", 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let eight = p
+        .submit_frame((1..9).map(|i| rec("cap", i)).collect())
+        .await
+        .unwrap();
+    assert_eq!(p.queued(), 8);
+    // 8 of 10 slots taken: a 3-record frame must wait, a 2-record one fits.
+    let three = (9..12).map(|i| rec("cap", i)).collect::<Vec<_>>();
+    let blocked = tokio::time::timeout(Duration::from_millis(300), p.submit_frame(three)).await;
+    assert!(blocked.is_err(), "a frame larger than the free room waits");
+    let two = p
+        .submit_frame((12..14).map(|i| rec("cap", i)).collect())
+        .await
+        .unwrap();
+    assert_eq!(p.queued(), 10);
+    // A frame larger than the whole queue is admitted alone once the queue is empty.
+    store.gate.add_permits(1000);
+    let huge = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.submit_frame((100..130).map(|i| rec("cap", i)).collect()),
+    )
+    .await
+    .expect("admitted when the queue drains")
+    .unwrap();
+    for rx in [first, eight, two, huge] {
+        assert_eq!(rx.await.unwrap(), Ok(()));
+    }
+    assert_eq!(real.count_records("cap").await.unwrap(), 1 + 8 + 2 + 30);
+    drop(p);
+    workers.join().await;
+}
+
+#[tokio::test]
+async fn a_frame_of_several_devices_completes_when_every_part_is_stored() {
+    let real = em_store::testing::sqlite_store().await;
+    let store = GatedStore::new(real.clone(), true, Some("mixed-bad"));
+    let cfg = PipelineConfig {
+        workers: 4,
+        ..one_worker()
+    };
+    let (p, workers) = pipeline(store.clone(), cfg).await;
+    let ok: Vec<Record> = (0..8)
+        .map(|i| rec(&format!("mixed-{}", i % 4), i))
+        .collect();
+    assert_eq!(p.store_all(ok).await, Ok(()));
+    for d in 0..4 {
+        assert_eq!(real.count_records(&format!("mixed-{d}")).await.unwrap(), 2);
+    }
+    // One part refused: the whole frame is refused (no ACK), the other parts may be stored.
+    let bad = vec![rec("mixed-9", 1), rec("mixed-bad", 2)];
+    assert!(matches!(p.store_all(bad).await, Err(IngestError::Store(_))));
+    drop(p);
+    workers.join().await;
+}
