@@ -97,6 +97,10 @@ pub struct ListenersConfig {
     pub max_connections: usize,
     /// Seconds given to open connections to finish their in-flight work at shutdown.
     pub shutdown_grace_secs: u64,
+    /// Bind the TCP device listeners with `SO_REUSEPORT`, so several ingest processes on one
+    /// host share a port and the kernel spreads new connections over them (more connections
+    /// than one process's open-file limit, restarts without refusing devices). Linux / BSD.
+    pub reuse_port: bool,
 }
 
 impl Default for ListenersConfig {
@@ -113,6 +117,7 @@ impl Default for ListenersConfig {
             max_connections_per_ip: 100,
             max_connections: 50_000,
             shutdown_grace_secs: 5,
+            reuse_port: false,
         }
     }
 }

@@ -223,9 +223,10 @@ impl Service {
             max_connections: l.max_connections,
         };
         let addr = |port: u16| SocketAddr::new(l.bind, port);
-        let gt06 = bind_opt::<Gt06>(l.gt06_port, addr(l.gt06_port)).await?;
-        let telt = bind_opt::<Teltonika>(l.teltonika_port, addr(l.teltonika_port)).await?;
-        let h02 = bind_opt::<H02>(l.h02_port, addr(l.h02_port)).await?;
+        let reuse = l.reuse_port;
+        let gt06 = bind_opt::<Gt06>(l.gt06_port, addr(l.gt06_port), reuse).await?;
+        let telt = bind_opt::<Teltonika>(l.teltonika_port, addr(l.teltonika_port), reuse).await?;
+        let h02 = bind_opt::<H02>(l.h02_port, addr(l.h02_port), reuse).await?;
         let osmand = if l.osmand_port > 0 {
             Some(
                 tokio::net::TcpListener::bind(addr(l.osmand_port))
@@ -443,11 +444,12 @@ fn loopback(a: SocketAddr) -> SocketAddr {
 async fn bind_opt<P: crate::tcp::TcpProtocol>(
     port: u16,
     addr: SocketAddr,
+    reuse_port: bool,
 ) -> anyhow::Result<Option<TcpServer<P>>> {
     if port == 0 {
         return Ok(None);
     }
-    let s = TcpServer::<P>::bind(addr)
+    let s = TcpServer::<P>::bind_with(addr, reuse_port)
         .await
         .with_context(|| format!("binding the {} listener to {addr}", P::PROTOCOL))?;
     Ok(Some(s))

@@ -23,7 +23,7 @@ use em_model::{Protocol, Record};
 use em_protocols::{gt06, h02, teltonika, CodecError, DecodeError};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ const MAX_PENDING_FRAMES: usize = 64;
 /// small start keeps idle connections cheap (the codec default of 8 KiB per connection
 /// dominated the memory of idle devices).
 const READ_BUFFER_INITIAL: usize = 256;
+/// Accept backlog of the device listeners.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Decode errors logged at WARN per connection; further ones go to DEBUG (still counted).
 const MAX_WARN_LOGS: u32 = 10;
 
@@ -204,7 +206,31 @@ pub struct TcpServer<P: TcpProtocol> {
 
 impl<P: TcpProtocol> TcpServer<P> {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        Self::bind_with(addr, false).await
+    }
+
+    /// Binds with `SO_REUSEADDR` (restart while old connections linger in TIME_WAIT) and,
+    /// when `reuse_port`, `SO_REUSEPORT` (several processes share the port). The accept
+    /// backlog is [`LISTEN_BACKLOG`] so a reconnect storm after an outage is queued, not
+    /// refused (the kernel caps it at `net.core.somaxconn`).
+    pub async fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Self> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if reuse_port {
+            #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+            socket.set_reuseport(true)?;
+            #[cfg(not(all(unix, not(target_os = "solaris"), not(target_os = "illumos"))))]
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "listeners.reuse_port is not supported on this platform",
+            ));
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         Ok(TcpServer {
             listener,
             _p: std::marker::PhantomData,
@@ -544,5 +570,44 @@ fn log_decode(
     } else {
         tracing::debug!(protocol = %proto, %peer, device, reason = e.reason(), fatal, error = %e,
             "malformed frame");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reuse_port_lets_two_processes_share_a_listener_port() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let first = TcpServer::<Gt06>::bind_with(any, true).await.expect("bind");
+        let addr = first.local_addr().expect("addr");
+        // Without SO_REUSEPORT on both, the port is taken.
+        let plain = TcpServer::<Gt06>::bind_with(addr, false).await;
+        assert!(plain.is_err(), "second plain bind must fail");
+        let second = TcpServer::<Gt06>::bind_with(addr, true)
+            .await
+            .expect("second SO_REUSEPORT bind shares the port");
+        assert_eq!(second.local_addr().expect("addr"), addr);
+        // Both accept: connections are spread by the kernel; at least one of them gets one.
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let accepted = async {
+            let mut n = 0;
+            for _ in 0..16 {
+                tokio::select! {
+                    r = first.listener.accept() => { r.expect("accept"); }
+                    r = second.listener.accept() => { r.expect("accept"); }
+                }
+                n += 1;
+            }
+            n
+        };
+        let n = tokio::time::timeout(Duration::from_secs(5), accepted)
+            .await
+            .expect("accepted in time");
+        assert_eq!(n, 16);
     }
 }
