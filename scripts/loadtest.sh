@@ -11,7 +11,13 @@
 # (mqtt://127.0.0.1:1883), RATES ("2000 5000 10000 20000"), DURATION (25 s per rate),
 # DEVICES (2000 active devices), IDLE_CONNS (18000; the service needs one fd per connection,
 # so keep it below `ulimit -n`), STEPS ("throughput latency idle"), SKIP_BUILD=1,
-# PIPELINE (extra `[pipeline]` settings, e.g. PIPELINE="workers = 4; batch_max_wait_ms = 10").
+# PIPELINE (extra `[pipeline]` settings, e.g. PIPELINE="workers = 4; batch_max_wait_ms = 10"),
+# RECORDS_PER_PACKET (1; throughput step: fixes each simulated device batches into one
+# Teltonika AVL packet / one write of GT06 locations, as real tags do, e.g. 20).
+# Step "connections" (not in the default STEPS): CONNS (100000) idle GT06 devices held at once
+# by INSTANCES (6) em processes sharing the port with `listeners.reuse_port` — one process can
+# hold at most `ulimit -Hn` sockets (20,000 on the machines here, not raisable without
+# CAP_SYS_RESOURCE) — driven by as many simulator processes from 127.0.0.2–127.0.0.61.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +27,8 @@ RATES=${RATES:-"2000 5000 10000 20000"}
 DURATION=${DURATION:-25}
 DEVICES=${DEVICES:-2000}
 IDLE_CONNS=${IDLE_CONNS:-18000}
+CONNS=${CONNS:-100000}
+INSTANCES=${INSTANCES:-6}
 STEPS=${STEPS:-"throughput latency idle"}
 SCHEMA=${SCHEMA:-em_load_$(date +%s)}
 BASE=${PORT_BASE:-25000}
@@ -33,7 +41,9 @@ ulimit -n "$(ulimit -Hn)" || true
 if [[ -z ${SKIP_BUILD:-} ]]; then cargo build --release -p em-ingest --bins; fi
 EM=${EM:-target/release/em}; SIM=${SIM:-target/release/em-sim}
 
-cat > "$WORK/em.toml" <<TOML
+# em_config <metrics port> <dashboard port> <extra [listeners] lines> <mqtt enabled>
+em_config() {
+cat <<TOML
 [database]
 url = "$DB_URL"
 $( [[ $DB_URL == postgres* ]] && echo "schema = \"$SCHEMA\"" )
@@ -45,23 +55,27 @@ h02_port = 0
 osmand_port = 0
 max_connections_per_ip = 0
 max_connections = 0
+$3
 [mqtt]
+enabled = $4
 url = "$MQTT_URL"
-client_id = "em-load-$SCHEMA"
-publish_alerts = true
+client_id = "em-load-$SCHEMA-$1"
+publish_alerts = $4
 [metrics]
-bind = "$METRICS"
+bind = "127.0.0.1:$1"
 [log]
 filter = "warn"
 [demo]
 enabled = false
 [dashboard]
-bind = "127.0.0.1:$((BASE + 80))"
+bind = "127.0.0.1:$2"
 [retention]
 enabled = false
 [pipeline]
 $(tr ';' '\n' <<<"${PIPELINE:-}")
 TOML
+}
+em_config $((BASE + 64)) $((BASE + 80)) "" true > "$WORK/em.toml"
 # em-sim --register takes the schema from the URL's search path for PostgreSQL.
 REG_URL=$DB_URL
 if [[ $DB_URL == postgres* ]]; then
@@ -70,7 +84,12 @@ if [[ $DB_URL == postgres* ]]; then
 fi
 
 EM_PID=
-cleanup() { [[ -n $EM_PID ]] && kill "$EM_PID" 2>/dev/null && wait "$EM_PID" 2>/dev/null; rm -rf "$WORK"; }
+cleanup() {
+  [[ -n $EM_PID ]] && kill "$EM_PID" 2>/dev/null && wait "$EM_PID" 2>/dev/null
+  # Whatever else this script started (instances and simulators of the connections step).
+  local left; left=$(jobs -p); [[ -n $left ]] && kill $left 2>/dev/null; wait 2>/dev/null
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 start_em() {
@@ -107,7 +126,8 @@ if [[ " $STEPS " == *" throughput "* ]]; then
     $SIM --gt06 $GT06 --teltonika $TELT --mix gt06=50,teltonika=50 --devices "$DEVICES" \
          --rate "$r" --duration "$DURATION" --no-alert-feed --share-leave-home 0 \
          --share-strap-cut 0 --share-battery-drain 0 --share-go-silent 0 \
-         --connect-concurrency 512 --ramp-up 2 --json --quiet >"$WORK/t$r.json"
+         --connect-concurrency 512 --ramp-up 2 --records-per-packet "${RECORDS_PER_PACKET:-1}" \
+         --json --quiet >"$WORK/t$r.json"
     row "rate=$r" "$WORK/t$r.json"
   done
 fi
@@ -122,22 +142,67 @@ if [[ " $STEPS " == *" latency "* ]]; then
 fi
 
 if [[ " $STEPS " == *" idle "* ]]; then
+  gauge() { curl -s "http://$METRICS/metrics" | awk '/^em_connections_(open|active)\{protocol="gt06"\}/{print $2}' | head -1; }
   before=$(rss_kib "$EM_PID")
   $SIM --gt06 $GT06 --mix gt06=1 --devices "$IDLE_CONNS" --first-index "$DEVICES" \
-       --interval 3600 --duration 70 --ramp-up 25 --connect-concurrency 512 \
+       --interval 3600 --duration 85 --ramp-up 50 --connect-concurrency 512 \
        --source-ips 127.0.0.2-127.0.0.9 --no-alert-feed --share-leave-home 0 \
        --share-strap-cut 0 --share-battery-drain 0 --share-go-silent 0 \
        --json --quiet >"$WORK/idle.json" &
   SIM_PID=$!
-  sleep 55
-  conns=$(curl -s "http://$METRICS/metrics" | awk '/^em_connections_open\{protocol="gt06"\}|^em_connections_active\{protocol="gt06"\}/{print $2}' | head -1)
-  after=$(rss_kib "$EM_PID")
+  # Two samples during the ramp: the slope between them is the cost of one more idle
+  # connection, without the one-off growth (buffers, pools) of the first thousands.
+  sleep 22; c1=$(gauge); r1=$(rss_kib "$EM_PID")
+  sleep 48; conns=$(gauge); after=$(rss_kib "$EM_PID")
   wait "$SIM_PID"
   row "idle" "$WORK/idle.json"
   opened=$(jq .connections_opened "$WORK/idle.json")
-  n=${conns:-$opened}; n=${n%.*}
+  n=${conns:-$opened}; n=${n%.*}; c1=${c1%.*}
   echo "idle connections: service gauge ${conns:-?}, simulator opened $opened"
   echo "service RSS before ${before} KiB, with $n idle connections ${after} KiB:" \
-       "$(( (after - before) * 1024 / (n > 0 ? n : 1) )) bytes per idle connection"
+       "$(( (after - before) * 1024 / (n > 0 ? n : 1) )) bytes per idle connection (all in)"
+  echo "marginal: ${c1} → ${n} connections, RSS ${r1} → ${after} KiB:" \
+       "$(( (after - r1) * 1024 / (n - c1 > 0 ? n - c1 : 1) )) bytes per additional idle connection"
+fi
+
+if [[ " $STEPS " == *" connections "* ]]; then
+  # Devices DEVICES.. are registered here (after the idle step's range).
+  first=$((DEVICES + IDLE_CONNS))
+  $SIM --gt06 $GT06 --devices "$CONNS" --first-index "$first" --register "$REG_URL" --register-only
+  stop_em
+  PIDS=()
+  for i in $(seq 1 "$INSTANCES"); do
+    em_config $((BASE + 100 + i)) $((BASE + 200 + i)) "reuse_port = true" false > "$WORK/em$i.toml"
+    "$EM" run --config "$WORK/em$i.toml" >"$WORK/em$i.log" 2>&1 & PIDS+=($!)
+  done
+  for i in $(seq 1 "$INSTANCES"); do
+    for _ in $(seq 1 200); do
+      curl -sf "http://127.0.0.1:$((BASE + 100 + i))/metrics" >/dev/null 2>&1 && break; sleep 0.3
+    done
+  done
+  before=0; for p in "${PIDS[@]}"; do before=$((before + $(rss_kib "$p"))); done
+  per=$(( (CONNS + INSTANCES - 1) / INSTANCES )); SIMS=()
+  for i in $(seq 0 $((INSTANCES - 1))); do
+    n=$(( CONNS - i * per < per ? CONNS - i * per : per ))
+    $SIM --gt06 $GT06 --mix gt06=1 --devices "$n" --first-index $((first + i * per)) \
+         --interval 3600 --duration 150 --ramp-up 90 --connect-concurrency 256 \
+         --source-ips "127.0.$((i + 1)).2-127.0.$((i + 1)).11" --no-alert-feed --share-leave-home 0 \
+         --share-strap-cut 0 --share-battery-drain 0 --share-go-silent 0 \
+         --json --quiet >"$WORK/conn$i.json" & SIMS+=($!)
+  done
+  sleep 125
+  held=0; for i in $(seq 1 "$INSTANCES"); do
+    g=$(curl -s "http://127.0.0.1:$((BASE + 100 + i))/metrics" | awk '/^em_connections_(open|active)\{protocol="gt06"\}/{print $2}' | head -1)
+    echo "instance $i: ${g:-?} connections, RSS $(rss_kib "${PIDS[$((i - 1))]}") KiB"
+    held=$((held + ${g%.*}))
+  done
+  after=0; for p in "${PIDS[@]}"; do after=$((after + $(rss_kib "$p"))); done
+  established=$(ss -Htn state established "( sport = :$((BASE + 23)) )" | wc -l)
+  wait "${SIMS[@]}" || true
+  for i in $(seq 0 $((INSTANCES - 1))); do row "conns[$i]" "$WORK/conn$i.json"; done
+  kill "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null || true
+  echo "connections held at once: $held (service gauges), $established established on the port (ss)"
+  echo "$INSTANCES services' RSS before $before KiB, with $held idle connections $after KiB:" \
+       "$(( (after - before) * 1024 / (held > 0 ? held : 1) )) bytes per idle connection"
 fi
 echo "== done (schema $SCHEMA left in the database for inspection)"

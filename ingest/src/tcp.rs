@@ -29,7 +29,7 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::limits::ConnectionLimiter;
+use crate::limits::{ConnectionLimiter, ConnectionPermit};
 use crate::metrics as m;
 use crate::pipeline::{IngestError, Pipeline, Stored};
 use crate::registry::Registry;
@@ -254,7 +254,12 @@ impl<P: TcpProtocol> TcpServer<P> {
         let proto = P::PROTOCOL;
         let limiter =
             ConnectionLimiter::new(settings.max_connections_per_ip, settings.max_connections);
-        let settings = Arc::new(settings);
+        let shared = Arc::new(Shared {
+            settings,
+            pipeline,
+            registry,
+            shutdown: shutdown.clone(),
+        });
         tracing::info!(protocol = %proto, addr = ?self.listener.local_addr().ok(), "device listener started");
         loop {
             let accepted = tokio::select! {
@@ -282,30 +287,29 @@ impl<P: TcpProtocol> TcpServer<P> {
             };
             let conn = Connection::<P> {
                 peer,
-                settings: settings.clone(),
-                pipeline: pipeline.clone(),
-                registry: registry.clone(),
-                shutdown: shutdown.clone(),
+                shared: shared.clone(),
+                _permit: permit,
                 _p: std::marker::PhantomData,
             };
-            let fut = async move {
-                let _permit = permit;
-                m::connection_opened(proto);
-                conn.run(stream).await;
-                m::connection_closed(proto);
-            };
-            tracker.spawn(fut);
+            tracker.spawn(conn.run(stream));
         }
         tracing::info!(protocol = %proto, "device listener stopped accepting");
     }
 }
 
-struct Connection<P: TcpProtocol> {
-    peer: SocketAddr,
-    settings: Arc<TcpSettings>,
+/// What every connection of a listener shares (one pointer per connection).
+struct Shared {
+    settings: TcpSettings,
     pipeline: Pipeline,
     registry: Registry,
     shutdown: CancellationToken,
+}
+
+/// One device connection: everything it owns lives in its single task.
+struct Connection<P: TcpProtocol> {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _permit: ConnectionPermit,
     _p: std::marker::PhantomData<P>,
 }
 
@@ -356,10 +360,11 @@ type Item<P> = Result<Result<<P as TcpProtocol>::Frame, DecodeError>, CodecError
 impl<P: TcpProtocol> Connection<P> {
     async fn run(self, stream: TcpStream) {
         let proto = P::PROTOCOL;
+        m::connection_opened(proto);
         let _ = stream.set_nodelay(true);
         let mut frames: Frames<P> = FramedRead::with_capacity(
             stream,
-            P::codec(self.settings.max_frame_bytes),
+            P::codec(self.shared.settings.max_frame_bytes),
             READ_BUFFER_INITIAL,
         );
         // Empty until the first frame: an idle device holds no allocation here.
@@ -370,118 +375,47 @@ impl<P: TcpProtocol> Connection<P> {
 
         let stop = loop {
             let deadline = if device.is_none() {
-                (connected + self.settings.login_timeout)
-                    .min(tokio::time::Instant::now() + self.settings.idle_timeout)
+                (connected + self.shared.settings.login_timeout)
+                    .min(tokio::time::Instant::now() + self.shared.settings.idle_timeout)
             } else {
-                tokio::time::Instant::now() + self.settings.idle_timeout
+                tokio::time::Instant::now() + self.shared.settings.idle_timeout
             };
             let can_read = pending.len() < MAX_PENDING_FRAMES;
             let wake: Wake<Item<P>> = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                _ = self.shared.shutdown.cancelled() => Wake::Shutdown,
                 r = oldest(&mut pending), if !pending.is_empty() => Wake::Stored(r),
                 r = tokio::time::timeout_at(deadline, frames.next()), if can_read => Wake::Read(r),
             };
             let item = match wake {
                 Wake::Shutdown => break Stop::Shutdown,
-                Wake::Stored(r) => match self.acknowledge(&mut frames, &mut pending, r).await {
-                    Ok(()) => continue,
-                    Err(stop) => break stop,
-                },
+                // Boxed (one allocation per ACK): awaited inline, the write future would enlarge
+                // every connection's task, idle ones included.
+                Wake::Stored(r) => {
+                    match Box::pin(self.acknowledge(&mut frames, &mut pending, r)).await {
+                        Ok(()) => continue,
+                        Err(stop) => break stop,
+                    }
+                }
                 Wake::Read(Err(_)) if device.is_none() => break Stop::LoginTimeout,
                 Wake::Read(Err(_)) => break Stop::Idle,
                 Wake::Read(Ok(None)) => break Stop::Eof,
                 Wake::Read(Ok(Some(item))) => item,
             };
-            let frame = match item {
-                Ok(Ok(frame)) => frame,
-                Ok(Err(e)) => {
-                    m::decode_error(proto, e.reason());
-                    log_decode(
-                        &mut warn_logs,
-                        proto,
-                        self.peer,
-                        device.as_deref(),
-                        &e,
-                        false,
-                    );
-                    continue;
-                }
-                Err(CodecError::Fatal(e)) => {
-                    m::decode_error(proto, e.reason());
-                    log_decode(
-                        &mut warn_logs,
-                        proto,
-                        self.peer,
-                        device.as_deref(),
-                        &e,
-                        true,
-                    );
-                    break Stop::Fatal;
-                }
-                Err(CodecError::Io(e)) => {
-                    tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(),
-                        error = %e, "connection read error");
-                    break Stop::Eof;
-                }
-            };
-            m::frame(proto);
-            let step = P::step(frame, device.as_deref());
-
-            if let Some(id) = step.identifies.as_deref() {
-                match device.as_deref() {
-                    Some(current) if current != id => {
-                        m::device_rejected(proto, "id_changed");
-                        tracing::warn!(protocol = %proto, peer = %self.peer, device = current,
-                            claimed = id, "device id changed mid-connection; closing");
-                        break Stop::Refused;
-                    }
-                    Some(_) => {}
-                    // Boxed: the look-up future is large and would otherwise enlarge every
-                    // connection's task, idle ones included.
-                    None => match Box::pin(self.registry.admit(id, None)).await {
-                        Ok(Ok(_)) => {
-                            tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
-                            device = Some(id.to_owned());
-                        }
-                        Ok(Err(refusal)) => {
-                            m::device_rejected(proto, refusal.as_str());
-                            tracing::warn!(protocol = %proto, peer = %self.peer, device = id,
-                                reason = %refusal, "device refused");
-                            if step.is_login {
-                                if let Some(reply) = step.reject_reply {
-                                    // Earlier frames' ACKs first (none before a login, but keep
-                                    // the order rule in one place).
-                                    self.drain(&mut frames, &mut pending).await;
-                                    let _ = frames.get_mut().write_all(&reply).await;
-                                }
-                            }
-                            break Stop::Refused;
-                        }
-                        Err(e) => {
-                            tracing::error!(protocol = %proto, peer = %self.peer, device = id,
-                                error = %e, "registry look-up failed; closing (device will retry)");
-                            break Stop::Refused;
-                        }
-                    },
-                }
+            // Everything done with a frame runs in one boxed future (one allocation per
+            // frame): held inline, its state (decoded frame, step, registry look-up, queueing)
+            // would enlarge every connection's task, idle ones included.
+            let handled = Box::pin(self.on_item(
+                item,
+                &mut device,
+                &mut warn_logs,
+                &mut frames,
+                &mut pending,
+            ))
+            .await;
+            if let Err(stop) = handled {
+                break stop;
             }
-            if device.is_none() {
-                // Data before login: the codecs report this as an error already; anything
-                // else that slips through is dropped the same way.
-                m::decode_error(proto, "not_logged_in");
-                continue;
-            }
-
-            // Boxed (one allocation per frame) for the same reason as the look-up above.
-            let Ok(stored) = Box::pin(self.pipeline.submit_frame(step.records)).await else {
-                break Stop::Shutdown;
-            };
-            tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
-            pending.push_back(Pending {
-                stored,
-                reply: step.reply,
-            });
         };
         let reason = stop.as_str();
         if matches!(stop, Stop::LoginTimeout) {
@@ -490,11 +424,98 @@ impl<P: TcpProtocol> Connection<P> {
         // Write the ACKs of everything already queued (the pipeline drains its queues at
         // shutdown, so this ends), unless the socket or the store already failed.
         if !matches!(stop, Stop::NotStored | Stop::WriteFailed) {
-            self.drain(&mut frames, &mut pending).await;
+            Box::pin(self.drain(&mut frames, &mut pending)).await;
         }
-        let _ = frames.get_mut().shutdown().await;
+        let _ = Box::pin(frames.get_mut().shutdown()).await;
         tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(), reason,
             "connection closed");
+        m::connection_closed(proto);
+    }
+
+    /// Handles one item read from the socket: a frame (login check, queueing its records and
+    /// its pending ACK) or a decode error. `Err` ends the connection.
+    async fn on_item(
+        &self,
+        item: Item<P>,
+        device: &mut Option<String>,
+        warn_logs: &mut u32,
+        frames: &mut Frames<P>,
+        pending: &mut VecDeque<Pending>,
+    ) -> Result<(), Stop> {
+        let proto = P::PROTOCOL;
+        let frame = match item {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => {
+                m::decode_error(proto, e.reason());
+                log_decode(warn_logs, proto, self.peer, device.as_deref(), &e, false);
+                return Ok(());
+            }
+            Err(CodecError::Fatal(e)) => {
+                m::decode_error(proto, e.reason());
+                log_decode(warn_logs, proto, self.peer, device.as_deref(), &e, true);
+                return Err(Stop::Fatal);
+            }
+            Err(CodecError::Io(e)) => {
+                tracing::debug!(protocol = %proto, peer = %self.peer, device = device.as_deref(),
+                    error = %e, "connection read error");
+                return Err(Stop::Eof);
+            }
+        };
+        m::frame(proto);
+        let step = P::step(frame, device.as_deref());
+
+        if let Some(id) = step.identifies.as_deref() {
+            match device.as_deref() {
+                Some(current) if current != id => {
+                    m::device_rejected(proto, "id_changed");
+                    tracing::warn!(protocol = %proto, peer = %self.peer, device = current,
+                        claimed = id, "device id changed mid-connection; closing");
+                    return Err(Stop::Refused);
+                }
+                Some(_) => {}
+                None => match self.shared.registry.admit(id, None).await {
+                    Ok(Ok(_)) => {
+                        tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
+                        *device = Some(id.to_owned());
+                    }
+                    Ok(Err(refusal)) => {
+                        m::device_rejected(proto, refusal.as_str());
+                        tracing::warn!(protocol = %proto, peer = %self.peer, device = id,
+                            reason = %refusal, "device refused");
+                        if step.is_login {
+                            if let Some(reply) = step.reject_reply {
+                                // Earlier frames' ACKs first (none before a login, but keep
+                                // the order rule in one place).
+                                self.drain(frames, pending).await;
+                                let _ = frames.get_mut().write_all(&reply).await;
+                            }
+                        }
+                        return Err(Stop::Refused);
+                    }
+                    Err(e) => {
+                        tracing::error!(protocol = %proto, peer = %self.peer, device = id,
+                            error = %e, "registry look-up failed; closing (device will retry)");
+                        return Err(Stop::Refused);
+                    }
+                },
+            }
+        }
+        if device.is_none() {
+            // Data before login: the codecs report this as an error already; anything
+            // else that slips through is dropped the same way.
+            m::decode_error(proto, "not_logged_in");
+            return Ok(());
+        }
+
+        let Ok(stored) = self.shared.pipeline.submit_frame(step.records).await else {
+            return Err(Stop::Shutdown);
+        };
+        tracing::trace!(protocol = %proto, device = device.as_deref(), kind = step.kind, "frame queued");
+        pending.push_back(Pending {
+            stored,
+            reply: step.reply,
+        });
+        Ok(())
     }
 
     /// The oldest pending frame is stored (or failed): write its ACK, and those of the frames
@@ -609,5 +630,57 @@ mod tests {
             .await
             .expect("accepted in time");
         assert_eq!(n, 16);
+    }
+}
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The task of an idle connection is the bulk of its memory (with the 256-byte read
+    /// buffer and the socket's registration). Large per-frame state must stay out of it
+    /// (boxed), or every idle device pays for it.
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let store = em_store::testing::sqlite_store().await;
+        let registry = Registry::load(store.clone()).await.expect("registry");
+        let (pipeline, _workers) =
+            Pipeline::start(&Default::default(), store, registry.clone(), |_| {
+                Box::new(crate::pipeline::NoopProcessor)
+            });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Arc::new(Shared {
+            settings: TcpSettings {
+                idle_timeout: Duration::from_secs(1),
+                login_timeout: Duration::from_secs(1),
+                max_frame_bytes: 0,
+                max_connections_per_ip: 0,
+                max_connections: 0,
+            },
+            pipeline,
+            registry,
+            shutdown: CancellationToken::new(),
+        });
+        let limiter = ConnectionLimiter::new(0, 0);
+        let gt06 = Connection::<Gt06> {
+            peer: addr,
+            shared: shared.clone(),
+            _permit: limiter.try_acquire(addr.ip()).expect("permit"),
+            _p: std::marker::PhantomData,
+        }
+        .run(TcpStream::connect(addr).await.expect("connect"));
+        let telt = Connection::<Teltonika> {
+            peer: addr,
+            shared,
+            _permit: limiter.try_acquire(addr.ip()).expect("permit"),
+            _p: std::marker::PhantomData,
+        }
+        .run(TcpStream::connect(addr).await.expect("connect"));
+        let (a, b) = (std::mem::size_of_val(&gt06), std::mem::size_of_val(&telt));
+        eprintln!("connection task future: GT06 {a} bytes, Teltonika {b} bytes");
+        assert!(
+            a <= 900 && b <= 900,
+            "connection future grew: {a} / {b} bytes"
+        );
     }
 }
