@@ -73,7 +73,8 @@ struct Args {
     /// given are dropped from the mix.
     #[arg(long, default_value = "gt06=40,teltonika=40,mqtt=20")]
     mix: String,
-    /// Total reports per second of the whole fleet, evenly paced over the devices.
+    /// Total reports (fixes) per second of the whole fleet, evenly paced over the devices
+    /// (whatever --records-per-packet is).
     #[arg(long, value_name = "FIXES_PER_SEC", conflicts_with = "interval")]
     rate: Option<f64>,
     /// Seconds between two reports of one device (default 10 unless --rate is given).
@@ -144,6 +145,13 @@ struct Args {
     /// GT06: heartbeat (acknowledged) after every N locations (which are not).
     #[arg(long, default_value_t = 1)]
     gt06_heartbeat_every: u32,
+    /// Reports a device accumulates and sends together, as real tags do: N records in one
+    /// Teltonika AVL packet (ACK = N), a JSON array of N reports per EM publication (at most
+    /// 100), N GT06 location frames in one write. --rate/--interval still count reports;
+    /// a device sends every N intervals. Alerting reports are sent at once.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=255))]
+    records_per_packet: u16,
     /// Allow targets that are not loopback addresses with more than 1,000 devices.
     #[arg(long)]
     allow_remote: bool,
@@ -303,6 +311,7 @@ async fn build_config(args: &Args) -> anyhow::Result<SimConfig> {
     }
     cfg.ack_timeout = secs("ack-timeout", args.ack_timeout)?;
     cfg.gt06_heartbeat_every = args.gt06_heartbeat_every.max(1);
+    cfg.records_per_packet = usize::from(args.records_per_packet);
     cfg.validate()?;
     Ok(cfg)
 }

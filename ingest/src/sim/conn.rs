@@ -1,13 +1,14 @@
 //! Device connections of the simulator: GT06 and Teltonika over TCP, the EM protocol over
-//! MQTT. Each waits for the protocol's acknowledgement and reports which sent reports it
-//! confirmed.
+//! MQTT. Each sends a batch of buffered [`Fix`]es the way the protocol batches them (one
+//! Teltonika AVL packet, one EM JSON array per topic, back-to-back GT06 frames in one write),
+//! waits for the protocol's acknowledgement and reports which sent reports it confirmed.
 
 use super::behaviour::Report;
 use super::MqttEndpoint;
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use em_model::{DeviceEventKind, Protocol};
-use em_protocols::em::{EmMessage, EmPayload, EmPosition, EmTopic, TamperState};
+use em_protocols::em::{EmMessage, EmPayload, EmPosition, EmTopic, TamperState, MAX_BATCH};
 use em_protocols::gt06::{
     proto as gt06_proto, Gt06Cell, Gt06Codec, Gt06Frame, Gt06Gps, Gt06Message, Gt06Status, Imei,
 };
@@ -62,13 +63,37 @@ impl ConnError {
     }
 }
 
-/// Result of sending one report: send instants of the reports this exchange confirmed
-/// (a GT06 ACK also confirms earlier location frames, which carry no ACK of their own).
-#[derive(Debug, Default)]
+/// One report as the device recorded it: what it observed and when. Devices buffer fixes
+/// and send them together ([`super::SimConfig::records_per_packet`]), oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fix {
+    pub report: Report,
+    /// Device time of the observation (not of sending).
+    pub time: DateTime<Utc>,
+}
+
+impl Fix {
+    /// Whether the device sends this fix at once instead of buffering it: it should provoke
+    /// an alert or carries a device event (alarm records are high priority on real tags).
+    pub fn is_urgent(&self) -> bool {
+        self.report.expect_alert.is_some() || !self.report.events.is_empty()
+    }
+}
+
+/// Reports acknowledged together: `reports` reports sent at `sent_at` (one packet, or
+/// one batch of GT06 frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    pub sent_at: Instant,
+    pub reports: u64,
+}
+
+/// What sending one batch put on the wire.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sent {
+    /// Frames / packets / publications written.
     pub frames: u64,
     pub bytes: u64,
-    pub confirmed: Vec<Instant>,
     /// Reports the server explicitly did not accept (Teltonika count lower than sent).
     pub rejected: u64,
 }
@@ -104,26 +129,35 @@ pub enum DeviceConn {
 }
 
 impl DeviceConn {
-    /// Send `report` (observed at `time`) and wait for its acknowledgement.
+    /// Send `fixes` (oldest first) as one batch and wait for the acknowledgement; append the
+    /// reports it confirmed to `confirmed` (a GT06 ACK also confirms earlier location frames,
+    /// which carry no ACK of their own). `confirmed` is the caller's so that it is reused.
     pub async fn send(
         &mut self,
-        report: &Report,
-        time: DateTime<Utc>,
+        fixes: &[Fix],
         ack_timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
     ) -> Result<Sent, ConnError> {
+        if fixes.is_empty() {
+            return Ok(Sent::default());
+        }
         match self {
-            DeviceConn::Gt06(c) => c.send(report, time, ack_timeout).await,
-            DeviceConn::Teltonika(c) => c.send(report, time, ack_timeout).await,
-            DeviceConn::Mqtt(c) => c.send(report, time, ack_timeout).await,
+            DeviceConn::Gt06(c) => c.send(fixes, ack_timeout, confirmed).await,
+            DeviceConn::Teltonika(c) => c.send(fixes, ack_timeout, confirmed).await,
+            DeviceConn::Mqtt(c) => c.send(fixes, ack_timeout, confirmed).await,
         }
     }
 
     /// Ask for an acknowledgement of reports sent but not yet confirmed (GT06 locations
-    /// since the last heartbeat) and return their send instants.
-    pub async fn confirm_pending(&mut self, timeout: Duration) -> Result<Vec<Instant>, ConnError> {
+    /// since the last heartbeat) and append them to `confirmed`.
+    pub async fn confirm_pending(
+        &mut self,
+        timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
+    ) -> Result<(), ConnError> {
         match self {
-            DeviceConn::Gt06(c) => c.confirm_pending(timeout).await,
-            _ => Ok(Vec::new()),
+            DeviceConn::Gt06(c) => c.confirm_pending(timeout, confirmed).await,
+            _ => Ok(()),
         }
     }
 
@@ -178,7 +212,8 @@ pub struct Gt06Conn {
     serial: u16,
     heartbeat_every: u32,
     since_heartbeat: u32,
-    unconfirmed: Vec<Instant>,
+    /// Location batches written since the last acknowledged frame.
+    unconfirmed: Vec<Confirmed>,
     cell: Gt06Cell,
     last_status: Gt06Status,
 }
@@ -291,82 +326,98 @@ impl Gt06Conn {
         }
     }
 
+    /// Append `frame`'s wire form to the connection's write buffer (written by the next
+    /// flush); returns its length.
+    fn buffer(&mut self, frame: &Gt06Frame) -> Result<u64, ConnError> {
+        let buf = self.framed.write_buffer_mut();
+        let before = buf.len();
+        frame
+            .encode(buf)
+            .map_err(|e| ConnError::Encode(e.to_string()))?;
+        Ok((buf.len() - before) as u64)
+    }
+
+    /// Write one location frame per fix (an alarm frame for a strap cut) back to back in
+    /// one write, then a heartbeat when `heartbeat_every` locations have gone out since the
+    /// last ACK. Locations are not acknowledged in GT06: the ACK of a heartbeat or alarm
+    /// confirms everything before it (the service handles one connection's frames in order).
     async fn send(
         &mut self,
-        report: &Report,
-        time: DateTime<Utc>,
+        fixes: &[Fix],
         timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
     ) -> Result<Sent, ConnError> {
-        // GT06 carries seconds.
-        let time = DateTime::from_timestamp(time.timestamp(), 0).unwrap_or(time);
-        let gps = Self::gps(report, time);
-        self.last_status = Self::status(report, 0);
         let mut sent = Sent::default();
-        let tamper = report.events.contains(&DeviceEventKind::StrapTamper);
-        let frame = if tamper {
-            // Alarm 0x16 with the vendor "removal" alarm code; it is acknowledged.
-            self.frame(Gt06Message::Alarm {
-                protocol: gt06_proto::ALARM,
-                gps,
-                lbs_len: 9,
-                cell: self.cell,
-                status: Self::status(report, 0x13),
-            })
-        } else {
-            self.frame(Gt06Message::Location {
-                protocol: gt06_proto::LOCATION,
-                gps,
-                cell: Some(self.cell),
-                acc: None,
-                upload_mode: None,
-                reupload: None,
-                mileage: None,
-            })
-        };
-        let now = Instant::now();
-        let mut ack = (tamper).then_some((gt06_proto::ALARM, frame.serial));
-        sent.bytes += frame
-            .to_bytes()
-            .map_err(|e| ConnError::Encode(e.to_string()))?
-            .len() as u64;
-        sent.frames += 1;
-        self.framed.feed(frame).await?;
-        self.unconfirmed.push(now);
-        self.since_heartbeat += 1;
-        // Locations are not acknowledged in GT06: a heartbeat after every
-        // `heartbeat_every` reports gets an ACK that confirms everything before it
-        // (the service handles one connection's frames in order).
+        // The frame whose ACK to wait for: the batch's last frame when it is an alarm.
+        let mut ack = None;
+        for fix in fixes {
+            let report = &fix.report;
+            // GT06 carries seconds.
+            let time = DateTime::from_timestamp(fix.time.timestamp(), 0).unwrap_or(fix.time);
+            let gps = Self::gps(report, time);
+            self.last_status = Self::status(report, 0);
+            let tamper = report.events.contains(&DeviceEventKind::StrapTamper);
+            let frame = if tamper {
+                // Alarm 0x16 with the vendor "removal" alarm code; it is acknowledged.
+                self.frame(Gt06Message::Alarm {
+                    protocol: gt06_proto::ALARM,
+                    gps,
+                    lbs_len: 9,
+                    cell: self.cell,
+                    status: Self::status(report, 0x13),
+                })
+            } else {
+                self.frame(Gt06Message::Location {
+                    protocol: gt06_proto::LOCATION,
+                    gps,
+                    cell: Some(self.cell),
+                    acc: None,
+                    upload_mode: None,
+                    reupload: None,
+                    mileage: None,
+                })
+            };
+            ack = tamper.then_some((gt06_proto::ALARM, frame.serial));
+            sent.bytes += self.buffer(&frame)?;
+            sent.frames += 1;
+            self.since_heartbeat += 1;
+        }
         if ack.is_none() && self.since_heartbeat >= self.heartbeat_every {
             let hb = self.frame(Gt06Message::Status(self.last_status));
             ack = Some((gt06_proto::STATUS, hb.serial));
-            sent.bytes += hb
-                .to_bytes()
-                .map_err(|e| ConnError::Encode(e.to_string()))?
-                .len() as u64;
+            sent.bytes += self.buffer(&hb)?;
             sent.frames += 1;
-            self.framed.feed(hb).await?;
         }
+        self.unconfirmed.push(Confirmed {
+            sent_at: Instant::now(),
+            reports: fixes.len() as u64,
+        });
         SinkExt::<Gt06Frame>::flush(&mut self.framed).await?;
         if let Some((protocol, serial)) = ack {
             self.wait_ack(protocol, serial, timeout).await?;
             self.since_heartbeat = 0;
-            sent.confirmed = std::mem::take(&mut self.unconfirmed);
+            confirmed.append(&mut self.unconfirmed);
         }
         Ok(sent)
     }
 }
 
 impl Gt06Conn {
-    async fn confirm_pending(&mut self, timeout: Duration) -> Result<Vec<Instant>, ConnError> {
+    async fn confirm_pending(
+        &mut self,
+        timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
+    ) -> Result<(), ConnError> {
         if self.unconfirmed.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let hb = self.frame(Gt06Message::Status(self.last_status));
         let serial = hb.serial;
         self.framed.send(hb).await?;
         self.wait_ack(gt06_proto::STATUS, serial, timeout).await?;
         self.since_heartbeat = 0;
-        Ok(std::mem::take(&mut self.unconfirmed))
+        confirmed.append(&mut self.unconfirmed);
+        Ok(())
     }
 }
 
@@ -374,9 +425,15 @@ impl Gt06Conn {
 // Teltonika
 // ---------------------------------------------------------------------------------------
 
+/// Most records one Teltonika AVL packet carries (the count is one byte on the wire).
+pub const TELTONIKA_MAX_RECORDS: usize = 255;
+
 pub struct TeltonikaConn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Records of the last packet, refilled in place for the next one (no allocation per
+    /// record once the connection has sent its first full packet).
+    records: Vec<AvlRecord>,
 }
 
 /// HDOP from a 68 % accuracy radius (inverse of the usual accuracy ≈ HDOP × 5 m).
@@ -415,12 +472,47 @@ impl TeltonikaConn {
         Ok(TeltonikaConn {
             stream,
             buf: BytesMut::with_capacity(256),
+            records: Vec::new(),
         })
     }
 
-    fn packet(report: &Report, time: DateTime<Utc>) -> TeltonikaFrame {
+    /// An empty record, to be filled by [`Self::fill_record`].
+    fn blank_record() -> AvlRecord {
+        AvlRecord {
+            timestamp: DateTime::UNIX_EPOCH,
+            priority: 0,
+            gps: AvlGps {
+                lon: 0.0,
+                lat: 0.0,
+                altitude_m: 0,
+                angle_deg: 0,
+                satellites: 0,
+                speed_kmh: 0,
+            },
+            event_io: 0,
+            io: Vec::with_capacity(7),
+        }
+    }
+
+    /// Overwrite `record` with `fix`, reusing its IO element vector.
+    fn fill_record(record: &mut AvlRecord, fix: &Fix) {
+        let report = &fix.report;
         let p = &report.position;
-        let io = vec![
+        record.timestamp = fix.time;
+        // Records that should raise an alert go out as high priority (and at once).
+        record.priority = u8::from(report.expect_alert.is_some());
+        record.gps = AvlGps {
+            lon: p.lon,
+            lat: p.lat,
+            altitude_m: p.altitude_m.unwrap_or(0.0).clamp(-1000.0, 9000.0).round() as i16,
+            angle_deg: (p.course_deg.unwrap_or(0.0).rem_euclid(360.0).round() as u16).min(359),
+            satellites: p.satellites.unwrap_or(0),
+            speed_kmh: p.speed_kmh.unwrap_or(0.0).clamp(0.0, 400.0).round() as u16,
+        };
+        record.event_io = 0;
+        let battery = report.battery_pct.min(100);
+        record.io.clear();
+        record.io.extend([
             IoElement {
                 id: tio::GSM_SIGNAL,
                 value: IoValue::U8(4),
@@ -431,7 +523,7 @@ impl TeltonikaConn {
             },
             IoElement {
                 id: tio::BATTERY_LEVEL,
-                value: IoValue::U8(report.battery_pct.min(100)),
+                value: IoValue::U8(battery),
             },
             IoElement {
                 id: tio::CHARGER_CONNECTED,
@@ -447,40 +539,58 @@ impl TeltonikaConn {
             },
             IoElement {
                 id: tio::BATTERY_VOLTAGE,
-                value: IoValue::U16(3300 + u16::from(report.battery_pct.min(100)) * 9),
+                value: IoValue::U16(3300 + u16::from(battery) * 9),
             },
-        ];
-        let record = AvlRecord {
-            timestamp: time,
-            priority: u8::from(report.expect_alert.is_some()),
-            gps: AvlGps {
-                lon: p.lon,
-                lat: p.lat,
-                altitude_m: p.altitude_m.unwrap_or(0.0).clamp(-1000.0, 9000.0).round() as i16,
-                angle_deg: (p.course_deg.unwrap_or(0.0).rem_euclid(360.0).round() as u16).min(359),
-                satellites: p.satellites.unwrap_or(0),
-                speed_kmh: p.speed_kmh.unwrap_or(0.0).clamp(0.0, 400.0).round() as u16,
-            },
-            event_io: 0,
-            io,
-        };
-        TeltonikaFrame::Avl(AvlPacket {
-            codec: AvlCodec::Codec8Extended,
-            records: vec![record],
-        })
+        ]);
     }
 
+    /// Encode `fixes` (oldest first) as one Codec 8 Extended AVL packet into `dst`
+    /// (cleared first), reusing the record storage of `records` from the previous packet.
+    fn encode_packet(
+        records: &mut Vec<AvlRecord>,
+        fixes: &[Fix],
+        dst: &mut BytesMut,
+    ) -> Result<(), ConnError> {
+        if fixes.is_empty() || fixes.len() > TELTONIKA_MAX_RECORDS {
+            return Err(ConnError::Encode(format!(
+                "{} records in one AVL packet (1..={TELTONIKA_MAX_RECORDS})",
+                fixes.len()
+            )));
+        }
+        let mut recs = std::mem::take(records);
+        recs.truncate(fixes.len());
+        for (i, fix) in fixes.iter().enumerate() {
+            match recs.get_mut(i) {
+                Some(r) => Self::fill_record(r, fix),
+                None => {
+                    let mut r = Self::blank_record();
+                    Self::fill_record(&mut r, fix);
+                    recs.push(r);
+                }
+            }
+        }
+        let frame = TeltonikaFrame::Avl(AvlPacket {
+            codec: AvlCodec::Codec8Extended,
+            records: recs,
+        });
+        dst.clear();
+        let res = frame
+            .encode(dst)
+            .map_err(|e| ConnError::Encode(e.to_string()));
+        if let TeltonikaFrame::Avl(p) = frame {
+            *records = p.records;
+        }
+        res
+    }
+
+    /// Send `fixes` in one AVL packet and wait for the accepted-record count.
     async fn send(
         &mut self,
-        report: &Report,
-        time: DateTime<Utc>,
+        fixes: &[Fix],
         timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
     ) -> Result<Sent, ConnError> {
-        let frame = Self::packet(report, time);
-        self.buf.clear();
-        frame
-            .encode(&mut self.buf)
-            .map_err(|e| ConnError::Encode(e.to_string()))?;
+        Self::encode_packet(&mut self.records, fixes, &mut self.buf)?;
         let now = Instant::now();
         self.stream.write_all(&self.buf).await?;
         let mut ack = [0u8; 4];
@@ -492,18 +602,19 @@ impl TeltonikaConn {
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
-        let accepted = u32::from_be_bytes(ack);
-        let mut sent = Sent {
+        let n = fixes.len() as u64;
+        let accepted = u64::from(u32::from_be_bytes(ack)).min(n);
+        if accepted > 0 {
+            confirmed.push(Confirmed {
+                sent_at: now,
+                reports: accepted,
+            });
+        }
+        Ok(Sent {
             frames: 1,
             bytes: self.buf.len() as u64,
-            ..Sent::default()
-        };
-        if accepted >= 1 {
-            sent.confirmed.push(now);
-        } else {
-            sent.rejected = 1;
-        }
-        Ok(sent)
+            rejected: n - accepted,
+        })
     }
 }
 
@@ -578,48 +689,68 @@ impl MqttConn {
         }
     }
 
-    async fn send(
-        &mut self,
-        report: &Report,
-        time: DateTime<Utc>,
-        timeout: Duration,
-    ) -> Result<Sent, ConnError> {
-        self.seq += 1;
-        let (topic, payload) = em_message(&self.device_id, self.seq, report, time)?;
-        let bytes = payload.len() as u64;
-        let now = Instant::now();
-        self.client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .map_err(|e| ConnError::Mqtt(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        // One publication in flight per device: the next PUBACK is ours.
+    /// Wait for the next PUBACK (one device has only its own publications in flight, and
+    /// the broker acknowledges them in order).
+    async fn wait_puback(&mut self, deadline: tokio::time::Instant) -> Result<(), ConnError> {
         loop {
             let ev = tokio::time::timeout_at(deadline, self.eventloop.poll())
                 .await
                 .map_err(|_| ConnError::Timeout("MQTT PUBACK"))?
                 .map_err(|e| ConnError::Mqtt(e.to_string()))?;
             if let Event::Incoming(Packet::PubAck(_)) = ev {
-                return Ok(Sent {
-                    frames: 1,
-                    bytes,
-                    confirmed: vec![now],
-                    rejected: 0,
-                });
+                return Ok(());
             }
         }
     }
+
+    /// Publish `fixes`: one message per run of consecutive fixes on the same topic
+    /// (`telemetry`, or `event` for fixes with events), a JSON array when a run holds more
+    /// than one report (at most [`MAX_BATCH`] each); wait for every PUBACK.
+    async fn send(
+        &mut self,
+        fixes: &[Fix],
+        timeout: Duration,
+        confirmed: &mut Vec<Confirmed>,
+    ) -> Result<Sent, ConnError> {
+        /// Publications in flight before waiting for a PUBACK (below the client's queue).
+        const PIPELINE: usize = 8;
+        let now = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut sent = Sent::default();
+        let mut in_flight = 0;
+        let runs = fixes
+            .chunk_by(|a, b| a.report.events.is_empty() == b.report.events.is_empty())
+            .flat_map(|run| run.chunks(MAX_BATCH));
+        for run in runs {
+            if in_flight == PIPELINE {
+                self.wait_puback(deadline).await?;
+                in_flight -= 1;
+            }
+            let (topic, payload) = em_message(&self.device_id, self.seq + 1, run)?;
+            self.seq += run.len() as u64;
+            sent.bytes += payload.len() as u64;
+            sent.frames += 1;
+            self.client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .map_err(|e| ConnError::Mqtt(e.to_string()))?;
+            in_flight += 1;
+        }
+        for _ in 0..in_flight {
+            self.wait_puback(deadline).await?;
+        }
+        confirmed.push(Confirmed {
+            sent_at: now,
+            reports: fixes.len() as u64,
+        });
+        Ok(sent)
+    }
 }
 
-/// Topic and JSON payload of one report in the open EM protocol: `event` when the report
-/// carries device events, else `telemetry`.
-pub fn em_message(
-    device_id: &str,
-    seq: u64,
-    report: &Report,
-    time: DateTime<Utc>,
-) -> Result<(String, Vec<u8>), ConnError> {
+/// The report object of one fix.
+fn em_payload(seq: u64, fix: &Fix) -> EmPayload {
+    let report = &fix.report;
     let p = &report.position;
-    let mut payload = EmPayload::new(seq, time);
+    let mut payload = EmPayload::new(seq, fix.time);
     payload.position = Some(EmPosition {
         accuracy_m: p.accuracy_m,
         source: p.source,
@@ -639,12 +770,48 @@ pub fn em_message(
         TamperState::Tampered
     });
     payload.events = report.events.clone();
-    let kind = if report.events.is_empty() {
-        EmTopic::Telemetry
-    } else {
-        EmTopic::Event
+    payload
+}
+
+/// Topic and JSON payload of `fixes` (oldest first, numbered from `first_seq`) in the open
+/// EM protocol: one report object for one fix, else a store-and-forward array of up to
+/// [`MAX_BATCH`]. The topic is `event` when the fixes carry device events, else `telemetry`;
+/// all fixes of one message must agree (every object of an `event` message needs an event).
+pub fn em_message(
+    device_id: &str,
+    first_seq: u64,
+    fixes: &[Fix],
+) -> Result<(String, Vec<u8>), ConnError> {
+    let Some(first) = fixes.first() else {
+        return Err(ConnError::Encode("an EM message needs a report".into()));
     };
-    let msg = EmMessage::new(device_id, kind, payload);
+    if fixes.len() > MAX_BATCH {
+        return Err(ConnError::Encode(format!(
+            "{} reports in one EM message (at most {MAX_BATCH})",
+            fixes.len()
+        )));
+    }
+    let events = !first.report.events.is_empty();
+    if fixes.iter().any(|f| f.report.events.is_empty() == events) {
+        return Err(ConnError::Encode(
+            "reports with and without events cannot share an EM message".into(),
+        ));
+    }
+    let kind = if events {
+        EmTopic::Event
+    } else {
+        EmTopic::Telemetry
+    };
+    let msg = EmMessage {
+        device_id: device_id.to_string(),
+        topic: kind,
+        payloads: fixes
+            .iter()
+            .zip(first_seq..)
+            .map(|(fix, seq)| em_payload(seq, fix))
+            .collect(),
+        batch: fixes.len() > 1,
+    };
     let topic = msg.topic().map_err(|e| ConnError::Encode(e.to_string()))?;
     let body = msg
         .payload()
@@ -655,7 +822,9 @@ pub fn em_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use em_model::{FixSource, Position};
+    use em_model::{AlertKind, FixSource, Position};
+    use em_protocols::teltonika::TeltonikaCodec;
+    use tokio_util::codec::Decoder;
 
     fn report(events: Vec<DeviceEventKind>, strap_intact: bool) -> Report {
         Report {
@@ -678,12 +847,37 @@ mod tests {
         }
     }
 
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_750_000_000, 0).unwrap()
+    }
+
+    /// `n` fixes 2.5 s apart, each a little further east and with its own battery level.
+    fn track(n: usize) -> Vec<Fix> {
+        (0..n)
+            .map(|i| {
+                let mut r = report(vec![], true);
+                r.position.lon += i as f64 * 1e-4;
+                r.battery_pct = (100 - i % 100) as u8;
+                Fix {
+                    report: r,
+                    time: t0() + chrono::TimeDelta::milliseconds(2500 * i as i64),
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn em_messages_decode_with_the_service_codec() {
-        let t = DateTime::from_timestamp(1_750_000_000, 0).unwrap();
-        let (topic, body) = em_message("864425000000046", 7, &report(vec![], true), t).unwrap();
+        let t = t0();
+        let one = [Fix {
+            report: report(vec![], true),
+            time: t,
+        }];
+        let (topic, body) = em_message("864425000000046", 7, &one).unwrap();
         assert_eq!(topic, "em/v1/864425000000046/telemetry");
+        assert_eq!(body.first(), Some(&b'{'), "a single report is an object");
         let msg = em_protocols::em::decode(&topic, &body).unwrap();
+        assert!(!msg.batch);
         let recs = msg.to_records(t);
         assert_eq!(recs.len(), 1);
         let r = &recs[0];
@@ -694,13 +888,11 @@ mod tests {
         assert!((p.lat - 55.6761).abs() < 1e-9 && p.accuracy_m == Some(6.5));
         assert!(r.events.is_empty());
 
-        let (topic, body) = em_message(
-            "864425000000046",
-            8,
-            &report(vec![DeviceEventKind::StrapTamper], false),
-            t,
-        )
-        .unwrap();
+        let tamper = [Fix {
+            report: report(vec![DeviceEventKind::StrapTamper], false),
+            time: t,
+        }];
+        let (topic, body) = em_message("864425000000046", 8, &tamper).unwrap();
         assert_eq!(topic, "em/v1/864425000000046/event");
         let r = &em_protocols::em::decode(&topic, &body)
             .unwrap()
@@ -709,22 +901,101 @@ mod tests {
     }
 
     #[test]
-    fn teltonika_packets_decode_with_the_service_codec() {
-        use em_protocols::teltonika::TeltonikaCodec;
-        use tokio_util::codec::Decoder;
-        let t = DateTime::from_timestamp(1_750_000_000, 0).unwrap();
+    fn em_batches_decode_into_one_record_per_report_in_order() {
+        let fixes = track(MAX_BATCH);
+        let (topic, body) = em_message("864425000000046", 41, &fixes).unwrap();
+        assert_eq!(topic, "em/v1/864425000000046/telemetry");
+        assert_eq!(body.first(), Some(&b'['), "a batch is a JSON array");
+        let msg = em_protocols::em::decode(&topic, &body).unwrap();
+        assert!(msg.batch);
+        let recs = msg.to_records(t0());
+        assert_eq!(recs.len(), MAX_BATCH);
+        for (i, (r, f)) in recs.iter().zip(&fixes).enumerate() {
+            assert_eq!(r.seq, Some(41 + i as u64));
+            assert_eq!(r.device_time, f.time);
+            assert_eq!(r.battery_pct, Some(f.report.battery_pct));
+            assert!((r.position.unwrap().lon - f.report.position.lon).abs() < 1e-9);
+        }
+        // More than the protocol allows, none, or telemetry mixed with events: refused.
+        assert!(em_message("864425000000046", 1, &track(MAX_BATCH + 1)).is_err());
+        assert!(em_message("864425000000046", 1, &[]).is_err());
+        let mut mixed = track(2);
+        mixed[1].report.events.push(DeviceEventKind::StrapTamper);
+        assert!(em_message("864425000000046", 1, &mixed).is_err());
+    }
+
+    fn decode_avl(buf: &mut BytesMut) -> TeltonikaFrame {
         let mut codec = TeltonikaCodec::with_imei("352094000000015");
+        let frame = codec.decode(buf).unwrap().unwrap().unwrap();
+        assert!(buf.is_empty(), "one packet, nothing left over");
+        frame
+    }
+
+    #[test]
+    fn teltonika_packets_decode_with_the_service_codec() {
+        let t = t0();
+        let mut records = Vec::new();
         let mut buf = BytesMut::new();
-        TeltonikaConn::packet(&report(vec![], true), t)
-            .encode(&mut buf)
-            .unwrap();
-        let frame = codec.decode(&mut buf).unwrap().unwrap().unwrap();
+        let fix = Fix {
+            report: report(vec![], true),
+            time: t,
+        };
+        TeltonikaConn::encode_packet(&mut records, &[fix], &mut buf).unwrap();
+        let frame = decode_avl(&mut buf);
         let recs = frame.to_records("352094000000015", t);
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].battery_pct, Some(18));
         let p = recs[0].position.unwrap();
         assert!((p.lon - 12.5683).abs() < 1e-6 && p.valid);
         assert_eq!(frame.response().unwrap().as_ref(), &[0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn teltonika_multi_record_packets_decode_in_order() {
+        let mut records = Vec::new();
+        let mut buf = BytesMut::new();
+        // A full packet, then a shorter one reusing the record storage, then the maximum.
+        for n in [25, 3, TELTONIKA_MAX_RECORDS] {
+            let mut fixes = track(n);
+            fixes[n - 1].report.expect_alert = Some(AlertKind::CurfewViolation);
+            TeltonikaConn::encode_packet(&mut records, &fixes, &mut buf).unwrap();
+            let frame = decode_avl(&mut buf);
+            let TeltonikaFrame::Avl(packet) = &frame else {
+                panic!("not an AVL packet")
+            };
+            assert_eq!(packet.records.len(), n);
+            // Only the alerting (last) record is high priority.
+            assert!(packet.records[..n - 1].iter().all(|r| r.priority == 0));
+            assert_eq!(packet.records[n - 1].priority, 1);
+            let recs = frame.to_records("352094000000015", t0());
+            assert_eq!(recs.len(), n);
+            for (r, f) in recs.iter().zip(&fixes) {
+                assert_eq!(r.device_time, f.time);
+                assert_eq!(r.battery_pct, Some(f.report.battery_pct));
+                assert!((r.position.unwrap().lon - f.report.position.lon).abs() < 1e-6);
+            }
+            assert!(recs.windows(2).all(|w| w[0].device_time < w[1].device_time));
+            let ack = (n as u32).to_be_bytes();
+            assert_eq!(frame.response().unwrap().as_ref(), &ack);
+        }
+        assert!(TeltonikaConn::encode_packet(
+            &mut records,
+            &track(TELTONIKA_MAX_RECORDS + 1),
+            &mut buf
+        )
+        .is_err());
+        assert!(TeltonikaConn::encode_packet(&mut records, &[], &mut buf).is_err());
+    }
+
+    #[test]
+    fn urgent_fixes() {
+        let mut f = track(1).remove(0);
+        assert!(!f.is_urgent());
+        f.report.expect_alert = Some(AlertKind::LowBattery);
+        assert!(f.is_urgent());
+        f.report.expect_alert = None;
+        f.report.events.push(DeviceEventKind::StrapTamper);
+        assert!(f.is_urgent());
     }
 
     #[test]

@@ -75,19 +75,33 @@ impl Histogram {
 
     /// Count one value.
     pub fn record(&self, v: u64) {
+        self.record_n(v, 1);
+    }
+
+    /// Count the same value `n` times, with one set of atomic updates (all records of a
+    /// batched packet share its send→ACK latency).
+    pub fn record_n(&self, v: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
         // index_of is < BUCKETS for every u64 (checked by a test); get() keeps it panic-free.
         if let Some(b) = self.buckets.get(index_of(v)) {
-            b.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(n, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum.fetch_add(v.saturating_mul(n), Ordering::Relaxed);
         self.min.fetch_min(v, Ordering::Relaxed);
         self.max.fetch_max(v, Ordering::Relaxed);
     }
 
     /// Count a duration in microseconds (saturating).
     pub fn record_duration(&self, d: std::time::Duration) {
-        self.record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        self.record_duration_n(d, 1);
+    }
+
+    /// Count a duration in microseconds (saturating) `n` times.
+    pub fn record_duration_n(&self, d: std::time::Duration, n: u64) {
+        self.record_n(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), n);
     }
 
     pub fn count(&self) -> u64 {
@@ -247,6 +261,21 @@ mod tests {
         let p999 = s.p999_ms.unwrap();
         assert!((p999 - 250.0).abs() / 250.0 < 0.01, "p99.9 {p999}");
         assert_eq!(s.max_ms, Some(250.0));
+    }
+
+    #[test]
+    fn record_n_equals_n_single_records() {
+        let a = Histogram::new();
+        let b = Histogram::new();
+        for (v, n) in [(700u64, 10u64), (3_000, 1), (45_000, 25), (9, 0)] {
+            a.record_n(v, n);
+            for _ in 0..n {
+                b.record(v);
+            }
+        }
+        assert_eq!(a.summary_ms(), b.summary_ms());
+        assert_eq!(a.count(), 36);
+        assert_eq!(a.min(), Some(700));
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! Fleet simulator and load tool: drives simulated ankle tags against the service.
 //!
 //! [`run`] opens one connection per device — GT06 and Teltonika over TCP, the open EM
-//! protocol over MQTT (QoS 1) — logs in, then sends one report per device every
+//! protocol over MQTT (QoS 1) — logs in, then records one report (fix) per device every
 //! [`SimConfig::pacing`] interval while moving the subject along a plausible track
 //! ([`track`]) and playing its scripted [`Behaviour`] (stay home, leave home during the
 //! curfew, enter an exclusion zone, approach a victim, cut the strap, run the battery down,
-//! go silent). Every report waits for the protocol's acknowledgement (GT06 heartbeat/alarm
-//! ACK, which also confirms the location frames before it; Teltonika accepted-record count;
-//! MQTT PUBACK) and is counted as sent and acked; send→ACK latency goes into an HDR-style
-//! [`Histogram`]. When an MQTT broker is reachable the simulator also subscribes to the
-//! alert feed `em/v1/alerts/#` and measures **fix→alert latency**: from the send of the
-//! last report that should provoke an alert to the `alert.created` notice for that device.
+//! go silent). Like real tags, a device sends its fixes in batches of
+//! [`SimConfig::records_per_packet`] (one Teltonika AVL packet, one EM JSON array, GT06
+//! location frames in one write), but a fix that should provoke an alert goes out at once
+//! with whatever is buffered. Every batch waits for the protocol's acknowledgement (GT06
+//! heartbeat/alarm ACK, which also confirms the location frames before it; Teltonika
+//! accepted-record count; MQTT PUBACK) and each of its reports is counted as sent and acked;
+//! send→ACK latency (from the batch's send) goes into an HDR-style [`Histogram`]. When an
+//! MQTT broker is reachable the simulator also subscribes to the alert feed
+//! `em/v1/alerts/#` and measures **fix→alert latency**: from the send of the last report
+//! that should provoke an alert to the `alert.created` notice for that device.
 //!
 //! Connections are spread over several local source addresses
 //! ([`SimConfig::source_ips`], e.g. `127.0.0.1-127.0.0.20`) so that 100,000 TCP
@@ -30,6 +34,7 @@ pub mod histogram;
 pub mod track;
 
 pub use behaviour::{Behaviour, DeviceScript, Report, SimDevice, Tick};
+pub use conn::{Confirmed, Fix, TELTONIKA_MAX_RECORDS};
 pub use fleet::{
     generate_fleet, imei, parse_source_ips, BehaviourShares, FleetSpec, ProtocolMix, SimConfigError,
 };
@@ -37,6 +42,7 @@ pub use histogram::{Histogram, LatencySummary};
 
 use conn::{ConnError, DeviceConn, Gt06Conn, MqttConn, TeltonikaConn};
 use em_model::{AlertKind, DeviceId, Protocol, SubjectId};
+use em_protocols::em::MAX_BATCH as EM_MAX_BATCH;
 use em_store::Store;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -138,8 +144,15 @@ pub struct SimConfig {
     pub ramp_up: Duration,
     /// How long to wait for a login or report acknowledgement.
     pub ack_timeout: Duration,
-    /// GT06: send a heartbeat (which is acknowledged) after every N location reports.
+    /// GT06: send a heartbeat (which is acknowledged) after every N location reports
+    /// (checked after each batch: with `records_per_packet` ≥ N, one heartbeat per batch).
     pub gt06_heartbeat_every: u32,
+    /// Reports a device accumulates before sending them together: in one Teltonika AVL
+    /// packet (1..=255), one EM JSON array (capped at the protocol's 100), or as GT06
+    /// location frames written back to back in one write. The fleet still records
+    /// [`SimConfig::pacing`] reports per interval; a device sends a batch every N intervals.
+    /// Reports that should provoke an alert are sent at once with what is buffered.
+    pub records_per_packet: usize,
     /// After the devices stop, how long to keep listening for alerts still in flight.
     pub alert_grace: Duration,
     /// Leave out (with a warning) devices whose protocol has no endpoint configured,
@@ -167,6 +180,7 @@ impl SimConfig {
             ramp_up: ramp,
             ack_timeout: Duration::from_secs(10),
             gt06_heartbeat_every: 1,
+            records_per_packet: 1,
             alert_grace: Duration::from_secs(5),
             skip_devices_without_endpoint: false,
         }
@@ -193,6 +207,16 @@ impl SimConfig {
         cfg
     }
 
+    /// Reports per batch for devices speaking `protocol`: [`SimConfig::records_per_packet`],
+    /// capped at 100 for the EM protocol (its largest store-and-forward array).
+    pub fn records_per_packet_for(&self, protocol: Protocol) -> usize {
+        let n = self.records_per_packet.max(1);
+        match protocol {
+            Protocol::Em => n.min(EM_MAX_BATCH),
+            _ => n,
+        }
+    }
+
     /// Interval between two reports of one device.
     pub fn device_interval(&self) -> Duration {
         match self.pacing {
@@ -217,6 +241,12 @@ impl SimConfig {
         if iv < Duration::from_millis(1) {
             return Err(SimConfigError::Other(format!(
                 "per-device interval {iv:?} is below 1 ms"
+            )));
+        }
+        if !(1..=TELTONIKA_MAX_RECORDS).contains(&self.records_per_packet) {
+            return Err(SimConfigError::Other(format!(
+                "records per packet must be within 1..={TELTONIKA_MAX_RECORDS}, got {}",
+                self.records_per_packet
             )));
         }
         if self.connect_concurrency == 0 {
@@ -311,6 +341,9 @@ pub struct SimReport {
     pub elapsed_secs: f64,
     /// Per-device report interval used, seconds.
     pub device_interval_secs: f64,
+    /// Reports per batch (EM devices use at most 100).
+    #[serde(default)]
+    pub records_per_packet: u64,
     pub connections_opened: u64,
     pub connect_failures: u64,
     pub login_rejected: u64,
@@ -354,8 +387,8 @@ impl std::fmt::Display for SimReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "devices {} | elapsed {:.1} s | interval {:.2} s/device",
-            self.devices, self.elapsed_secs, self.device_interval_secs
+            "devices {} | elapsed {:.1} s | interval {:.2} s/device | {} reports/packet",
+            self.devices, self.elapsed_secs, self.device_interval_secs, self.records_per_packet
         )?;
         writeln!(
             f,
@@ -437,6 +470,8 @@ struct Ctx {
     connect_permits: Semaphore,
     reports_budget: Option<AtomicU64>,
     start: tokio::time::Instant,
+    /// Wall-clock time at `start`: fixes' device times are derived from their schedule.
+    wall_start: chrono::DateTime<chrono::Utc>,
     deadline: Option<tokio::time::Instant>,
     watch_alerts: AtomicBool,
 }
@@ -462,6 +497,30 @@ impl Ctx {
         }
         if let Ok(mut p) = self.pending.lock() {
             p.insert(device.to_string(), (kind, at));
+        }
+    }
+
+    /// Wall-clock time of the monotonic instant `at` (not before the start).
+    fn wall_time(&self, at: tokio::time::Instant) -> chrono::DateTime<chrono::Utc> {
+        chrono::TimeDelta::from_std(at.saturating_duration_since(self.start))
+            .ok()
+            .and_then(|d| self.wall_start.checked_add_signed(d))
+            .unwrap_or(self.wall_start)
+    }
+
+    /// Count the reports `confirmed` lists as acked and record their send→ACK latency;
+    /// empties `confirmed`.
+    fn record_confirmed(&self, pstats: &ProtocolStats, confirmed: &mut Vec<Confirmed>) {
+        let acked_at = Instant::now();
+        let mut n = 0;
+        for c in confirmed.drain(..) {
+            self.ack_hist
+                .record_duration_n(acked_at.saturating_duration_since(c.sent_at), c.reports);
+            n += c.reports;
+        }
+        if n > 0 {
+            self.stats.reports_acked.fetch_add(n, Ordering::Relaxed);
+            pstats.reports_acked.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -532,6 +591,7 @@ pub async fn run_with_stats(
         connect_permits: Semaphore::new(cfg.connect_concurrency),
         reports_budget: cfg.max_reports.map(AtomicU64::new),
         start,
+        wall_start: chrono::Utc::now(),
         deadline: cfg.duration.map(|d| start + d),
         watch_alerts: AtomicBool::new(false),
         cfg,
@@ -640,6 +700,7 @@ fn build_report(
         devices: n as u64,
         elapsed_secs: elapsed.as_secs_f64(),
         device_interval_secs: interval.as_secs_f64(),
+        records_per_packet: ctx.cfg.records_per_packet as u64,
         connections_opened: get(&s.connections_opened),
         connect_failures: get(&s.connect_failures),
         login_rejected: get(&s.login_rejected),
@@ -715,8 +776,19 @@ async fn device_task(
     let stats = &ctx.stats;
     let pstats = &stats.per_protocol[proto_index(dev.protocol)];
     let mut script = DeviceScript::new(&dev, device_seed(ctx.cfg.seed, idx));
+    let per_packet = ctx.cfg.records_per_packet_for(dev.protocol);
+    // A device whose behaviour may provoke an alert wakes at every fix, so that an urgent
+    // fix goes out at once. The others wake only when a batch is due and then record the
+    // fixes since the last batch with their own (past) device times: one timer wake-up
+    // per batch instead of one per fix.
+    let wake_per_fix = per_packet == 1 || dev.behaviour.expected_alert().is_some();
     let connect_at = ctx.start + ctx.cfg.ramp_up.mul_f64(frac);
-    let mut next_report = ctx.start + ctx.cfg.ramp_up + interval.mul_f64(frac);
+    // Fixes are phased evenly over one interval across the fleet; batches are spread over
+    // the batch period too: device `idx`'s first batch holds `1 + idx % per_packet` fixes.
+    let mut next_fix = ctx.start + ctx.cfg.ramp_up + interval.mul_f64(frac);
+    let mut quota = 1 + idx % per_packet;
+    let mut fixes: Vec<Fix> = Vec::with_capacity(per_packet);
+    let mut confirmed: Vec<Confirmed> = Vec::new();
     let stop_at = |t: tokio::time::Instant| match ctx.deadline {
         Some(d) => t.min(d),
         None => t,
@@ -729,10 +801,13 @@ async fn device_task(
     let mut backoff = Duration::from_millis(500);
     let mut last_elapsed = 0.0f64;
     loop {
-        if shutdown.is_cancelled() || ctx.past_deadline() {
+        if shutdown.is_cancelled() {
             break;
         }
         let Some(c) = conn.as_mut() else {
+            if ctx.past_deadline() {
+                break;
+            }
             let attempt = async {
                 let _permit = ctx.connect_permits.acquire().await;
                 connect_device(idx, &dev, &ctx).await
@@ -766,9 +841,16 @@ async fn device_task(
             }
             continue;
         };
-        // Wait for the next report time, keeping the connection alive.
+        // Wait for the next fix (or the fix completing the batch), keeping the connection
+        // alive. `fixes.len() < quota` holds here: a full buffer has been sent.
+        let wake = if wake_per_fix {
+            next_fix
+        } else {
+            let more = quota.saturating_sub(fixes.len() + 1);
+            next_fix + interval * u32::try_from(more).unwrap_or(u32::MAX)
+        };
         let idle = tokio::select! {
-            r = c.idle_until(stop_at(next_report)) => r,
+            r = c.idle_until(stop_at(wake)) => r,
             _ = shutdown.cancelled() => break,
         };
         if let Err(e) = idle {
@@ -778,54 +860,46 @@ async fn device_task(
             conn = None;
             continue;
         }
-        if ctx.past_deadline() {
-            break;
-        }
+        // Record the fixes due by now (by the deadline at the end of the run).
         let now = tokio::time::Instant::now();
-        let elapsed = now.duration_since(ctx.start).as_secs_f64();
-        let dt = (elapsed - last_elapsed).max(0.0);
-        last_elapsed = elapsed;
-        // Schedule the next report; after a long stall do not burst to catch up.
-        next_report += interval;
-        if next_report + interval < now {
-            next_report = now + interval;
-        }
-        let report = match script.tick(elapsed, dt) {
-            Tick::Silent => {
-                ctx.expect(&dev.device_id, AlertKind::LostCommunication, Instant::now());
-                stats.silent_devices.fetch_add(1, Ordering::Relaxed);
+        let (horizon, mut stop) = match ctx.deadline {
+            Some(d) if now >= d => (d, true),
+            _ => (now, false),
+        };
+        let mut flush = false;
+        let mut silent = false;
+        while !flush && next_fix <= horizon {
+            let at = next_fix;
+            next_fix += interval;
+            let elapsed = at.saturating_duration_since(ctx.start).as_secs_f64();
+            let dt = (elapsed - last_elapsed).max(0.0);
+            last_elapsed = elapsed;
+            let report = match script.tick(elapsed, dt) {
+                Tick::Silent => {
+                    silent = true;
+                    break;
+                }
+                Tick::Report(r) => r,
+            };
+            if !ctx.take_report() {
+                stop = true;
                 break;
             }
-            Tick::Report(r) => r,
-        };
-        if !ctx.take_report() {
-            break;
+            let fix = Fix {
+                report,
+                time: ctx.wall_time(at),
+            };
+            flush = fix.is_urgent() || fixes.len() + 1 >= quota;
+            fixes.push(fix);
         }
-        stats.reports_sent.fetch_add(1, Ordering::Relaxed);
-        pstats.reports_sent.fetch_add(1, Ordering::Relaxed);
-        let sent_at = Instant::now();
-        if let Some(kind) = report.expect_alert {
-            ctx.expect(&dev.device_id, kind, sent_at);
+        // After a long stall do not burst to catch up.
+        if next_fix + interval < now {
+            next_fix = now + interval;
         }
-        match c
-            .send(&report, chrono::Utc::now(), ctx.cfg.ack_timeout)
-            .await
-        {
-            Ok(sent) => {
-                stats.frames_sent.fetch_add(sent.frames, Ordering::Relaxed);
-                stats.bytes_sent.fetch_add(sent.bytes, Ordering::Relaxed);
-                stats
-                    .reports_rejected
-                    .fetch_add(sent.rejected, Ordering::Relaxed);
-                let acked_at = Instant::now();
-                let n = sent.confirmed.len() as u64;
-                for t in sent.confirmed {
-                    ctx.ack_hist.record_duration(acked_at.duration_since(t));
-                }
-                stats.reports_acked.fetch_add(n, Ordering::Relaxed);
-                pstats.reports_acked.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
+        // Send a full batch, an urgent fix, or what is left when the device stops.
+        if flush || ((stop || silent) && !fixes.is_empty()) {
+            quota = per_packet;
+            if let Err(e) = send_batch(&ctx, &dev, pstats, c, &mut fixes, &mut confirmed).await {
                 if matches!(e, ConnError::Timeout(_)) {
                     stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
                 }
@@ -835,21 +909,59 @@ async fn device_task(
                 conn = None;
             }
         }
+        if silent {
+            ctx.expect(&dev.device_id, AlertKind::LostCommunication, Instant::now());
+            stats.silent_devices.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        if stop {
+            break;
+        }
     }
     if let Some(mut c) = conn {
         // GT06 locations since the last heartbeat are still unconfirmed: ask once more.
-        if let Ok(confirmed) = c.confirm_pending(ctx.cfg.ack_timeout).await {
-            let acked_at = Instant::now();
-            let n = confirmed.len() as u64;
-            for t in confirmed {
-                ctx.ack_hist.record_duration(acked_at.duration_since(t));
-            }
-            stats.reports_acked.fetch_add(n, Ordering::Relaxed);
-            pstats.reports_acked.fetch_add(n, Ordering::Relaxed);
+        if c.confirm_pending(ctx.cfg.ack_timeout, &mut confirmed)
+            .await
+            .is_ok()
+        {
+            ctx.record_confirmed(pstats, &mut confirmed);
         }
         c.close().await;
         stats.connected_now.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Send the buffered `fixes` as one batch on `conn` and count them as sent (and as acked,
+/// as far as the acknowledgement confirms them). The buffer is emptied either way: reports
+/// of a failed batch count as sent and not acked.
+async fn send_batch(
+    ctx: &Ctx,
+    dev: &SimDevice,
+    pstats: &ProtocolStats,
+    conn: &mut DeviceConn,
+    fixes: &mut Vec<Fix>,
+    confirmed: &mut Vec<Confirmed>,
+) -> Result<(), ConnError> {
+    let stats = &ctx.stats;
+    let n = fixes.len() as u64;
+    stats.reports_sent.fetch_add(n, Ordering::Relaxed);
+    pstats.reports_sent.fetch_add(n, Ordering::Relaxed);
+    let sent_at = Instant::now();
+    for kind in fixes.iter().filter_map(|f| f.report.expect_alert) {
+        ctx.expect(&dev.device_id, kind, sent_at);
+    }
+    let res = conn.send(fixes, ctx.cfg.ack_timeout, confirmed).await;
+    fixes.clear();
+    let sent = res?;
+    stats.frames_sent.fetch_add(sent.frames, Ordering::Relaxed);
+    stats.bytes_sent.fetch_add(sent.bytes, Ordering::Relaxed);
+    if sent.rejected > 0 {
+        stats
+            .reports_rejected
+            .fetch_add(sent.rejected, Ordering::Relaxed);
+    }
+    ctx.record_confirmed(pstats, confirmed);
+    Ok(())
 }
 
 /// Connect a subscriber to the alert feed; errors when the broker does not answer.

@@ -17,6 +17,15 @@ struct ServerCounts {
     heartbeats: AtomicU64,
     alarms: AtomicU64,
     avl_records: AtomicU64,
+    avl_packets: AtomicU64,
+    /// Packets without a high-priority record, and their records.
+    plain_packets: AtomicU64,
+    plain_records: AtomicU64,
+    urgent_records: AtomicU64,
+    /// High-priority (alerting) records that were not the last of their packet.
+    urgent_not_last: AtomicU64,
+    /// Largest age (receive time − record time, ms) of a high-priority record.
+    urgent_max_age_ms: AtomicU64,
     peers: Mutex<HashSet<IpAddr>>,
 }
 
@@ -74,6 +83,24 @@ async fn teltonika_server() -> (SocketAddr, Arc<ServerCounts>) {
                         TeltonikaFrame::Avl(p) => {
                             c.avl_records
                                 .fetch_add(p.records.len() as u64, Ordering::Relaxed);
+                            c.avl_packets.fetch_add(1, Ordering::Relaxed);
+                            let now = chrono::Utc::now();
+                            let last = p.records.len().saturating_sub(1);
+                            if p.records.iter().all(|r| r.priority == 0) {
+                                c.plain_packets.fetch_add(1, Ordering::Relaxed);
+                                c.plain_records
+                                    .fetch_add(p.records.len() as u64, Ordering::Relaxed);
+                            }
+                            for (i, r) in p.records.iter().enumerate() {
+                                if r.priority > 0 {
+                                    c.urgent_records.fetch_add(1, Ordering::Relaxed);
+                                    if i != last {
+                                        c.urgent_not_last.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    let age = (now - r.timestamp).num_milliseconds().max(0);
+                                    c.urgent_max_age_ms.fetch_max(age as u64, Ordering::Relaxed);
+                                }
+                            }
                             frame.response()
                         }
                     };
@@ -184,6 +211,95 @@ async fn teltonika_and_gt06_mixed_rate_paced() {
 }
 
 #[tokio::test]
+async fn teltonika_batches_many_records_per_packet() {
+    let (t, server) = teltonika_server().await;
+    let mut shares = BehaviourShares::none();
+    // Teltonika "strap cutters" run their battery down instead: once low, every record
+    // should keep the low-battery alert going and is sent at once (high priority).
+    shares.strap_cut = 0.1;
+    let mut cfg = SimConfig::new(fleet(20, "teltonika=1", shares));
+    cfg.teltonika = Some(t);
+    cfg.records_per_packet = 10;
+    // 20 devices, 400 fixes/s in total: one fix per device every 50 ms, a packet per 0.5 s.
+    cfg.pacing = Pacing::TotalRate(400.0);
+    cfg.duration = Some(Duration::from_secs(3));
+    cfg.ramp_up = Duration::from_millis(100);
+    let report = run(cfg, CancellationToken::new()).await.unwrap();
+    assert_eq!(report.records_per_packet, 10);
+    assert_eq!(report.reports_sent, report.reports_acked, "{report}");
+    assert_eq!(report.reports_rejected, 0);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.ack_latency.count, report.reports_acked);
+    let records = server.avl_records.load(Ordering::Relaxed);
+    let packets = server.avl_packets.load(Ordering::Relaxed);
+    assert_eq!(records, report.reports_sent);
+    assert_eq!(packets, report.frames_sent);
+    // Pacing is still fixes per second: ~400/s over ~2.9 s of reporting.
+    assert!(
+        (800..=1300).contains(&report.reports_sent),
+        "sent {}",
+        report.reports_sent
+    );
+    // Packets of ordinary records carry several (the first and last of a device's run
+    // fewer); an alerting record ends its packet and goes out when recorded.
+    let plain = server.plain_records.load(Ordering::Relaxed);
+    let plain_packets = server.plain_packets.load(Ordering::Relaxed);
+    assert!(
+        plain >= 6 * plain_packets,
+        "{plain} records in {plain_packets} packets ({records} in {packets} in all)"
+    );
+    assert!(server.urgent_records.load(Ordering::Relaxed) > 0);
+    assert_eq!(server.urgent_not_last.load(Ordering::Relaxed), 0);
+    // An alerting record is sent when recorded, not after the rest of a batch (10 × 50 ms).
+    let age = server.urgent_max_age_ms.load(Ordering::Relaxed);
+    assert!(age < 300, "alerting record {age} ms old on arrival");
+}
+
+#[tokio::test]
+async fn gt06_batches_locations_in_one_write_with_one_heartbeat() {
+    let (addr, server) = gt06_server().await;
+    let mut shares = BehaviourShares::none();
+    shares.strap_cut = 0.3;
+    let mut cfg = SimConfig::new(fleet(10, "gt06=1", shares));
+    cfg.gt06 = Some(addr);
+    cfg.records_per_packet = 5;
+    cfg.pacing = Pacing::Interval(Duration::from_millis(40));
+    cfg.max_reports = Some(400);
+    cfg.duration = Some(Duration::from_secs(10));
+    cfg.ramp_up = Duration::from_millis(50);
+    let report = run(cfg, CancellationToken::new()).await.unwrap();
+    assert_eq!(report.reports_sent, 400, "{report}");
+    assert_eq!(report.reports_acked, 400, "{report}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let received = server.locations.load(Ordering::Relaxed) + server.alarms.load(Ordering::Relaxed);
+    assert_eq!(received, 400);
+    assert!(server.alarms.load(Ordering::Relaxed) >= 1);
+    // About one heartbeat per batch of five, not per location.
+    let hb = server.heartbeats.load(Ordering::Relaxed);
+    assert!(hb <= 400 / 5 + 10, "{hb} heartbeats for 400 locations");
+}
+
+#[test]
+fn records_per_packet_is_validated_and_capped_for_em() {
+    let mut cfg = SimConfig::new(fleet(1, "gt06=1", BehaviourShares::none()));
+    cfg.gt06 = Some("127.0.0.1:5023".parse().unwrap());
+    for ok in [1, 50, 255] {
+        cfg.records_per_packet = ok;
+        cfg.validate().unwrap();
+    }
+    for bad in [0, 256] {
+        cfg.records_per_packet = bad;
+        assert!(cfg.validate().is_err(), "{bad}");
+    }
+    cfg.records_per_packet = 255;
+    assert_eq!(cfg.records_per_packet_for(Protocol::Teltonika), 255);
+    assert_eq!(cfg.records_per_packet_for(Protocol::Gt06), 255);
+    assert_eq!(cfg.records_per_packet_for(Protocol::Em), 100);
+    cfg.records_per_packet = 20;
+    assert_eq!(cfg.records_per_packet_for(Protocol::Em), 20);
+}
+
+#[tokio::test]
 async fn unreachable_service_is_counted_not_fatal() {
     // Bind then drop: nothing listens on this port any more.
     let addr = {
@@ -271,6 +387,7 @@ fn alert_notices_match_pending_expectations() {
         connect_permits: Semaphore::new(1),
         reports_budget: None,
         start: tokio::time::Instant::now(),
+        wall_start: chrono::Utc::now(),
         deadline: None,
         watch_alerts: AtomicBool::new(true),
         cfg,
