@@ -6,13 +6,40 @@
 //! Every subject's state lives in the worker that owns its CURRENT device (devices are
 //! sharded by id). When a victim's device moves, the subjects whose dynamic zones follow it
 //! are re-evaluated in their own workers through [`Control`] messages.
+//!
+//! # Several instances on one database
+//!
+//! With several ingest processes sharing the store (README "Scaling out",
+//! `listeners.reuse_port`) every process tracks every assigned device, but a device's
+//! records reach only the process it is connected to. Rules driven by the tick from what a
+//! process saw LOCALLY would fire falsely in the others, so before raising any of them the
+//! tick compares the device's last contact in the shared store (`latest_states`, written by
+//! every instance) with its own; if the device talked more recently, the local view is
+//! re-based on the store contact and the alert is not raised:
+//!
+//! * lost communication: timer restarts from the store's last contact;
+//! * GPS jamming suspected (no fix with good GSM) and charger not connected (health timers):
+//!   the local health state is stale and is reset (the receiving instance owns them);
+//! * geofence timers (no fix during curfew, a pending breach persisting, a window opening on
+//!   the last fix seen here, and ends on complying evidence): the subject's monitor is
+//!   rebuilt, so its timers count from now. Ends because a window closed or a zone changed
+//!   are emitted as before.
+//!
+//! A device believed lost is re-checked every half `lost_comm_secs`, so a process that
+//! raised an outage the device recovered from elsewhere can raise the next one. When the
+//! device is truly silent every process raises; the alert service folds the raises into one
+//! open alert. Record-driven rules (tamper, battery, clock, breaches on fixes) run only where
+//! the records arrive. Not handled across instances: handing monitor state (an open breach)
+//! over when a device moves its connection to another instance, and dynamic (victim) zones,
+//! whose positions are shared only within one process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use em_alerts::{signals_from_compliance, AlertService, Phase, Signal};
+use em_geofence::monitor::{ComplianceEventKind, EndReason};
 use em_geofence::{ComplianceEvent, SharedZoneIndex, SubjectMonitor};
 use em_model::{DeviceId, Subject, SubjectId};
 use em_store::{Store, StoredRecord};
@@ -275,6 +302,63 @@ impl Evaluator {
         m::fix_to_event(latency as f64 / 1e6);
     }
 
+    /// For the `devices` about to raise a silence-based alert: the last contact the shared
+    /// store holds for those that talked more recently than this instance knows, i.e. to
+    /// another ingest instance on the same database. One query for all of them, on the
+    /// raise path only (never per record).
+    ///
+    /// In a single instance this finds nothing: a device is served by one worker, which
+    /// evaluates every record it stores before its next tick. When the store cannot answer,
+    /// nothing is reported stale and the alerts are raised (a missed lost-signal alert is
+    /// worse than a false one).
+    async fn contacts_elsewhere(
+        &self,
+        devices: &HashSet<DeviceId>,
+        now: DateTime<Utc>,
+    ) -> HashMap<DeviceId, DateTime<Utc>> {
+        let mut out = HashMap::new();
+        if devices.is_empty() {
+            return out;
+        }
+        let mut subjects: HashMap<SubjectId, &DeviceId> = HashMap::new();
+        for d in devices {
+            if let Some(a) = self.ctx.registry.current_assignment(d) {
+                subjects.insert(a.subject_id, d);
+            }
+        }
+        if subjects.is_empty() {
+            return out;
+        }
+        let ids: Vec<SubjectId> = subjects.keys().copied().collect();
+        let states = match self.ctx.store.latest_states(Some(&ids)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(devices = devices.len(), error = %e,
+                    "last-contact check failed; raising on this instance's own view");
+                return out;
+            }
+        };
+        for st in states {
+            // The subject's latest contact may come from a previous device (buffered
+            // upload): it says nothing about the current one.
+            let Some(device) = subjects
+                .get(&st.subject_id)
+                .filter(|d| ***d == st.device_id)
+            else {
+                continue;
+            };
+            let local = self
+                .health
+                .get(*device)
+                .and_then(DeviceHealth::last_contact);
+            // A contact "from the future" (clock step) is not a reason to stay quiet.
+            if local.is_none_or(|l| st.last_contact > l) && st.last_contact <= now {
+                out.insert((*device).clone(), st.last_contact);
+            }
+        }
+        out
+    }
+
     fn owner_device(&self, subject: SubjectId) -> Option<DeviceId> {
         self.ctx.registry.device_of(subject)
     }
@@ -306,6 +390,21 @@ fn phase_str(p: Phase) -> &'static str {
     }
 }
 
+/// Whether a tick-driven compliance event was decided by the records THIS instance saw (or
+/// did not see): a breach or no-fix start (a pending change persisting, no evidence for
+/// `no_fix_secs`, a window opening on the last fix seen here) and an end on complying
+/// evidence. Ends because a window closed or a zone changed hold whoever saw the records.
+fn depends_on_local_records(e: &ComplianceEvent) -> bool {
+    match e.kind {
+        ComplianceEventKind::BreachStarted | ComplianceEventKind::NoFixStarted => true,
+        ComplianceEventKind::BreachEnded | ComplianceEventKind::NoFixEnded => !matches!(
+            e.reason,
+            Some(EndReason::WindowClosed) | Some(EndReason::ZoneChanged)
+        ),
+        ComplianceEventKind::WindowOpened | ComplianceEventKind::WindowClosed => false,
+    }
+}
+
 fn health_phase(p: HealthPhase) -> Phase {
     match p {
         HealthPhase::Started => Phase::Started,
@@ -324,20 +423,22 @@ impl ShardProcessor for Evaluator {
 
     async fn tick(&mut self, now: DateTime<Utc>) {
         self.adopt_assignments();
-        // Device health timers.
-        let mut due = Vec::new();
+        // Device health timers. A device with something to raise (or believed lost and due for
+        // a look) is checked against the shared store before anything is emitted.
+        let mut due: Vec<(DeviceId, Vec<HealthSignal>)> = Vec::new();
+        let mut check: HashSet<DeviceId> = HashSet::new();
         for (device, h) in self.health.iter_mut() {
+            if h.store_check_due(&self.ctx.health, now) {
+                check.insert(device.clone());
+            }
             let sigs = h.on_tick(&self.ctx.health, now);
             if !sigs.is_empty() {
+                check.insert(device.clone());
                 due.push((device.clone(), sigs));
             }
         }
-        for (device, sigs) in due {
-            if let Some(a) = self.ctx.registry.current_assignment(&device) {
-                self.emit_health(sigs, a.subject_id, &device).await;
-            }
-        }
         // Geofence timers: windows opening, persistence, no-fix.
+        let mut events_due: Vec<(SubjectId, Vec<ComplianceEvent>)> = Vec::new();
         let ids: Vec<SubjectId> = self.monitors.keys().copied().collect();
         for id in ids {
             let Some(subject) = self.subject(id).await else {
@@ -351,6 +452,58 @@ impl ShardProcessor for Evaluator {
                 }
                 None => Vec::new(),
             };
+            if events.is_empty() {
+                continue;
+            }
+            if events.iter().any(depends_on_local_records) {
+                if let Some(device) = self.owner_device(id) {
+                    check.insert(device);
+                }
+            }
+            events_due.push((id, events));
+        }
+
+        // Devices that talked to another instance since this one last heard of them.
+        let stale = self.contacts_elsewhere(&check, now).await;
+        for device in &check {
+            if let Some(h) = self.health.get_mut(device) {
+                h.mark_store_checked(now);
+            }
+        }
+        for (device, contact) in &stale {
+            tracing::debug!(device = device.as_str(), last_contact = %contact,
+                "device talks to another instance; local timers re-based on the store");
+            let sigs = match self.health.get_mut(device) {
+                Some(h) => h.adopt_store_contact(&self.ctx.health, *contact, now),
+                None => Vec::new(),
+            };
+            due.retain(|(d, _)| d != device);
+            if !sigs.is_empty() {
+                due.push((device.clone(), sigs));
+            }
+            // The monitor's evidence is as stale as the health state: start it afresh (its
+            // timers count again from now) rather than raise from what it last saw here.
+            if let Some(a) = self.ctx.registry.current_assignment(device) {
+                if self.monitors.remove(&a.subject_id).is_some() {
+                    self.monitor_tz.remove(&a.subject_id);
+                    if let Some(subject) = self.subject(a.subject_id).await {
+                        self.ensure_monitor(&subject);
+                    }
+                }
+                for (id, events) in events_due.iter_mut() {
+                    if *id == a.subject_id {
+                        events.retain(|e| !depends_on_local_records(e));
+                    }
+                }
+            }
+        }
+
+        for (device, sigs) in due {
+            if let Some(a) = self.ctx.registry.current_assignment(&device) {
+                self.emit_health(sigs, a.subject_id, &device).await;
+            }
+        }
+        for (id, events) in events_due {
             if !events.is_empty() {
                 let own = self.owner_device(id);
                 self.emit_compliance(events, own.as_deref()).await;

@@ -126,6 +126,9 @@ pub struct DeviceHealth {
     clock_wrong: bool,
     /// Server time from which the skew has been continuously above the threshold.
     skew_since: Option<DateTime<Utc>>,
+    /// Server time this device's last contact was last compared with the shared store
+    /// (see [`DeviceHealth::store_check_due`]).
+    store_checked_at: Option<DateTime<Utc>>,
 }
 
 impl DeviceHealth {
@@ -147,6 +150,50 @@ impl DeviceHealth {
     /// Server time of the last message, if any.
     pub fn last_contact(&self) -> Option<DateTime<Utc>> {
         self.last_contact
+    }
+
+    /// True while "lost communication" is active in this state.
+    pub fn is_lost(&self) -> bool {
+        self.lost_comm
+    }
+
+    /// Whether a device this state believes silent ("lost communication" raised) should be
+    /// compared with the shared store again: at most every half `lost_comm_secs`.
+    ///
+    /// With several ingest instances on one database the device may have come back on another
+    /// instance; this state would then stay "lost" for ever and never raise the NEXT outage
+    /// (the instance that raised nothing new would be the only one left if the other one is
+    /// gone). The check runs only for devices in the lost state, never per record.
+    pub fn store_check_due(&self, cfg: &HealthConfig, now: DateTime<Utc>) -> bool {
+        let every = secs(cfg.lost_comm_secs / 2).max(Duration::seconds(1));
+        self.lost_comm && self.store_checked_at.is_none_or(|t| now - t >= every)
+    }
+
+    /// Notes that the store was consulted for this device at `now`.
+    pub fn mark_store_checked(&mut self, now: DateTime<Utc>) {
+        self.store_checked_at = Some(now);
+    }
+
+    /// The shared store shows a contact newer than any this state saw: the device talks to
+    /// another ingest instance, so everything this state derived from records (battery, fix,
+    /// GSM, tamper, clock) is stale. Forget it, keep `contact` as the last contact, and
+    /// re-run the timers at `now` (so a device that came back elsewhere and went silent
+    /// again still raises "lost communication" at once).
+    ///
+    /// An active "lost communication" is dropped WITHOUT an `Ended` signal: the instance that
+    /// received the device's next message ends it (its own state had raised it too, and the
+    /// alert service folds both raises into one alert); an end from here could only guess
+    /// when the device resumed.
+    pub fn adopt_store_contact(
+        &mut self,
+        cfg: &HealthConfig,
+        contact: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Vec<HealthSignal> {
+        let checked = self.store_checked_at;
+        *self = DeviceHealth::with_last_contact(contact);
+        self.store_checked_at = checked;
+        self.on_tick(cfg, now)
     }
 
     /// Evaluate one stored record.
