@@ -12,8 +12,10 @@
 # DEVICES (2000 active devices), IDLE_CONNS (18000; the service needs one fd per connection,
 # so keep it below `ulimit -n`), STEPS ("throughput latency idle"), SKIP_BUILD=1,
 # PIPELINE (extra `[pipeline]` settings, e.g. PIPELINE="workers = 4; batch_max_wait_ms = 10"),
-# RECORDS_PER_PACKET (1; throughput step: fixes each simulated device batches into one
+# MIX (gt06=50,teltonika=50: protocol shares of the throughput step), RECORDS_PER_PACKET (1; throughput step: fixes each simulated device batches into one
 # Teltonika AVL packet / one write of GT06 locations, as real tags do, e.g. 20).
+# Step "loaded_latency" (not in the default STEPS): fix→alert latency at LOAD_RATE (49000)
+# background fixes/s from LOAD_DEVICES (2000) Teltonika tags plus 1,000/s alerting devices.
 # Step "connections" (not in the default STEPS): CONNS (100000) idle GT06 devices held at once
 # by INSTANCES (6) em processes sharing the port with `listeners.reuse_port` — one process can
 # hold at most `ulimit -Hn` sockets (20,000 on the machines here, not raisable without
@@ -121,14 +123,27 @@ row() { jq -r --arg l "$1" '[$l, .devices, (.sent_per_sec|floor), (.acked_per_se
   | @tsv' "$2"; }
 echo -e "step\tdevices\tsent/s\tacked/s\tsent\tacked\ttimeouts\tack_p50_ms\tack_p99_ms\talert_p50_ms\talert_p99_ms\talerts"
 
+# Rows really stored (PostgreSQL): a GT06 fix has a 1-second time stamp and its identity is
+# (device, time), so a GT06 device reporting faster than once a second is stored once per
+# second — acked reports above that are duplicates by design, not fixes.
+stored_rows() {
+  if [[ $DB_URL == postgres* ]]; then
+    psql "$DB_URL" -Atc "SELECT count(*) FROM $SCHEMA.positions" 2>/dev/null || echo 0
+  else echo 0; fi
+}
 if [[ " $STEPS " == *" throughput "* ]]; then
+  echo "(throughput: MIX=${MIX:-gt06=50,teltonika=50}, ${RECORDS_PER_PACKET:-1} records per packet)"
   for r in $RATES; do
-    $SIM --gt06 $GT06 --teltonika $TELT --mix gt06=50,teltonika=50 --devices "$DEVICES" \
+    rows0=$(stored_rows); t0=$(date +%s.%N)
+    $SIM --gt06 $GT06 --teltonika $TELT --mix "${MIX:-gt06=50,teltonika=50}" --devices "$DEVICES" \
          --rate "$r" --duration "$DURATION" --no-alert-feed --share-leave-home 0 \
          --share-strap-cut 0 --share-battery-drain 0 --share-go-silent 0 \
          --connect-concurrency 512 --ramp-up 2 --records-per-packet "${RECORDS_PER_PACKET:-1}" \
          --json --quiet >"$WORK/t$r.json"
+    rows1=$(stored_rows); t1=$(date +%s.%N)
     row "rate=$r" "$WORK/t$r.json"
+    echo "  rows stored in PostgreSQL: $((rows1 - rows0)) in $(printf %.1f "$(echo "$t1 - $t0" | bc)") s of simulator run" \
+         "(incl. connect/ramp): $(printf %.0f "$(echo "($rows1 - $rows0) / $(jq .elapsed_secs "$WORK/t$r.json")" | bc -l)") rows/s over the simulator's measured duration"
   done
 fi
 
@@ -139,6 +154,28 @@ if [[ " $STEPS " == *" latency "* ]]; then
        --share-leave-home 0.05 --share-strap-cut 0.05 --seed 7 \
        --json --quiet >"$WORK/lat.json"
   row "alerts@1000/s" "$WORK/lat.json"
+fi
+
+if [[ " $STEPS " == *" loaded_latency "* ]]; then
+  # Fix→alert latency while the service is under load: LOAD_RATE fixes/s from LOAD_DEVICES
+  # Teltonika tags (with subjects, zones and curfews: every fix is evaluated) plus the alerting
+  # fleet of the latency step at 1,000/s.
+  LOAD_RATE=${LOAD_RATE:-49000}; LOAD_DEVICES=${LOAD_DEVICES:-2000}; lfirst=500000
+  $SIM --teltonika $TELT --mix teltonika=1 --devices "$LOAD_DEVICES" --first-index $lfirst \
+       --register "$REG_URL" --register-subjects --register-only
+  $SIM --teltonika $TELT --mix teltonika=1 --devices "$LOAD_DEVICES" --first-index $lfirst \
+       --rate "$LOAD_RATE" --duration 50 --no-alert-feed --share-leave-home 0 \
+       --share-strap-cut 0 --share-battery-drain 0 --share-go-silent 0 \
+       --connect-concurrency 512 --ramp-up 2 --records-per-packet "${RECORDS_PER_PACKET:-20}" \
+       --json --quiet >"$WORK/load.json" & LOAD_PID=$!
+  sleep 5
+  $SIM --gt06 $GT06 --teltonika $TELT --mqtt "$MQTT_URL" --mix gt06=50,teltonika=50 \
+       --devices "$DEVICES" --rate 1000 --duration 40 --misbehave-after 5 \
+       --share-leave-home 0.05 --share-strap-cut 0.05 --seed 7 \
+       --json --quiet >"$WORK/llat.json"
+  wait "$LOAD_PID" || true
+  row "load@$LOAD_RATE/s" "$WORK/load.json"
+  row "alerts@1000/s+load" "$WORK/llat.json"
 fi
 
 if [[ " $STEPS " == *" idle "* ]]; then
