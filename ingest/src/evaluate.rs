@@ -38,7 +38,9 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use em_alerts::{signals_from_compliance, AlertService, Phase, Signal};
+use em_alerts::{signals_from_compliance, Phase, Signal};
+
+use crate::alert_lanes::AlertLanes;
 use em_geofence::monitor::{ComplianceEventKind, EndReason};
 use em_geofence::{ComplianceEvent, SharedZoneIndex, SubjectMonitor};
 use em_model::{DeviceId, Subject, SubjectId};
@@ -83,7 +85,8 @@ pub struct EvalContext {
     pub registry: Registry,
     pub zones: SharedZoneIndex,
     pub subjects: SubjectCache,
-    pub alerts: Arc<AlertService>,
+    /// Where alert signals go (ordered per subject, handled off the pipeline workers).
+    pub alerts: AlertLanes,
     pub health: HealthConfig,
     /// Last contact per device known at start-up (so silence across a restart is noticed).
     pub last_contacts: Arc<HashMap<DeviceId, DateTime<Utc>>>,
@@ -188,10 +191,7 @@ impl Evaluator {
 
     async fn emit(&self, signal: Signal) {
         m::alert_signal(signal.kind.as_str(), phase_str(signal.phase));
-        if let Err(e) = self.ctx.alerts.handle(signal.clone()).await {
-            tracing::error!(subject = signal.subject_id, kind = signal.kind.as_str(), error = %e,
-                "alert handling failed");
-        }
+        self.ctx.alerts.send(signal).await;
     }
 
     async fn emit_compliance(&self, events: Vec<ComplianceEvent>, device: Option<&str>) {

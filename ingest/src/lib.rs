@@ -2,6 +2,7 @@
 //! subscriber, the device-sharded pipeline (decode → store → ACK → geofence → alerts),
 //! device-health monitoring, configuration, the embedded demo and the fleet simulator.
 
+pub mod alert_lanes;
 pub mod broker;
 pub mod config;
 pub mod demo;

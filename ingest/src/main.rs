@@ -48,6 +48,7 @@ fn env_help() -> String {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(Some(&file)) {
@@ -64,6 +65,25 @@ fn main() -> ExitCode {
         None => run(std::env::var_os("EM_CONFIG").map(PathBuf::from)),
     }
 }
+
+/// glibc gives threads their own malloc arenas (up to 8 per core). The long-lived
+/// allocations of idle device connections then spread over arenas whose free space is not
+/// shared, which measured ~25 % more memory per idle connection (README, load figures);
+/// with one arena (threads keep glibc's per-thread cache for small blocks) no throughput
+/// difference was measurable. An operator's `MALLOC_ARENA_MAX` takes precedence.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists; mallopt only
+        // changes an allocator tuning parameter.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
 
 fn run(config: Option<PathBuf>) -> ExitCode {
     let cfg = match Config::load(config.as_deref()) {

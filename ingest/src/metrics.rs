@@ -11,6 +11,7 @@
 //! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`) |
 //! | `em_records_stored_total` | counter | protocol |
 //! | `em_queue_depth` | gauge | shard |
+//! | `em_alert_queue_depth` | gauge | lane |
 //! | `em_store_batch_seconds` | histogram | backend |
 //! | `em_store_batch_records` | histogram | |
 //! | `em_store_errors_total` | counter | |
@@ -71,8 +72,12 @@ pub fn device_rejected(p: Protocol, reason: &'static str) {
         .increment(1);
 }
 
-pub fn record_stored(p: Protocol) {
-    counter!("em_records_stored_total", "protocol" => p.as_str()).increment(1);
+pub fn records_stored(p: Protocol, n: u64) {
+    counter!("em_records_stored_total", "protocol" => p.as_str()).increment(n);
+}
+
+pub fn alert_queue_depth(lane: &str, depth: usize) {
+    gauge!("em_alert_queue_depth", "lane" => lane.to_owned()).set(depth as f64);
 }
 
 pub fn queue_depth(shard: &str, depth: usize) {

@@ -49,6 +49,9 @@ pub struct PipelineConfig {
     pub tick_secs: u64,
     /// Attempts of a failing batch write before the records are refused (not ACKed).
     pub store_attempts: u32,
+    /// Tasks handling alert signals off the workers (ordered per subject; each signal is a
+    /// database transaction, so a few lanes keep the database busy while workers go on).
+    pub alert_lanes: usize,
 }
 
 impl Default for PipelineConfig {
@@ -60,6 +63,7 @@ impl Default for PipelineConfig {
             batch_max_wait_ms: 5,
             tick_secs: 10,
             store_attempts: 4,
+            alert_lanes: 4,
         }
     }
 }
@@ -80,6 +84,9 @@ impl PipelineConfig {
         }
         if self.tick_secs == 0 {
             return Err("pipeline.tick_secs must be > 0".into());
+        }
+        if self.alert_lanes == 0 || self.alert_lanes > 256 {
+            return Err("pipeline.alert_lanes must be between 1 and 256".into());
         }
         if self.store_attempts == 0 {
             return Err("pipeline.store_attempts must be > 0".into());
@@ -533,9 +540,7 @@ impl Worker {
                         let _ = d.send(Ok(()));
                     }
                 }
-                for r in &stored {
-                    m::record_stored(r.record.protocol);
-                }
+                count_stored(&stored);
                 self.processor.after_store(&stored).await;
             }
             Err(e) => {
@@ -559,9 +564,7 @@ impl Worker {
                     start = end;
                     match self.store.insert_records(part).await {
                         Ok(()) => {
-                            for r in part {
-                                m::record_stored(r.record.protocol);
-                            }
+                            count_stored(part);
                             if let Some(d) = done {
                                 let _ = d.send(Ok(()));
                             }
@@ -582,6 +585,21 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Counts stored records per protocol: one metrics update per protocol and batch (a labelled
+/// counter costs a registry look-up per call).
+fn count_stored(records: &[StoredRecord]) {
+    let mut counts: Vec<(em_model::Protocol, u64)> = Vec::new();
+    for r in records {
+        match counts.iter_mut().find(|(p, _)| *p == r.record.protocol) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((r.record.protocol, 1)),
+        }
+    }
+    for (p, n) in counts {
+        m::records_stored(p, n);
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alert_lanes::{AlertLanes, LaneTasks};
 use crate::config::{redact_url, Config};
 use crate::evaluate::{EvalContext, Evaluator, SubjectCache};
 use crate::pipeline::{Pipeline, Workers};
@@ -45,6 +46,7 @@ pub struct Service {
     background_tasks: Vec<JoinHandle<()>>,
     pipeline: Option<Pipeline>,
     workers: Option<Workers>,
+    alert_lanes: Option<LaneTasks>,
     grace: Duration,
 }
 
@@ -193,12 +195,13 @@ impl Service {
             AlertService::new(store.clone(), cfg.alerts.clone())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
+        let (lanes, lane_tasks) = AlertLanes::start(alerts.clone(), cfg.pipeline.alert_lanes);
         let ctx = EvalContext {
             store: store.clone(),
             registry: registry.clone(),
             zones: zones.clone(),
             subjects: subjects.clone(),
-            alerts: alerts.clone(),
+            alerts: lanes,
             health: cfg.health.clone(),
             last_contacts: Arc::new(last_contacts),
         };
@@ -394,6 +397,7 @@ impl Service {
             background_tasks: bg,
             pipeline: Some(pipeline),
             workers: Some(workers),
+            alert_lanes: Some(lane_tasks),
             grace: Duration::from_secs(cfg.listeners.shutdown_grace_secs),
         })
     }
@@ -423,6 +427,15 @@ impl Service {
                 .is_err()
             {
                 tracing::error!("pipeline did not drain within 30 s");
+            }
+        }
+        // The evaluators went with the workers: the alert lanes finish their queues and stop.
+        if let Some(l) = self.alert_lanes.take() {
+            if tokio::time::timeout(Duration::from_secs(30), l.join())
+                .await
+                .is_err()
+            {
+                tracing::error!("alert signals not all handled within 30 s");
             }
         }
         self.background.cancel();

@@ -1,8 +1,8 @@
 //! TCP device listeners (GT06, Teltonika, H02).
 //!
-//! ONE task per connection (an idle tag costs one small task, one socket and a 256-byte read
-//! buffer: ~1.5 KiB in all, see the README's load figures). The task reads frames through the
-//! protocol codec (`tokio_util::codec::FramedRead`), checks the device against the registry at
+//! ONE task per connection, and no read buffer while the tag is quiet: an idle device costs
+//! one small task and its socket (see the README's load figures). The task reads frames
+//! through the protocol codec (`tokio_util::codec::FramedRead`), checks the device against the registry at
 //! its login / IMEI (nothing is accepted before), queues each frame's records in the pipeline
 //! and keeps the frame's "stored" receiver, in order, in a small queue. It waits on the oldest
 //! receiver and the socket at the same time: when a frame's records are durably stored it
@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use em_model::{Protocol, Record};
 use em_protocols::{gt06, h02, teltonika, CodecError, DecodeError};
@@ -36,10 +36,10 @@ use crate::registry::Registry;
 
 /// Frames a connection may have queued (stored or not) ahead of their ACK.
 const MAX_PENDING_FRAMES: usize = 64;
-/// Initial read-buffer capacity of a connection. Tags send frames of tens of bytes (a
-/// Teltonika packet rarely exceeds 1 KiB); the buffer grows on demand for larger frames. A
-/// small start keeps idle connections cheap (the codec default of 8 KiB per connection
-/// dominated the memory of idle devices).
+/// Read-buffer capacity taken when data arrives. Tags send frames of tens of bytes (a
+/// Teltonika packet of 20 records is ~1 KiB); the buffer grows on demand for larger frames
+/// and is released whenever no partial frame is held (the codec default of 8 KiB per
+/// connection dominated the memory of idle devices).
 const READ_BUFFER_INITIAL: usize = 256;
 /// Accept backlog of the device listeners.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -362,11 +362,9 @@ impl<P: TcpProtocol> Connection<P> {
         let proto = P::PROTOCOL;
         m::connection_opened(proto);
         let _ = stream.set_nodelay(true);
-        let mut frames: Frames<P> = FramedRead::with_capacity(
-            stream,
-            P::codec(self.shared.settings.max_frame_bytes),
-            READ_BUFFER_INITIAL,
-        );
+        // No read buffer until the device sends something (see `next_item`).
+        let mut frames: Frames<P> =
+            FramedRead::with_capacity(stream, P::codec(self.shared.settings.max_frame_bytes), 0);
         // Empty until the first frame: an idle device holds no allocation here.
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let connected = tokio::time::Instant::now();
@@ -385,7 +383,7 @@ impl<P: TcpProtocol> Connection<P> {
                 biased;
                 _ = self.shared.shutdown.cancelled() => Wake::Shutdown,
                 r = oldest(&mut pending), if !pending.is_empty() => Wake::Stored(r),
-                r = tokio::time::timeout_at(deadline, frames.next()), if can_read => Wake::Read(r),
+                r = tokio::time::timeout_at(deadline, next_item::<P>(&mut frames)), if can_read => Wake::Read(r),
             };
             let item = match wake {
                 Wake::Shutdown => break Stop::Shutdown,
@@ -565,6 +563,22 @@ impl<P: TcpProtocol> Connection<P> {
             }
         }
     }
+}
+
+/// Next item from the socket. While no partial frame is buffered, the connection holds NO
+/// read buffer: it waits for readability first and only then takes a small buffer (which
+/// grows on demand for larger frames), so a quiet tag costs no buffer at all.
+async fn next_item<P: TcpProtocol>(frames: &mut Frames<P>) -> Option<Item<P>> {
+    if frames.read_buffer().is_empty() {
+        *frames.read_buffer_mut() = BytesMut::new();
+        // An error here (socket gone) is reported by the read that follows.
+        // `poll_read_ready` rather than `readable()`: its future is a few bytes, not ~150,
+        // and it sits in every idle connection's task.
+        let stream = frames.get_ref();
+        let _ = std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await;
+        frames.read_buffer_mut().reserve(READ_BUFFER_INITIAL);
+    }
+    frames.next().await
 }
 
 /// Waits until the oldest pending frame is stored (or failed). Pending forever when empty
