@@ -90,6 +90,8 @@ cleanup() {
   [[ -n $EM_PID ]] && kill "$EM_PID" 2>/dev/null && wait "$EM_PID" 2>/dev/null
   # Whatever else this script started (instances and simulators of the connections step).
   local left; left=$(jobs -p); [[ -n $left ]] && kill $left 2>/dev/null; wait 2>/dev/null
+  # Keep the logs and the last metrics scrape for a look after the run.
+  mkdir -p /tmp/em-load-last && cp "$WORK"/*.log "$WORK"/*.prom /tmp/em-load-last/ 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -171,8 +173,9 @@ if [[ " $STEPS " == *" loaded_latency "* ]]; then
   sleep 5
   $SIM --gt06 $GT06 --teltonika $TELT --mqtt "$MQTT_URL" --mix gt06=50,teltonika=50 \
        --devices "$DEVICES" --rate 1000 --duration 40 --misbehave-after 5 \
-       --share-leave-home 0.05 --share-strap-cut 0.05 --seed 7 \
+       --seed 7 ${ALERT_SIM_ARGS:---share-leave-home 0.05 --share-strap-cut 0.05} \
        --json --quiet >"$WORK/llat.json"
+  curl -s "http://$METRICS/metrics" >"$WORK/loaded.prom" || true
   wait "$LOAD_PID" || true
   row "load@$LOAD_RATE/s" "$WORK/load.json"
   row "alerts@1000/s+load" "$WORK/llat.json"

@@ -14,6 +14,7 @@
 //! | `em_alert_queue_depth` | gauge | lane |
 //! | `em_store_batch_seconds` | histogram | backend |
 //! | `em_store_batch_records` | histogram | |
+//! | `em_worker_phase_seconds` | histogram | phase (`evaluate`: a stored batch through geofences/health; `tick`: the time-based rules) |
 //! | `em_store_errors_total` | counter | |
 //! | `em_fix_to_event_seconds` | histogram | |
 //! | `em_alert_signals_total` | counter | kind, phase |
@@ -35,6 +36,7 @@ pub fn install(bind: SocketAddr) -> anyhow::Result<()> {
         .with_http_listener(bind)
         .set_buckets_for_metric(Matcher::Full("em_store_batch_seconds".into()), &latency)?
         .set_buckets_for_metric(Matcher::Full("em_fix_to_event_seconds".into()), &latency)?
+        .set_buckets_for_metric(Matcher::Full("em_worker_phase_seconds".into()), &latency)?
         .set_buckets_for_metric(
             Matcher::Full("em_store_batch_records".into()),
             &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
@@ -87,6 +89,11 @@ pub fn queue_depth(shard: &str, depth: usize) {
 pub fn store_batch(elapsed: Duration, records: usize, backend: &'static str) {
     histogram!("em_store_batch_seconds", "backend" => backend).record(elapsed.as_secs_f64());
     histogram!("em_store_batch_records").record(records as f64);
+}
+
+/// Time a pipeline worker spent in one phase (while it runs, its queue waits).
+pub fn worker_phase(phase: &'static str, elapsed: Duration) {
+    histogram!("em_worker_phase_seconds", "phase" => phase).record(elapsed.as_secs_f64());
 }
 
 pub fn store_error() {

@@ -441,7 +441,9 @@ impl Worker {
                     None => break,
                 },
                 _ = tick.tick() => {
+                    let started = Instant::now();
                     self.processor.tick(Utc::now()).await;
+                    m::worker_phase("tick", started.elapsed());
                     continue;
                 }
             };
@@ -541,7 +543,9 @@ impl Worker {
                     }
                 }
                 count_stored(&stored);
+                let started = Instant::now();
                 self.processor.after_store(&stored).await;
+                m::worker_phase("evaluate", started.elapsed());
             }
             Err(e) => {
                 // Isolate bad frames so one cannot block the rest of the batch: each frame (one

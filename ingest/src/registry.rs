@@ -49,6 +49,11 @@ struct Cache {
     by_subject: HashMap<SubjectId, DeviceId>,
     /// Devices recently found missing in the store, with the time of the look-up.
     misses: HashMap<DeviceId, Instant>,
+    /// Full assignment history of devices whose records did not match their current
+    /// assignment (unassigned devices, back-filled records from before the current wearer),
+    /// with the time of the look-up: one store query per device and `negative_ttl`, not one
+    /// per record in the pipeline worker.
+    histories: HashMap<DeviceId, (Instant, Arc<[Assignment]>)>,
 }
 
 /// Shared, cheap-to-clone registry cache.
@@ -92,6 +97,7 @@ impl Registry {
             .map(|a| (a.device_id.clone(), a))
             .collect();
         c.misses.clear();
+        c.histories.clear();
         Ok(())
     }
 
@@ -202,7 +208,35 @@ impl Registry {
                 return Ok(Some(a.subject_id));
             }
         }
-        self.store.subject_for_device_at(device_id, at).await
+        let cached = self
+            .read()
+            .histories
+            .get(device_id)
+            .filter(|(t, _)| t.elapsed() < self.negative_ttl)
+            .map(|(_, h)| h.clone());
+        let history = match cached {
+            Some(h) => h,
+            None => {
+                let h: Arc<[Assignment]> = self.store.assignments(device_id).await?.into();
+                let mut c = self.write();
+                if c.histories.len() >= MAX_MISSES {
+                    let ttl = self.negative_ttl;
+                    c.histories.retain(|_, (t, _)| t.elapsed() < ttl);
+                    if c.histories.len() >= MAX_MISSES {
+                        c.histories.clear();
+                    }
+                }
+                c.histories
+                    .insert(device_id.to_owned(), (Instant::now(), h.clone()));
+                h
+            }
+        };
+        // Same rule as `Store::subject_for_device_at`: the latest assignment covering `at`.
+        Ok(history
+            .iter()
+            .rev()
+            .find(|a| a.from <= at && a.to.is_none_or(|to| at < to))
+            .map(|a| a.subject_id))
     }
 }
 
