@@ -256,6 +256,10 @@ impl Default for FleetSpec {
     }
 }
 
+/// Seed and multiplier of the per-device home generator (any fixed values).
+const HOME_SEED: u64 = 0x454d_2d48_4f4d_4553;
+const HOME_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// Generate the devices of `spec`, deterministically for its seed.
 pub fn generate_fleet(spec: &FleetSpec) -> Result<Vec<SimDevice>, SimConfigError> {
     spec.shares.validate()?;
@@ -265,13 +269,17 @@ pub fn generate_fleet(spec: &FleetSpec) -> Result<Vec<SimDevice>, SimConfigError
     let mut i = 0u64;
     for (protocol, n) in counts {
         for _ in 0..n {
-            let device_id = imei(&spec.imei_prefix, spec.first_index + i)?;
+            let index = spec.first_index + i;
+            let device_id = imei(&spec.imei_prefix, index)?;
             i += 1;
-            // Homes: uniform over the disc.
-            let r = spec.spread_m * rng.gen::<f64>().sqrt();
-            let a = rng.gen_range(0.0..std::f64::consts::TAU);
+            // Homes: uniform over the disc, drawn from the device's index alone (not the seed,
+            // mix or shares), so a fleet registered with `--register` and a later run with other
+            // settings agree on where each subject lives (else every curfew is "violated").
+            let mut home_rng = StdRng::seed_from_u64(HOME_SEED ^ index.wrapping_mul(HOME_MIX));
+            let r = spec.spread_m * home_rng.gen::<f64>().sqrt();
+            let a = home_rng.gen_range(0.0..std::f64::consts::TAU);
             let home = offset(spec.centre, r * a.sin(), r * a.cos());
-            let home_radius_m = rng.gen_range(80.0..150.0);
+            let home_radius_m = home_rng.gen_range(80.0..150.0);
             let after =
                 spec.misbehave_after_secs + rng.gen_range(0..=spec.misbehave_after_secs.max(1));
             let s = &spec.shares;
@@ -359,6 +367,30 @@ pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, SimConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_lives_at_the_same_home_whatever_the_seed_mix_or_shares() {
+        let base = FleetSpec {
+            devices: 50,
+            ..FleetSpec::default()
+        };
+        let other = FleetSpec {
+            devices: 50,
+            seed: 7,
+            mix: "gt06=1,teltonika=3".parse().expect("mix"),
+            shares: BehaviourShares::none(),
+            ..FleetSpec::default()
+        };
+        let a = generate_fleet(&base).expect("fleet");
+        let b = generate_fleet(&other).expect("fleet");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.device_id, y.device_id);
+            assert_eq!(x.home, y.home, "{}", x.device_id);
+            assert_eq!(x.home_radius_m, y.home_radius_m);
+        }
+        // Different devices, different homes.
+        assert_ne!(a[0].home, a[1].home);
+    }
 
     #[test]
     fn imeis_are_15_digits_with_valid_luhn() {

@@ -216,8 +216,15 @@ async fn teltonika_batches_many_records_per_packet() {
     let mut shares = BehaviourShares::none();
     // Teltonika "strap cutters" run their battery down instead: once low, every record
     // should keep the low-battery alert going and is sent at once (high priority).
-    shares.strap_cut = 0.1;
-    let mut cfg = SimConfig::new(fleet(20, "teltonika=1", shares));
+    shares.strap_cut = 0.3;
+    let devices = fleet(20, "teltonika=1", shares);
+    assert!(
+        devices
+            .iter()
+            .any(|d| matches!(d.behaviour, Behaviour::BatteryDrain { .. })),
+        "the fleet must hold battery drainers for this test"
+    );
+    let mut cfg = SimConfig::new(devices);
     cfg.teltonika = Some(t);
     cfg.records_per_packet = 10;
     // 20 devices, 400 fixes/s in total: one fix per device every 50 ms, a packet per 0.5 s.
