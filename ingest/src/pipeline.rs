@@ -36,7 +36,9 @@ use crate::registry::Registry;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Number of workers (shards). 0 = one per CPU core.
+    /// Number of workers (shards). 0 = two per CPU core, at least four: a worker spends most
+    /// of a batch waiting for the database's commit, so more workers than cores overlap those
+    /// waits (and a slow commit stalls a smaller share of the devices).
     pub workers: usize,
     /// Capacity of each worker's queue, in records (a frame larger than this is admitted
     /// alone). A full queue makes connections wait.
@@ -60,7 +62,7 @@ impl Default for PipelineConfig {
             workers: 0,
             queue_capacity: 1024,
             batch_max_records: 500,
-            batch_max_wait_ms: 5,
+            batch_max_wait_ms: 2,
             tick_secs: 10,
             store_attempts: 4,
             alert_lanes: 4,
@@ -71,7 +73,7 @@ impl Default for PipelineConfig {
 impl PipelineConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.workers > 1024 {
-            return Err("pipeline.workers must be at most 1024 (0 = one per CPU)".into());
+            return Err("pipeline.workers must be at most 1024 (0 = automatic)".into());
         }
         if self.queue_capacity == 0 {
             return Err("pipeline.queue_capacity must be > 0".into());
@@ -97,7 +99,8 @@ impl PipelineConfig {
     /// Effective number of workers.
     pub fn worker_count(&self) -> usize {
         if self.workers == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            (2 * cores).max(4)
         } else {
             self.workers
         }
