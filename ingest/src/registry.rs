@@ -41,19 +41,34 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// A known device and, once looked up, its assignment history.
+struct Known {
+    device: Device,
+    /// Full assignment history, fetched when one of the device's records did not match its
+    /// current assignment (unassigned device, back-filled record from before the current
+    /// wearer), with the time of the look-up: one store query per device and `negative_ttl`,
+    /// not one per record in the pipeline worker. Kept in the device's own entry (no second
+    /// key per device); an empty history shares one allocation.
+    history: Option<(Instant, Arc<[Assignment]>)>,
+}
+
+impl Known {
+    fn new(device: Device) -> Self {
+        Known {
+            device,
+            history: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Cache {
-    devices: HashMap<DeviceId, Device>,
+    devices: HashMap<DeviceId, Known>,
     assignments: HashMap<DeviceId, Assignment>,
     /// Current device of each subject.
     by_subject: HashMap<SubjectId, DeviceId>,
     /// Devices recently found missing in the store, with the time of the look-up.
     misses: HashMap<DeviceId, Instant>,
-    /// Full assignment history of devices whose records did not match their current
-    /// assignment (unassigned devices, back-filled records from before the current wearer),
-    /// with the time of the look-up: one store query per device and `negative_ttl`, not one
-    /// per record in the pipeline worker.
-    histories: HashMap<DeviceId, (Instant, Arc<[Assignment]>)>,
 }
 
 /// Shared, cheap-to-clone registry cache.
@@ -62,6 +77,8 @@ pub struct Registry {
     store: Arc<dyn Store>,
     cache: Arc<RwLock<Cache>>,
     negative_ttl: Duration,
+    /// The history of every never-assigned device (shared, so caching it allocates nothing).
+    empty_history: Arc<[Assignment]>,
 }
 
 /// Upper bound of the negative cache, so random IMEIs cannot grow memory without limit.
@@ -74,6 +91,7 @@ impl Registry {
             store,
             cache: Arc::new(RwLock::new(Cache::default())),
             negative_ttl: Duration::from_secs(30),
+            empty_history: Arc::from(Vec::new()),
         };
         reg.refresh().await?;
         Ok(reg)
@@ -86,7 +104,7 @@ impl Registry {
         let mut c = self.write();
         c.devices = devices
             .into_iter()
-            .map(|d| (d.device_id.clone(), d))
+            .map(|d| (d.device_id.clone(), Known::new(d)))
             .collect();
         c.by_subject = assignments
             .iter()
@@ -97,7 +115,6 @@ impl Registry {
             .map(|a| (a.device_id.clone(), a))
             .collect();
         c.misses.clear();
-        c.histories.clear();
         Ok(())
     }
 
@@ -113,8 +130,8 @@ impl Registry {
     pub async fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
         {
             let c = self.read();
-            if let Some(d) = c.devices.get(device_id) {
-                return Ok(Some(d.clone()));
+            if let Some(k) = c.devices.get(device_id) {
+                return Ok(Some(k.device.clone()));
             }
             if let Some(t) = c.misses.get(device_id) {
                 if t.elapsed() < self.negative_ttl {
@@ -126,7 +143,7 @@ impl Registry {
         let mut c = self.write();
         match &found {
             Some(d) => {
-                c.devices.insert(d.device_id.clone(), d.clone());
+                c.devices.insert(d.device_id.clone(), Known::new(d.clone()));
                 c.misses.remove(device_id);
             }
             None => {
@@ -210,24 +227,24 @@ impl Registry {
         }
         let cached = self
             .read()
-            .histories
+            .devices
             .get(device_id)
+            .and_then(|k| k.history.as_ref())
             .filter(|(t, _)| t.elapsed() < self.negative_ttl)
             .map(|(_, h)| h.clone());
         let history = match cached {
             Some(h) => h,
             None => {
-                let h: Arc<[Assignment]> = self.store.assignments(device_id).await?.into();
-                let mut c = self.write();
-                if c.histories.len() >= MAX_MISSES {
-                    let ttl = self.negative_ttl;
-                    c.histories.retain(|_, (t, _)| t.elapsed() < ttl);
-                    if c.histories.len() >= MAX_MISSES {
-                        c.histories.clear();
-                    }
+                let found = self.store.assignments(device_id).await?;
+                let h: Arc<[Assignment]> = if found.is_empty() {
+                    self.empty_history.clone()
+                } else {
+                    found.into()
+                };
+                // Cached only for devices in the registry (unknown ones send no data).
+                if let Some(k) = self.write().devices.get_mut(device_id) {
+                    k.history = Some((Instant::now(), h.clone()));
                 }
-                c.histories
-                    .insert(device_id.to_owned(), (Instant::now(), h.clone()));
                 h
             }
         };
