@@ -7,55 +7,10 @@ use std::time::Duration;
 
 use chrono::Duration as ChronoDuration;
 use common::*;
-use em_model::{AlertKind, BreachRules, Protocol, Subject, ZoneGeometry, ZoneKind, ZoneSpec};
+use em_model::AlertKind;
 use em_store::{AlertFilter, Store};
 
 const T: Duration = Duration::from_secs(15);
-const HOME: [f64; 2] = [12.5683, 55.6761]; // lon, lat
-
-async fn subject_with_curfew_home(store: &dyn Store, device: &str) -> i64 {
-    let sid = store
-        .upsert_subject(&Subject {
-            id: 0,
-            reference: format!("CASE-{device}"),
-            display_name: "Test Subject".into(),
-            officer_id: None,
-            timezone: "Europe/Copenhagen".into(),
-            order_start: None,
-            order_end: None,
-            rules: BreachRules {
-                buffer_m: 10.0,
-                consecutive_fixes: 2,
-                persist_secs: 3600,
-                no_fix_secs: 3600,
-            },
-        })
-        .await
-        .unwrap();
-    store
-        .upsert_zone(&ZoneSpec {
-            id: 0,
-            subject_id: Some(sid),
-            group: None,
-            name: "Home".into(),
-            kind: ZoneKind::Inclusion,
-            geometry: ZoneGeometry::Circle {
-                center: HOME,
-                radius_m: 150.0,
-            },
-            schedule: None,
-            is_curfew_home: true,
-        })
-        .await
-        .unwrap();
-    register(store, device, Protocol::Gt06, None).await;
-    store
-        .assign_device(device, sid, chrono::Utc::now() - ChronoDuration::hours(2))
-        .await
-        .unwrap();
-    sid
-}
-
 async fn alerts_of(store: &dyn Store, sid: i64) -> Vec<em_model::Alert> {
     store
         .list_alerts(&AlertFilter {
@@ -68,7 +23,7 @@ async fn alerts_of(store: &dyn Store, sid: i64) -> Vec<em_model::Alert> {
 
 async fn leaving_curfew_home_raises_an_alert(db: TestDb) {
     let imei = "358307100000950";
-    let sid = subject_with_curfew_home(&*db.store, imei).await;
+    let sid = subject_with_curfew_home(&*db.store, imei, 3600).await;
     let svc = start(test_config(&db)).await;
     let mut s = connect(svc.addrs.gt06.unwrap()).await;
     send(&mut s, &gt06_login(imei, 1)).await;
@@ -110,7 +65,7 @@ async fn leaving_curfew_home_raises_an_alert(db: TestDb) {
 
 async fn silence_raises_lost_communication(db: TestDb) {
     let imei = "358307100000951";
-    let sid = subject_with_curfew_home(&*db.store, imei).await;
+    let sid = subject_with_curfew_home(&*db.store, imei, 3600).await;
     let mut cfg = test_config(&db);
     cfg.health.lost_comm_secs = 2;
     let svc = start(cfg).await;

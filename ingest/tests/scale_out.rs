@@ -9,61 +9,14 @@ mod common;
 
 use std::time::Duration;
 
-use chrono::Duration as ChronoDuration;
 use common::*;
-use em_model::{
-    AlertKind, AlertState, BreachRules, Protocol, Subject, ZoneGeometry, ZoneKind, ZoneSpec,
-};
+use em_model::{AlertKind, AlertState};
 use em_store::{AlertFilter, Store};
 
 const T: Duration = Duration::from_secs(20);
-const HOME: [f64; 2] = [12.5683, 55.6761]; // lon, lat
 /// Short thresholds so the test runs in seconds (ticks are 1 s in `test_config`).
 const LOST_COMM_SECS: u64 = 3;
 const NO_FIX_SECS: u32 = 3;
-
-async fn subject_at_home(store: &dyn Store, device: &str) -> i64 {
-    let sid = store
-        .upsert_subject(&Subject {
-            id: 0,
-            reference: format!("CASE-{device}"),
-            display_name: "Scale-out Subject".into(),
-            officer_id: None,
-            timezone: "Europe/Copenhagen".into(),
-            order_start: None,
-            order_end: None,
-            rules: BreachRules {
-                buffer_m: 10.0,
-                consecutive_fixes: 2,
-                persist_secs: 3600,
-                no_fix_secs: NO_FIX_SECS,
-            },
-        })
-        .await
-        .unwrap();
-    store
-        .upsert_zone(&ZoneSpec {
-            id: 0,
-            subject_id: Some(sid),
-            group: None,
-            name: "Home".into(),
-            kind: ZoneKind::Inclusion,
-            geometry: ZoneGeometry::Circle {
-                center: HOME,
-                radius_m: 150.0,
-            },
-            schedule: None,
-            is_curfew_home: true,
-        })
-        .await
-        .unwrap();
-    register(store, device, Protocol::Gt06, None).await;
-    store
-        .assign_device(device, sid, chrono::Utc::now() - ChronoDuration::hours(2))
-        .await
-        .unwrap();
-    sid
-}
 
 async fn alerts_of(store: &dyn Store, sid: i64, kind: AlertKind) -> Vec<em_model::Alert> {
     store
@@ -87,7 +40,7 @@ async fn talk(s: &mut tokio::net::TcpStream, serial: &mut u16) {
 
 async fn device_on_one_instance_is_not_lost_on_the_other(db: TestDb) {
     let imei = "358307100000960";
-    let sid = subject_at_home(&*db.store, imei).await;
+    let sid = subject_with_curfew_home(&*db.store, imei, NO_FIX_SECS).await;
     let mut cfg = test_config(&db);
     cfg.health.lost_comm_secs = LOST_COMM_SECS;
     let a = start(cfg.clone()).await;

@@ -336,3 +336,52 @@ pub async fn connect(addr: SocketAddr) -> TcpStream {
 pub async fn send(s: &mut TcpStream, b: &[u8]) {
     s.write_all(b).await.expect("write");
 }
+
+/// Home of the test subjects (lon, lat).
+pub const HOME: [f64; 2] = [12.5683, 55.6761];
+
+/// A subject with a 150 m curfew-home circle at [`HOME`] (Europe/Copenhagen, breach after 2
+/// fixes), wearing GT06 `device` since two hours ago. Returns the subject id.
+pub async fn subject_with_curfew_home(store: &dyn Store, device: &str, no_fix_secs: u32) -> i64 {
+    use em_model::{BreachRules, Subject, ZoneGeometry, ZoneKind, ZoneSpec};
+    let sid = store
+        .upsert_subject(&Subject {
+            id: 0,
+            reference: format!("CASE-{device}"),
+            display_name: "Test Subject".into(),
+            officer_id: None,
+            timezone: "Europe/Copenhagen".into(),
+            order_start: None,
+            order_end: None,
+            rules: BreachRules {
+                buffer_m: 10.0,
+                consecutive_fixes: 2,
+                persist_secs: 3600,
+                no_fix_secs,
+            },
+        })
+        .await
+        .expect("subject");
+    store
+        .upsert_zone(&ZoneSpec {
+            id: 0,
+            subject_id: Some(sid),
+            group: None,
+            name: "Home".into(),
+            kind: ZoneKind::Inclusion,
+            geometry: ZoneGeometry::Circle {
+                center: HOME,
+                radius_m: 150.0,
+            },
+            schedule: None,
+            is_curfew_home: true,
+        })
+        .await
+        .expect("zone");
+    register(store, device, Protocol::Gt06, None).await;
+    store
+        .assign_device(device, sid, Utc::now() - ChronoDuration::hours(2))
+        .await
+        .expect("assignment");
+    sid
+}
