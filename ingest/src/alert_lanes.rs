@@ -89,14 +89,6 @@ impl AlertLanes {
             );
         }
     }
-
-    /// Signals waiting in all lanes.
-    pub fn queued(&self) -> usize {
-        self.lanes
-            .iter()
-            .map(|t| t.max_capacity() - t.capacity())
-            .sum()
-    }
 }
 
 async fn run_lane(index: usize, mut rx: mpsc::Receiver<Signal>, alerts: Arc<AlertService>) {

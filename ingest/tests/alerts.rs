@@ -8,19 +8,8 @@ use std::time::Duration;
 use chrono::Duration as ChronoDuration;
 use common::*;
 use em_model::AlertKind;
-use em_store::{AlertFilter, Store};
 
 const T: Duration = Duration::from_secs(15);
-async fn alerts_of(store: &dyn Store, sid: i64) -> Vec<em_model::Alert> {
-    store
-        .list_alerts(&AlertFilter {
-            subject_ids: Some(vec![sid]),
-            ..AlertFilter::default()
-        })
-        .await
-        .unwrap()
-}
-
 async fn leaving_curfew_home_raises_an_alert(db: TestDb) {
     let imei = "358307100000950";
     let sid = subject_with_curfew_home(&*db.store, imei, 3600).await;

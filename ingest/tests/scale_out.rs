@@ -11,21 +11,17 @@ use std::time::Duration;
 
 use common::*;
 use em_model::{AlertKind, AlertState};
-use em_store::{AlertFilter, Store};
+use em_store::Store;
 
 const T: Duration = Duration::from_secs(20);
 /// Short thresholds so the test runs in seconds (ticks are 1 s in `test_config`).
 const LOST_COMM_SECS: u64 = 3;
 const NO_FIX_SECS: u32 = 3;
 
-async fn alerts_of(store: &dyn Store, sid: i64, kind: AlertKind) -> Vec<em_model::Alert> {
-    store
-        .list_alerts(&AlertFilter {
-            subject_ids: Some(vec![sid]),
-            ..AlertFilter::default()
-        })
+/// Alerts of `kind` for subject `sid`.
+async fn alerts_of_kind(store: &dyn Store, sid: i64, kind: AlertKind) -> Vec<em_model::Alert> {
+    alerts_of(store, sid)
         .await
-        .unwrap()
         .into_iter()
         .filter(|a| a.kind == kind)
         .collect()
@@ -68,7 +64,7 @@ async fn device_on_one_instance_is_not_lost_on_the_other(db: TestDb) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     for kind in [AlertKind::LostCommunication, AlertKind::NoFixDuringCurfew] {
-        for alert in alerts_of(&*db.store, sid, kind).await {
+        for alert in alerts_of_kind(&*db.store, sid, kind).await {
             assert!(
                 alert.created_at < b_started && alert.ended_at.is_some(),
                 "{kind:?} raised while the device talks to instance A: {alert:#?}"
@@ -85,13 +81,14 @@ async fn device_on_one_instance_is_not_lost_on_the_other(db: TestDb) {
             .collect()
     };
     eventually("lost communication alert", T, || async {
-        !since_silence(alerts_of(&*db.store, sid, AlertKind::LostCommunication).await).is_empty()
+        !since_silence(alerts_of_kind(&*db.store, sid, AlertKind::LostCommunication).await)
+            .is_empty()
     })
     .await;
     // Give the other instance time to raise too (its timer may have been re-based on the
     // store's last contact, so it can fire up to one threshold later).
     tokio::time::sleep(Duration::from_secs(2 * LOST_COMM_SECS + 2)).await;
-    let lost = since_silence(alerts_of(&*db.store, sid, AlertKind::LostCommunication).await);
+    let lost = since_silence(alerts_of_kind(&*db.store, sid, AlertKind::LostCommunication).await);
     assert_eq!(lost.len(), 1, "one lost-communication alert: {lost:#?}");
     assert_eq!(lost[0].state, AlertState::Open);
     assert!(lost[0].ended_at.is_none(), "still silent: {:#?}", lost[0]);
@@ -101,13 +98,13 @@ async fn device_on_one_instance_is_not_lost_on_the_other(db: TestDb) {
         lost[0]
     );
     // No fix during curfew is a true condition now too; raised at most once.
-    let no_fix = since_silence(alerts_of(&*db.store, sid, AlertKind::NoFixDuringCurfew).await);
+    let no_fix = since_silence(alerts_of_kind(&*db.store, sid, AlertKind::NoFixDuringCurfew).await);
     assert!(no_fix.len() <= 1, "no-fix raises folded: {no_fix:#?}");
 
     // The device comes back on A: the condition ends.
     talk(&mut s, &mut serial).await;
     eventually("lost communication ended", T, || async {
-        alerts_of(&*db.store, sid, AlertKind::LostCommunication)
+        alerts_of_kind(&*db.store, sid, AlertKind::LostCommunication)
             .await
             .iter()
             .all(|a| a.ended_at.is_some())

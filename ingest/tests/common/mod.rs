@@ -385,3 +385,14 @@ pub async fn subject_with_curfew_home(store: &dyn Store, device: &str, no_fix_se
         .expect("assignment");
     sid
 }
+
+/// Alerts of subject `sid`, newest first (every state).
+pub async fn alerts_of(store: &dyn Store, sid: i64) -> Vec<em_model::Alert> {
+    store
+        .list_alerts(&em_store::AlertFilter {
+            subject_ids: Some(vec![sid]),
+            ..em_store::AlertFilter::default()
+        })
+        .await
+        .expect("list alerts")
+}
