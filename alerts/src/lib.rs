@@ -28,7 +28,9 @@ pub use outbox::{
     backoff_delay, classify_status, sign_body, verify_signature, OutboxWorker, Outcome,
 };
 pub use payload::{OmsPayload, OmsSubject, OMS_SCHEMA_VERSION};
-pub use service::{AlertError, AlertNotice, AlertService, SYSTEM_ACTOR};
+pub use service::{
+    condition_ongoing, resolution_blocked, AlertError, AlertNotice, AlertService, SYSTEM_ACTOR,
+};
 pub use signal::{signals_from_compliance, Phase, Signal};
 
 /// Outbox channel of the OMS webhook.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use em_model::{Alert, AlertId, AlertKind, Severity, SubjectId, User};
+use em_model::{Alert, AlertId, AlertKind, Severity, SubjectId, TimePolicy, User};
 use em_store::{AlertUpdate, NewAlert, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex, MutexGuard};
@@ -15,6 +15,46 @@ use crate::config::{AlertConfig, ConfigError};
 use crate::events;
 use crate::message::{auto_resolve_note, describe, parse_tz, MessageContext};
 use crate::signal::{Phase, Signal};
+
+/// Whether the alert's condition is still going on: no end recorded, or the condition came
+/// back (a repeat folded in after the recorded end).
+pub fn condition_ongoing(alert: &Alert) -> bool {
+    alert.ended_at.is_none_or(|end| end < alert.last_seen_at)
+}
+
+/// Why an officer may not resolve this alert now, if they may not.
+///
+/// Every alert kind is a condition with an end (a strap open, a zone breached, a device
+/// silent). Resolving one while its condition persists would silence it: the rules raise once
+/// per condition, so no new alert would come while the strap stays open. So a person cannot
+/// resolve a live condition; they acknowledge it (it stays in the queue, owned, not
+/// escalating) and it is resolved once the device's data shows the condition ended — by the
+/// engine (`auto_resolve`) or by them afterwards.
+pub fn resolution_blocked(alert: &Alert) -> Option<String> {
+    if alert.state == em_model::AlertState::Resolved || !condition_ongoing(alert) {
+        return None;
+    }
+    let what = match alert.kind {
+        AlertKind::InclusionZoneExit => "the subject is still outside the zone",
+        AlertKind::ExclusionZoneEntry => "the subject is still inside the exclusion zone",
+        AlertKind::VictimProximity => "the subject is still too close to the protected person",
+        AlertKind::CurfewViolation => "the subject is still away from the curfew address",
+        AlertKind::NoFixDuringCurfew => "there is still no location during the curfew",
+        AlertKind::StrapTamper => "the strap is still reported open",
+        AlertKind::CaseTamper => "the case is still reported open",
+        AlertKind::LowBattery => "the battery is still low",
+        AlertKind::BatteryDead => "the battery is still flat",
+        AlertKind::ChargerNotConnected => "the charger is still not connected",
+        AlertKind::LostCommunication => "the device is still not communicating",
+        AlertKind::GpsJammingSuspected => "the GPS signal is still missing",
+        AlertKind::DeviceClockWrong => "the device clock is still wrong",
+    };
+    Some(format!(
+        "the condition is still ongoing ({what}; last seen {}): resolving it would silence it. \
+         Acknowledge it instead; it can be resolved once the device shows the condition ended",
+        alert.last_seen_at.format("%Y-%m-%d %H:%M:%S UTC")
+    ))
+}
 
 /// Audit actor of changes the engine makes on its own (raise, fold, end, auto-resolve, escalate).
 pub const SYSTEM_ACTOR: &str = "system:alerts";
@@ -135,6 +175,27 @@ impl AlertService {
     /// Returns the alert concerned, or `None` when the kind is disabled or an `Ended` signal
     /// has no ongoing alert.
     pub async fn handle(&self, mut signal: Signal) -> Result<Option<Alert>, AlertError> {
+        // Signal times come from device clocks. Ingest already refuses records whose time the
+        // policy does not trust; this is the alert engine's own bound, so that no source can
+        // date an alert in the future: a start is judged by the server's clock, an end
+        // claimed for the future is not an end.
+        let now = Utc::now();
+        if signal.at > now + chrono::Duration::seconds(TimePolicy::DEFAULT.max_future_secs) {
+            metrics::counter!("em_alerts_future_signals_total", "phase" => signal.phase.as_str())
+                .increment(1);
+            match signal.phase {
+                Phase::Ended => {
+                    warn!(kind = signal.kind.as_str(), subject_id = signal.subject_id, at = %signal.at,
+                        "end of a condition dated in the future ignored");
+                    return Ok(None);
+                }
+                Phase::Started | Phase::Ongoing => {
+                    warn!(kind = signal.kind.as_str(), subject_id = signal.subject_id, at = %signal.at,
+                        "alert dated in the future; raised at the server's time");
+                    signal.at = now;
+                }
+            }
+        }
         // The stores keep microseconds; compare like with like.
         signal.at = signal.at.trunc_subsecs(6);
         let rule = self.config.rule(signal.kind);
@@ -365,6 +426,11 @@ impl AlertService {
         }
         let current = self.existing(id).await?;
         let _guard = self.lock(current.subject_id).await;
+        // Under the subject's lock: the condition may have ended or resumed meanwhile.
+        let current = self.existing(id).await?;
+        if let Some(reason) = resolution_blocked(&current) {
+            return Err(AlertError::InvalidTransition { id, reason });
+        }
         let alert = self
             .store
             .update_alert(

@@ -18,6 +18,16 @@ pub enum Phase {
     Ended,
 }
 
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Started => "started",
+            Phase::Ongoing => "ongoing",
+            Phase::Ended => "ended",
+        }
+    }
+}
+
 /// A condition starting, continuing or ending — the input of the alert engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signal {

@@ -127,6 +127,22 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
         service.resolve(a.id, &inactive, "other", None).await,
         Err(AlertError::InactiveUser(_))
     ));
+    // While the subject is still out, resolving would silence the condition: refused.
+    let live = service
+        .resolve(a.id, &f.supervisor, "subject_contacted", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&live, AlertError::InvalidTransition { reason, .. } if reason.contains("still ongoing")),
+        "{name}: {live}"
+    );
+    // The subject comes home: the end is recorded (curfew alerts are not auto-resolved) ...
+    let mut back = signal.clone();
+    back.phase = Phase::Ended;
+    back.at = started + chrono::Duration::seconds(160);
+    let ended = service.handle(back).await.unwrap().unwrap();
+    assert_eq!(ended.state, AlertState::Acknowledged, "{name}");
+    // ... and now a person closes it.
     let resolved = service
         .resolve(
             a.id,
@@ -155,6 +171,7 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
         notices,
         vec![
             (events::ACKNOWLEDGED.to_string(), a.id),
+            (events::UPDATED.to_string(), a.id),
             (events::RESOLVED.to_string(), a.id)
         ]
     );
@@ -169,13 +186,13 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
     assert!(audit.contains(&("officer.jensen".into(), "alert.acknowledge".into())));
     assert!(audit.contains(&("supervisor.berg".into(), "alert.resolve".into())));
 
-    // created + acknowledged + resolved = 3 OMS messages.
+    // created + acknowledged + condition ended + resolved = 4 OMS messages.
     assert_eq!(
         store
             .count_outbox("oms", OutboxStatus::Pending)
             .await
             .unwrap(),
-        3
+        4
     );
 
     // The same condition after resolution is a new alert.
@@ -504,4 +521,166 @@ async fn disabled_kinds_unknown_subjects_and_oversized_evidence() {
     let mut bad = AlertConfig::default();
     bad.escalation.high_secs = Some(0);
     assert!(AlertService::new(store, bad).is_err());
+}
+
+/// Finding: resolving an alert whose condition was still true silenced it. Now a live
+/// condition cannot be resolved (tamper, exclusion, curfew), and a condition that comes back
+/// after its end is live again.
+async fn resolve_while_ongoing_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let exclusion = store
+        .upsert_zone(&ZoneSpec {
+            id: 0,
+            subject_id: Some(f.subject),
+            group: None,
+            name: "Victim's street".into(),
+            kind: ZoneKind::Exclusion,
+            geometry: ZoneGeometry::Circle {
+                center: [12.6, 55.7],
+                radius_m: 150.0,
+            },
+            schedule: None,
+            is_curfew_home: false,
+        })
+        .await
+        .unwrap();
+    let service = AlertService::new(store.clone(), AlertConfig::default()).unwrap();
+    let cases = [
+        (AlertKind::StrapTamper, None, "strap is still reported open"),
+        (
+            AlertKind::ExclusionZoneEntry,
+            Some(exclusion),
+            "still inside the exclusion zone",
+        ),
+        (
+            AlertKind::CurfewViolation,
+            Some(f.home),
+            "still away from the curfew address",
+        ),
+    ];
+    for (kind, zone, words) in cases {
+        let t0 = minutes_ago(20);
+        let mut start =
+            Signal::new(kind, Phase::Started, f.subject, t0).with_device("359881234567890");
+        if let Some(z) = zone {
+            start = start.with_zone(z);
+        }
+        let a = service.handle(start.clone()).await.unwrap().unwrap();
+        let err = service
+            .resolve(a.id, &f.officer, "false_alarm", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AlertError::InvalidTransition { reason, .. } if reason.contains(words)),
+            "{name} {kind:?}: {err}"
+        );
+        assert_eq!(
+            store.get_alert(a.id).await.unwrap().unwrap().state,
+            AlertState::Open,
+            "{name} {kind:?}: a refused resolution changes nothing"
+        );
+        // Acknowledging is how an officer takes a live alert.
+        service.acknowledge(a.id, &f.officer).await.unwrap();
+        // The condition ends ...
+        let mut end = start.clone();
+        end.phase = Phase::Ended;
+        end.at = t0 + chrono::Duration::seconds(300);
+        service.handle(end).await.unwrap();
+        // ... and comes back before anyone closed the alert: live again, refused again.
+        let mut again = start.clone();
+        again.phase = Phase::Started;
+        again.at = t0 + chrono::Duration::seconds(600);
+        let folded = service.handle(again).await.unwrap().unwrap();
+        assert_eq!(folded.id, a.id, "{name} {kind:?}");
+        assert!(condition_ongoing(&folded), "{name} {kind:?}");
+        assert!(
+            service
+                .resolve(a.id, &f.officer, "false_alarm", None)
+                .await
+                .is_err(),
+            "{name} {kind:?}: resumed condition resolved"
+        );
+        // It ends for good: now it can be resolved.
+        let mut end = start.clone();
+        end.phase = Phase::Ended;
+        end.at = t0 + chrono::Duration::seconds(900);
+        service.handle(end).await.unwrap();
+        let done = service
+            .resolve(a.id, &f.officer, "subject_contacted", None)
+            .await
+            .unwrap();
+        assert_eq!(done.state, AlertState::Resolved, "{name} {kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_live_condition_cannot_be_resolved_into_silence() {
+    for (name, store) in stores().await {
+        resolve_while_ongoing_on(name, store).await;
+    }
+}
+
+/// A signal dated in the future (a device clock years ahead) neither dates the alert in the
+/// future nor ends one; escalation still counts from the server's raise.
+async fn future_signal_on(name: &str, store: Arc<dyn Store>) {
+    let f = fixture(&store).await;
+    let service = AlertService::new(store.clone(), AlertConfig::default()).unwrap();
+    let year_2099 = chrono::TimeZone::with_ymd_and_hms(&Utc, 2099, 1, 1, 0, 0, 0).unwrap();
+    let before = Utc::now();
+    let a = service
+        .handle(Signal::new(
+            AlertKind::StrapTamper,
+            Phase::Started,
+            f.subject,
+            year_2099,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        a.started_at >= before.trunc_subsecs(6) && a.started_at <= Utc::now(),
+        "{name}: started_at {} must be the server's time",
+        a.started_at
+    );
+    // An end claimed for 2099 is not an end.
+    let ended = service
+        .handle(Signal::new(
+            AlertKind::StrapTamper,
+            Phase::Ended,
+            f.subject,
+            year_2099,
+        ))
+        .await
+        .unwrap();
+    assert!(ended.is_none(), "{name}");
+    let stored = store.get_alert(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.ended_at, None, "{name}");
+    assert_eq!(stored.state, AlertState::Open, "{name}");
+    // Escalation counts from the raise.
+    let limit = chrono::Duration::from_std(
+        service
+            .escalate_after(AlertKind::StrapTamper, Severity::Critical)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        service.escalate_due(Utc::now()).await.unwrap().is_empty(),
+        "{name}"
+    );
+    let due = stored.created_at + limit + chrono::Duration::seconds(1);
+    let got: Vec<AlertId> = service
+        .escalate_due(due)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(got, vec![a.id], "{name}");
+}
+
+#[tokio::test]
+async fn future_dated_signals_neither_date_nor_end_an_alert() {
+    for (name, store) in stores().await {
+        future_signal_on(name, store).await;
+    }
 }

@@ -541,7 +541,17 @@ function alertItem(a, compact) {
   if (!compact) {
     const buttons = h("div", { class: "buttons" });
     if (a.state === "open") buttons.append(h("button", { class: "primary ack", onclick: () => acknowledge(a.id) }, "Acknowledge"));
-    if (a.state !== "resolved") buttons.append(h("button", { class: "resolve", onclick: () => openResolve(a.id) }, "Resolve"));
+    if (a.state !== "resolved") {
+      // A live condition cannot be resolved (the server refuses it: it would silence the
+      // condition); say so instead of offering a button that fails.
+      const live = !a.ended_at || new Date(a.ended_at) < new Date(a.last_seen_at);
+      if (live) {
+        buttons.append(h("span", { class: "muted live-note", title: "Resolving would silence a condition that is still going on. Acknowledge it; resolve it once the device shows the condition ended." },
+          "Condition ongoing: resolve once it ends"));
+      } else {
+        buttons.append(h("button", { class: "resolve", onclick: () => openResolve(a.id) }, "Resolve"));
+      }
+    }
     buttons.append(h("button", { class: "link", onclick: () => openSubject(a.subject_id) }, "Subject"));
     li.append(buttons);
   }

@@ -631,7 +631,7 @@ async fn resolve_requires_code_and_note_for_other() {
     let alert = app
         .alerts
         .handle(Signal::new(
-            AlertKind::LowBattery,
+            AlertKind::StrapTamper,
             Phase::Started,
             app.subject_a,
             chrono::Utc::now(),
@@ -641,6 +641,27 @@ async fn resolve_requires_code_and_note_for_other() {
         .expect("alert raised");
     let a = app.login("officer.a").await;
     let path = format!("/api/alerts/{}/resolve", alert.id);
+    // The strap is still open: resolving would silence it.
+    let live = a
+        .post(&path, Some(json!({"code": "subject_contacted"})))
+        .await;
+    assert_eq!(live.status, StatusCode::CONFLICT, "{}", live.text);
+    assert!(
+        live.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("strap is still reported open")),
+        "{}",
+        live.text
+    );
+    app.alerts
+        .handle(Signal::new(
+            AlertKind::StrapTamper,
+            Phase::Ended,
+            app.subject_a,
+            chrono::Utc::now(),
+        ))
+        .await
+        .expect("handle end");
     let r = a.post(&path, Some(json!({"code": ""}))).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.json()["errors"]["code"].is_string());
@@ -655,12 +676,12 @@ async fn resolve_requires_code_and_note_for_other() {
     let r = a
         .post(
             &path,
-            Some(json!({"code": "subject_contacted", "note": "Phoned; charging now"})),
+            Some(json!({"code": "subject_contacted", "note": "Phoned; strap refitted"})),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json()["state"], "resolved");
-    assert_eq!(r.json()["resolution_note"], "Phoned; charging now");
+    assert_eq!(r.json()["resolution_note"], "Phoned; strap refitted");
     let again = a
         .post(&path, Some(json!({"code": "subject_contacted"})))
         .await;

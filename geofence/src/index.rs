@@ -5,7 +5,7 @@ use crate::geometry::{BBox, CompiledGeometry};
 use crate::schedule::CompiledSchedule;
 use crate::GeofenceError;
 use chrono::{DateTime, Duration, Utc};
-use em_model::{DeviceId, Position, SubjectId, ZoneId, ZoneKind, ZoneSpec};
+use em_model::{DeviceId, Record, SubjectId, ZoneId, ZoneKind, ZoneSpec};
 use rstar::{RStarInsertionStrategy, RTree, RTreeObject, RTreeParams, AABB};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeSet;
@@ -505,17 +505,23 @@ impl ZoneIndex {
     /// device). Needs only `&self`, so it works under a read guard. Returns the subjects
     /// whose dynamic zones follow this device, sorted; the pipeline then calls
     /// [`crate::SubjectMonitor::on_dynamic_update`] for each of them in its worker.
-    /// Invalid or non-finite positions and positions older than the stored one are
-    /// ignored (empty result).
-    pub fn update_dynamic(
-        &self,
-        device_id: &str,
-        position: &Position,
-        at: DateTime<Utc>,
-    ) -> Vec<SubjectId> {
+    ///
+    /// Ignored (empty result): records without a valid, finite position; records whose device
+    /// time is not trusted ([`Record::time_trusted`]: one fix dated 2099 must not become the
+    /// victim's position for good); and positions not newer than the stored one (a repeated
+    /// or buffered old fix does not move the zone back).
+    pub fn update_dynamic(&self, record: &Record) -> Vec<SubjectId> {
+        let device_id = record.device_id.as_str();
         let Some(zone_ids) = self.dynamic_by_device.get(device_id) else {
             return Vec::new();
         };
+        let Some(position) = record.position.as_ref() else {
+            return Vec::new();
+        };
+        if !record.time_trusted() {
+            return Vec::new();
+        }
+        let at = record.device_time;
         let usable = position.valid
             && position.lat.is_finite()
             && position.lon.is_finite()
@@ -526,7 +532,7 @@ impl ZoneIndex {
         }
         {
             let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
-            if peers.get(device_id).is_some_and(|p| p.at > at) {
+            if peers.get(device_id).is_some_and(|p| p.at >= at) {
                 return Vec::new();
             }
             let accuracy_m = position

@@ -28,7 +28,7 @@ pub use geometry::{haversine_m, CompiledGeometry};
 pub use index::{SharedZoneIndex, Zone, ZoneIndex, ZoneMatch};
 pub use monitor::{
     ComplianceEvent, ComplianceEventKind, EndReason, EvidenceFix, EvidenceSource, SubjectMonitor,
-    ASSUMED_ACCURACY_M, MAX_CLOCK_SKEW_SECS, MAX_EVIDENCE,
+    ASSUMED_ACCURACY_M, MAX_EVIDENCE,
 };
 pub use schedule::{active_intervals, parse_timezone, CompiledSchedule, ScheduleState};
 

@@ -40,9 +40,13 @@
 //!
 //! # Time
 //!
-//! Record time is `device_time`, unless it is more than [`MAX_CLOCK_SKEW_SECS`] after
-//! `received_time` (then `received_time`). Records older than the latest record already
-//! processed are ignored (the state machine only moves forward).
+//! Record time is `device_time`. A record whose device time the time policy does not trust
+//! ([`Record::time_trusted`]: far in the future or far in the past of its receive time) is
+//! ignored whole: it is stored, flagged, and raises a clock alert elsewhere, but it never moves
+//! this state machine (one fix dated 2099 would otherwise stop every later fix from being
+//! evaluated). Records not newer than the latest record already processed are ignored (the
+//! state machine only moves forward, and a re-sent fix does not count twice towards
+//! `consecutive_fixes`).
 
 use crate::geometry::{haversine_m, CompiledGeometry};
 use crate::index::{PeerFix, Zone, ZoneIndex};
@@ -60,8 +64,6 @@ use serde::{Deserialize, Serialize};
 pub const MAX_EVIDENCE: usize = 10;
 /// Accuracy assumed for a fix that reports none, metres.
 pub const ASSUMED_ACCURACY_M: f64 = 10.0;
-/// A device time this far after the receive time is not trusted, seconds.
-pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
 /// On a dynamic-zone update the subject's last fix is re-used only if at most this old, seconds.
 pub const DYNAMIC_REEVAL_MAX_AGE_SECS: i64 = 120;
 /// At most this many schedule transitions are replayed in one step (then jump to now).
@@ -474,13 +476,11 @@ impl SubjectMonitor {
         record: &Record,
     ) -> Vec<ComplianceEvent> {
         let mut events = Vec::new();
-        let skew = Duration::seconds(MAX_CLOCK_SKEW_SECS);
-        let t_rec = if record.device_time > record.received_time + skew {
-            record.received_time
-        } else {
-            record.device_time
-        };
-        if self.last_record_at.is_some_and(|l| t_rec < l) {
+        if !record.time_trusted() {
+            return events;
+        }
+        let t_rec = record.device_time;
+        if self.last_record_at.is_some_and(|l| t_rec <= l) {
             return events;
         }
         self.last_record_at = Some(t_rec);

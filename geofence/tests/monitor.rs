@@ -488,12 +488,14 @@ fn dynamic_exclusion_with_both_devices_moving() {
     let s = subject(1, "UTC");
     let mut m = SubjectMonitor::new(&s).unwrap();
     let t0 = utc(2024, 6, 3, 12, 0);
-    let pos = |p: [f64; 2]| fix("x", t0, p, 10.0).position.unwrap();
     let idx = shared.read();
     assert!(idx.is_dynamic_source("victim-phone"));
-    assert_eq!(idx.update_dynamic("victim-phone", &pos(HOME), t0), vec![1]);
+    assert_eq!(
+        idx.update_dynamic(&fix("victim-phone", t0, HOME, 10.0)),
+        vec![1]
+    );
     assert!(idx
-        .update_dynamic("someone-else", &pos(HOME), t0)
+        .update_dynamic(&fix("someone-else", t0, HOME, 10.0))
         .is_empty());
     // Offender 3 km away.
     let offender = offset(HOME, 3000.0, 0.0);
@@ -504,7 +506,8 @@ fn dynamic_exclusion_with_both_devices_moving() {
     let mut ev = Vec::new();
     for (i, north) in [2000.0, 2800.0, 2900.0, 2950.0].into_iter().enumerate() {
         let t = t0 + Duration::seconds(10 * (i as i64 + 1));
-        for subj in idx.update_dynamic("victim-phone", &pos(offset(HOME, north, 0.0)), t) {
+        let victim = fix("victim-phone", t, offset(HOME, north, 0.0), 10.0);
+        for subj in idx.update_dynamic(&victim) {
             assert_eq!(subj, 1);
             ev.extend(m.on_dynamic_update(&idx, &s, "victim-phone", t));
         }
@@ -638,4 +641,162 @@ fn walking_into_exclusion_zones_with_cached_candidates() {
         t += Duration::seconds(10);
     }
     assert_eq!(kinds(&ev), vec![K::BreachEnded, K::BreachEnded]);
+}
+
+/// A fix whose device says `device_time` but that the server received at `received`.
+fn fix_received(
+    device: &str,
+    device_time: DateTime<Utc>,
+    received: DateTime<Utc>,
+    p: [f64; 2],
+) -> Record {
+    let mut r = fix(device, device_time, p, 10.0);
+    r.received_time = received;
+    r
+}
+
+fn victim_zone_index() -> SharedZoneIndex {
+    let shared = SharedZoneIndex::new(ZoneIndex::new());
+    shared
+        .write()
+        .upsert(&ZoneSpec {
+            id: 50,
+            subject_id: Some(1),
+            group: None,
+            name: "victim".into(),
+            kind: ZoneKind::Exclusion,
+            geometry: ZoneGeometry::Dynamic {
+                device_id: "victim-phone".into(),
+                radius_m: 500.0,
+            },
+            schedule: None,
+            is_curfew_home: false,
+        })
+        .unwrap();
+    shared
+}
+
+#[test]
+fn a_future_dated_victim_fix_neither_becomes_the_zone_nor_jumps_the_offender_clock() {
+    let shared = victim_zone_index();
+    let s = subject(1, "UTC");
+    let mut m = SubjectMonitor::new(&s).unwrap();
+    let t0 = utc(2026, 11, 30, 12, 0);
+    let idx = shared.read();
+    // The victim's tag sends one fix dated 2099, received now, far from where she is.
+    let forged = fix_received(
+        "victim-phone",
+        utc(2099, 1, 1, 0, 0),
+        t0,
+        offset(HOME, -9000.0, 0.0),
+    );
+    assert!(
+        idx.update_dynamic(&forged).is_empty(),
+        "a future fix moves no dynamic zone"
+    );
+    // Nor a fix from far in the past (GPS week roll-over).
+    let rolled = fix_received(
+        "victim-phone",
+        utc(2006, 4, 16, 12, 0),
+        t0,
+        offset(HOME, -9000.0, 0.0),
+    );
+    assert!(
+        idx.update_dynamic(&rolled).is_empty(),
+        "a far-past fix moves no dynamic zone"
+    );
+    assert!(idx.peer_position("victim-phone", t0).is_none());
+    // Her real fixes still move the zone, and the offender walking up to her is caught.
+    let offender = offset(HOME, 100.0, 0.0);
+    let mut ev = Vec::new();
+    for i in 0..4 {
+        let t = t0 + Duration::seconds(10 * (i + 1));
+        let victim = fix("victim-phone", t, HOME, 10.0);
+        for subj in idx.update_dynamic(&victim) {
+            assert_eq!(subj, 1);
+            ev.extend(m.on_dynamic_update(&idx, &s, "victim-phone", t));
+        }
+        ev.extend(m.on_record(
+            &idx,
+            &s,
+            &fix("tag", t + Duration::seconds(1), offender, 10.0),
+        ));
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachStarted]);
+    assert!(
+        ev[0].started_at < t0 + Duration::seconds(60),
+        "evaluated in 2026, not 2099"
+    );
+}
+
+#[test]
+fn untrusted_device_times_never_move_the_monitor() {
+    let mut idx = ZoneIndex::new();
+    idx.upsert(&home_zone(1, 1, None)).unwrap();
+    let s = subject(1, "UTC");
+    let mut m = SubjectMonitor::new(&s).unwrap();
+    let t0 = utc(2026, 11, 30, 12, 0);
+    let far = offset(HOME, 2000.0, 0.0);
+    // Outside fixes dated in 2099 and in 2006 (received now): no breach from them ...
+    for i in 0..5 {
+        let recv = t0 + Duration::seconds(i);
+        assert!(m
+            .on_record(
+                &idx,
+                &s,
+                &fix_received(
+                    "tag",
+                    utc(2099, 1, 1, 0, 0) + Duration::seconds(i),
+                    recv,
+                    far
+                )
+            )
+            .is_empty());
+        assert!(m
+            .on_record(
+                &idx,
+                &s,
+                &fix_received(
+                    "tag",
+                    utc(2006, 4, 16, 0, 0) + Duration::seconds(i),
+                    recv,
+                    far
+                )
+            )
+            .is_empty());
+    }
+    // ... and the state did not jump: trusted fixes at t0 are still evaluated.
+    let mut ev = Vec::new();
+    for i in 1..=3 {
+        ev.extend(m.on_record(
+            &idx,
+            &s,
+            &fix("tag", t0 + Duration::seconds(10 * i), far, 5.0),
+        ));
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachStarted]);
+}
+
+#[test]
+fn a_resent_fix_counts_once_towards_consecutive_fixes() {
+    let mut idx = ZoneIndex::new();
+    idx.upsert(&home_zone(1, 1, None)).unwrap();
+    let s = subject(1, "UTC");
+    let mut m = SubjectMonitor::new(&s).unwrap();
+    let t0 = utc(2026, 11, 30, 12, 0);
+    let far = offset(HOME, 2000.0, 0.0);
+    // A device re-sends the same outside fix (no ACK seen, reconnects): one piece of evidence.
+    for _ in 0..5 {
+        assert!(m.on_record(&idx, &s, &fix("tag", t0, far, 5.0)).is_empty());
+    }
+    // Two more distinct fixes make three.
+    let mut ev = Vec::new();
+    for i in 1..=2 {
+        ev.extend(m.on_record(
+            &idx,
+            &s,
+            &fix("tag", t0 + Duration::seconds(5 * i), far, 5.0),
+        ));
+    }
+    assert_eq!(kinds(&ev), vec![K::BreachStarted]);
 }

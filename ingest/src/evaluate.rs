@@ -190,7 +190,7 @@ impl Evaluator {
     }
 
     async fn emit(&self, signal: Signal) {
-        m::alert_signal(signal.kind.as_str(), phase_str(signal.phase));
+        m::alert_signal(signal.kind.as_str(), signal.phase.as_str());
         self.ctx.alerts.send(signal).await;
     }
 
@@ -218,35 +218,30 @@ impl Evaluator {
 
     async fn on_stored(&mut self, rec: &StoredRecord) {
         let r = &rec.record;
-        // Dynamic zones following this device (victim protection).
-        if let Some(pos) = r.position.as_ref().filter(|p| p.valid) {
-            let affected = self
-                .ctx
-                .zones
-                .read()
-                .update_dynamic(&r.device_id, pos, r.device_time);
-            for subject_id in affected {
-                let Some(a) = self.owner_device(subject_id) else {
-                    continue;
-                };
-                if self.links.is_local(&a) {
-                    self.dynamic_update(subject_id, &r.device_id, r.device_time)
-                        .await;
-                } else {
-                    let sent = self.links.send(
-                        &a,
-                        Control::DynamicUpdate {
-                            subject_id,
-                            device_id: r.device_id.clone(),
-                            at: r.device_time,
-                        },
+        // Dynamic zones following this device (victim protection). The index ignores a record
+        // whose device time the policy does not trust, so `device_time` below is trusted.
+        let affected = self.ctx.zones.read().update_dynamic(r);
+        for subject_id in affected {
+            let Some(a) = self.owner_device(subject_id) else {
+                continue;
+            };
+            if self.links.is_local(&a) {
+                self.dynamic_update(subject_id, &r.device_id, r.device_time)
+                    .await;
+            } else {
+                let sent = self.links.send(
+                    &a,
+                    Control::DynamicUpdate {
+                        subject_id,
+                        device_id: r.device_id.clone(),
+                        at: r.device_time,
+                    },
+                );
+                if !sent {
+                    tracing::debug!(
+                        subject = subject_id,
+                        "dynamic-zone update dropped (queue full)"
                     );
-                    if !sent {
-                        tracing::debug!(
-                            subject = subject_id,
-                            "dynamic-zone update dropped (queue full)"
-                        );
-                    }
                 }
             }
         }
@@ -379,14 +374,6 @@ impl Evaluator {
         };
         let own = self.owner_device(subject_id);
         self.emit_compliance(events, own.as_deref()).await;
-    }
-}
-
-fn phase_str(p: Phase) -> &'static str {
-    match p {
-        Phase::Started => "started",
-        Phase::Ongoing => "ongoing",
-        Phase::Ended => "ended",
     }
 }
 

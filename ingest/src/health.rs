@@ -126,6 +126,9 @@ pub struct DeviceHealth {
     clock_wrong: bool,
     /// Server time from which the skew has been continuously above the threshold.
     skew_since: Option<DateTime<Utc>>,
+    /// Newest trusted device time of a record evaluated: an older (buffered, re-sent) or
+    /// untrusted record may raise a condition but never ends one or moves the battery state.
+    newest_device_time: Option<DateTime<Utc>>,
     /// Server time this device's last contact was last compared with the shared store
     /// (see [`DeviceHealth::store_check_due`]).
     store_checked_at: Option<DateTime<Utc>>,
@@ -197,10 +200,22 @@ impl DeviceHealth {
     }
 
     /// Evaluate one stored record.
+    ///
+    /// Device time orders the record only when the time policy trusts it
+    /// ([`Record::time_trusted`]) and it is not older than the newest record evaluated. Other
+    /// records (a clock years off, a re-sent or buffered old report) still raise what they
+    /// report — a tamper is never dropped — stamped with the server's receive time when the
+    /// device time is untrusted, but they end nothing and move no battery, charger, jamming or
+    /// home-unit state: one bad record must not close an open strap alert.
     pub fn on_record(&mut self, cfg: &HealthConfig, rec: &Record) -> Vec<HealthSignal> {
         let mut out = Vec::new();
         let now = rec.received_time;
-        let at = rec.device_time;
+        let trusted = rec.time_trusted();
+        let at = if trusted { rec.device_time } else { now };
+        let in_order = trusted && self.newest_device_time.is_none_or(|n| rec.device_time >= n);
+        if in_order {
+            self.newest_device_time = Some(rec.device_time);
+        }
 
         // Lost communication ends with any message.
         if self.lost_comm {
@@ -218,22 +233,23 @@ impl DeviceHealth {
             self.last_valid_fix = Some(now);
         }
 
-        if let Some(g) = rec.gsm_signal {
-            self.last_gsm = Some(g);
+        self.tamper_rules(rec, at, in_order, &mut out);
+        if in_order {
+            if let Some(g) = rec.gsm_signal {
+                self.last_gsm = Some(g);
+            }
+            if let Some(b) = rec.beacon_in_range {
+                self.at_home_unit = b;
+            }
+            if rec.events.contains(&DeviceEventKind::BeaconInRange) {
+                self.at_home_unit = true;
+            }
+            if rec.events.contains(&DeviceEventKind::BeaconOutOfRange) {
+                self.at_home_unit = false;
+            }
+            self.battery_rules(cfg, rec, &mut out);
+            self.jamming_on_record(cfg, rec, &mut out);
         }
-        if let Some(b) = rec.beacon_in_range {
-            self.at_home_unit = b;
-        }
-        if rec.events.contains(&DeviceEventKind::BeaconInRange) {
-            self.at_home_unit = true;
-        }
-        if rec.events.contains(&DeviceEventKind::BeaconOutOfRange) {
-            self.at_home_unit = false;
-        }
-
-        self.tamper_rules(rec, &mut out);
-        self.battery_rules(cfg, rec, &mut out);
-        self.jamming_on_record(cfg, rec, &mut out);
         self.clock_rule(cfg, rec, &mut out);
         self.charger_timer(cfg, now, at, &mut out);
         out
@@ -261,8 +277,14 @@ impl DeviceHealth {
         out
     }
 
-    fn tamper_rules(&mut self, rec: &Record, out: &mut Vec<HealthSignal>) {
-        let at = rec.device_time;
+    /// Strap and case: raised from any record at `at`; ended only by an in-order record.
+    fn tamper_rules(
+        &mut self,
+        rec: &Record,
+        at: DateTime<Utc>,
+        may_end: bool,
+        out: &mut Vec<HealthSignal>,
+    ) {
         for ev in &rec.events {
             let (flag, kind, phase) = match ev {
                 DeviceEventKind::StrapTamper => {
@@ -277,18 +299,24 @@ impl DeviceHealth {
                 }
                 _ => continue,
             };
-            let evidence = json!({"event": ev, "device_time": at, "position": rec.position});
+            let evidence = json!({
+                "event": ev,
+                "device_time": rec.device_time,
+                "received_time": rec.received_time,
+                "time_status": rec.time_status(),
+                "position": rec.position,
+            });
             match (phase, *flag) {
                 (true, false) => {
                     *flag = true;
                     out.push(signal(kind, HealthPhase::Started, at, evidence));
                 }
                 (true, true) => out.push(signal(kind, HealthPhase::Ongoing, at, evidence)),
-                (false, true) => {
+                (false, true) if may_end => {
                     *flag = false;
                     out.push(signal(kind, HealthPhase::Ended, at, evidence));
                 }
-                (false, false) => {}
+                (false, _) => {}
             }
         }
     }
@@ -483,10 +511,17 @@ impl DeviceHealth {
             "device_time": rec.device_time,
             "received_time": rec.received_time,
             "skew_secs": skew.num_seconds(),
+            "time_status": rec.time_status(),
         });
         if skewed {
             let since = *self.skew_since.get_or_insert(rec.received_time);
-            if !self.clock_wrong && rec.received_time - since >= secs(cfg.clock_skew_confirm_secs) {
+            // A time in the future beyond the policy is raised at once: its record moved no
+            // state, and whoever watches the subject must know why. (A far-past time may be a
+            // long buffered backlog: it must persist like any other skew.)
+            let refused = rec.time_status() == em_model::TimeStatus::Future;
+            if !self.clock_wrong
+                && (refused || rec.received_time - since >= secs(cfg.clock_skew_confirm_secs))
+            {
                 self.clock_wrong = true;
                 out.push(signal(
                     AlertKind::DeviceClockWrong,
@@ -808,5 +843,77 @@ mod tests {
         let err = cfg.validate().unwrap_err();
         assert!(err.contains("battery_dead_pct"), "{err}");
         assert!(HealthConfig::default().validate().is_ok());
+    }
+
+    /// A record the device dates `device_secs` after t0, received `recv_secs` after t0.
+    fn rec_dated(device: DateTime<Utc>, recv_secs: i64) -> Record {
+        let mut r = rec_at(recv_secs);
+        r.device_time = device;
+        r
+    }
+
+    #[test]
+    fn untrusted_or_old_records_raise_but_never_end_a_tamper() {
+        let cfg = HealthConfig::default();
+        let mut h = DeviceHealth::new();
+        let far_future = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
+        // A strap cut reported with a clock years ahead is raised, at the server's time.
+        let mut cut = rec_dated(far_future, 10);
+        cut.events = vec![DeviceEventKind::StrapTamper];
+        let s = h.on_record(&cfg, &cut);
+        assert!(kinds(&s).contains(&(AlertKind::StrapTamper, HealthPhase::Started)));
+        let started = s.iter().find(|x| x.kind == AlertKind::StrapTamper).unwrap();
+        assert_eq!(
+            started.at,
+            t0() + Duration::seconds(10),
+            "server time, not 2099"
+        );
+        assert!(
+            kinds(&s).contains(&(AlertKind::DeviceClockWrong, HealthPhase::Started)),
+            "a refused future time raises the clock alert at once"
+        );
+        // A "restored" dated in the future does not end it ...
+        let mut restored = rec_dated(far_future + Duration::seconds(5), 20);
+        restored.events = vec![DeviceEventKind::StrapRestored];
+        assert!(!kinds(&h.on_record(&cfg, &restored))
+            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+        // ... a live record at t0+30 moves the order on, and a re-sent older "restored"
+        // (device time t0+25, buffered) does not end it either ...
+        h.on_record(&cfg, &rec_at(30));
+        let mut old_restore = rec_dated(t0() + Duration::seconds(25), 40);
+        old_restore.events = vec![DeviceEventKind::StrapRestored];
+        assert!(!kinds(&h.on_record(&cfg, &old_restore))
+            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+        // ... only a trusted, in-order one does.
+        let mut live_restore = rec_at(50);
+        live_restore.events = vec![DeviceEventKind::StrapRestored];
+        assert!(kinds(&h.on_record(&cfg, &live_restore))
+            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+    }
+
+    #[test]
+    fn an_old_battery_report_does_not_move_the_battery_state() {
+        let cfg = HealthConfig::default();
+        let mut h = DeviceHealth::new();
+        let mut live = rec_at(100);
+        live.battery_pct = Some(80);
+        assert!(h.on_record(&cfg, &live).is_empty());
+        // A buffered report from before says 3 %: it is history, not the battery now.
+        let mut old = rec_dated(t0() + Duration::seconds(10), 110);
+        old.battery_pct = Some(3);
+        let s = h.on_record(&cfg, &old);
+        assert!(
+            !kinds(&s)
+                .iter()
+                .any(|(k, _)| matches!(k, AlertKind::LowBattery | AlertKind::BatteryDead)),
+            "{s:?}"
+        );
+        // Nor does a future-dated one.
+        let mut future = rec_dated(Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap(), 120);
+        future.battery_pct = Some(3);
+        let s = h.on_record(&cfg, &future);
+        assert!(!kinds(&s)
+            .iter()
+            .any(|(k, _)| matches!(k, AlertKind::LowBattery | AlertKind::BatteryDead)));
     }
 }

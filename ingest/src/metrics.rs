@@ -10,6 +10,7 @@
 //! | `em_decode_errors_total` | counter | protocol, reason |
 //! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`) |
 //! | `em_records_stored_total` | counter | protocol |
+//! | `em_records_untrusted_time_total` | counter | protocol, status (`future`, `far_past`): stored flagged, moved no state |
 //! | `em_queue_depth` | gauge | shard |
 //! | `em_alert_queue_depth` | gauge | lane |
 //! | `em_store_batch_seconds` | histogram | backend |
@@ -94,6 +95,12 @@ pub fn store_batch(elapsed: Duration, records: usize, backend: &'static str) {
 /// Time a pipeline worker spent in one phase (while it runs, its queue waits).
 pub fn worker_phase(phase: &'static str, elapsed: Duration) {
     histogram!("em_worker_phase_seconds", "phase" => phase).record(elapsed.as_secs_f64());
+}
+
+/// A record whose device time is outside the time policy (stored flagged, moves no state).
+pub fn untrusted_time(protocol: &'static str, status: &'static str) {
+    counter!("em_records_untrusted_time_total", "protocol" => protocol, "status" => status)
+        .increment(1);
 }
 
 pub fn store_error() {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use em_model::{Record, SubjectId};
+use em_model::{Record, SubjectId, TimePolicy, TimeStatus};
 use em_store::{Store, StoreError, StoredRecord};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -54,6 +54,11 @@ pub struct PipelineConfig {
     /// Tasks handling alert signals off the workers (ordered per subject; each signal is a
     /// database transaction, so a few lanes keep the database busy while workers go on).
     pub alert_lanes: usize,
+    /// Device-time policy ([`TimePolicy`]): a record dated more than this many seconds after
+    /// its receive time is stored flagged `future` and moves no state.
+    pub max_future_secs: i64,
+    /// ... and one dated more than this many seconds before it is stored flagged `far_past`.
+    pub max_past_secs: i64,
 }
 
 impl Default for PipelineConfig {
@@ -66,6 +71,8 @@ impl Default for PipelineConfig {
             tick_secs: 10,
             store_attempts: 4,
             alert_lanes: 4,
+            max_future_secs: TimePolicy::DEFAULT.max_future_secs,
+            max_past_secs: TimePolicy::DEFAULT.max_past_secs,
         }
     }
 }
@@ -93,7 +100,21 @@ impl PipelineConfig {
         if self.store_attempts == 0 {
             return Err("pipeline.store_attempts must be > 0".into());
         }
+        if !(0..=86_400).contains(&self.max_future_secs) {
+            return Err("pipeline.max_future_secs must be between 0 and 86400".into());
+        }
+        if !(60..=366 * 86_400).contains(&self.max_past_secs) {
+            return Err("pipeline.max_past_secs must be between 60 and 31622400".into());
+        }
         Ok(())
+    }
+
+    /// The device-time policy every record is classified with before it is stored.
+    pub fn time_policy(&self) -> TimePolicy {
+        TimePolicy {
+            max_future_secs: self.max_future_secs,
+            max_past_secs: self.max_past_secs,
+        }
     }
 
     /// Effective number of workers.
@@ -501,13 +522,25 @@ impl Worker {
         } = batch;
         let mut stored = Vec::with_capacity(records.len());
         let mut resolve_err = None;
-        for record in records {
+        let policy = self.cfg.time_policy();
+        for mut record in records {
+            // One time policy for every path: classified here, before the store, so the flag
+            // is stored with the record and every consumer (latest state, monitors, dynamic
+            // zones, device health, alert times) sees the same verdict.
+            record.time_status = policy.classify(record.device_time, record.received_time);
+            let trusted = record.time_status == TimeStatus::Trusted;
+            if !trusted {
+                m::untrusted_time(record.protocol.as_str(), record.time_status.as_str());
+            }
+            // Who wore the tag: at the device time when it can be trusted, else at the time
+            // the server received the record.
+            let at = if trusted {
+                record.device_time
+            } else {
+                record.received_time
+            };
             let subject = if resolve_err.is_none() {
-                match self
-                    .registry
-                    .subject_for(&record.device_id, record.device_time)
-                    .await
-                {
+                match self.registry.subject_for(&record.device_id, at).await {
                     Ok(s) => s,
                     Err(e) => {
                         resolve_err = Some(e.to_string());

@@ -147,9 +147,30 @@ pub struct Record {
     /// Whether the tag is in RF range of its home unit (None = not reported).
     pub beacon_in_range: Option<bool>,
     pub events: Vec<DeviceEventKind>,
+    /// How far the device time can be trusted, set by ingest from its [`TimePolicy`] before the
+    /// record is stored ([`TimeStatus::Unchecked`] until then; see [`Record::time_status`]).
+    #[serde(default, skip_serializing_if = "TimeStatus::is_unchecked")]
+    pub time_status: TimeStatus,
 }
 
 impl Record {
+    /// The record's time status: the one ingest set, or for a record that never went through
+    /// ingest the verdict of [`TimePolicy::DEFAULT`].
+    pub fn time_status(&self) -> TimeStatus {
+        match self.time_status {
+            TimeStatus::Unchecked => {
+                TimePolicy::DEFAULT.classify(self.device_time, self.received_time)
+            }
+            s => s,
+        }
+    }
+
+    /// Whether the device time may move state (monitors, dynamic zones, latest state, alert
+    /// times): see [`TimePolicy`].
+    pub fn time_trusted(&self) -> bool {
+        self.time_status() == TimeStatus::Trusted
+    }
+
     /// An empty record for `device_id` at `time`, to be filled in by a decoder.
     pub fn new(device_id: impl Into<DeviceId>, protocol: Protocol, time: DateTime<Utc>) -> Self {
         Record {
@@ -164,7 +185,87 @@ impl Record {
             gsm_signal: None,
             beacon_in_range: None,
             events: Vec::new(),
+            time_status: TimeStatus::Unchecked,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Device time
+// ---------------------------------------------------------------------------
+
+/// Where a record's device time stands against the server's receive time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeStatus {
+    /// Not classified yet (a decoder's output before ingest saw it).
+    #[default]
+    Unchecked,
+    /// Within the policy's bounds: the device time orders state changes.
+    Trusted,
+    /// Device time more than [`TimePolicy::max_future_secs`] after the receive time.
+    Future,
+    /// Device time more than [`TimePolicy::max_past_secs`] before the receive time.
+    FarPast,
+}
+
+impl TimeStatus {
+    pub fn is_unchecked(&self) -> bool {
+        *self == TimeStatus::Unchecked
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeStatus::Unchecked => "unchecked",
+            TimeStatus::Trusted => "trusted",
+            TimeStatus::Future => "future",
+            TimeStatus::FarPast => "far_past",
+        }
+    }
+}
+
+/// The one rule for device time, used everywhere a device time enters state.
+///
+/// A device clock can be years off (GPS week roll-over, a reset RTC, a forged frame). A record
+/// whose device time lies outside `[received - max_past, received + max_future]` is still
+/// stored, flagged with its [`TimeStatus`], but never moves a subject monitor, a dynamic
+/// (victim) zone, the latest state, or an alert's start or end time. Within the bounds the
+/// device time orders events (buffered uploads are placed where they happened); the receive
+/// time is the judge of the bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimePolicy {
+    /// A device time this far after the receive time is trusted, seconds (clock drift,
+    /// network delay). Beyond it: [`TimeStatus::Future`].
+    pub max_future_secs: i64,
+    /// A device time this far before the receive time is trusted, seconds (buffered uploads
+    /// after a coverage gap). Beyond it: [`TimeStatus::FarPast`].
+    pub max_past_secs: i64,
+}
+
+impl TimePolicy {
+    /// 5 minutes ahead, 7 days behind.
+    pub const DEFAULT: TimePolicy = TimePolicy {
+        max_future_secs: 300,
+        max_past_secs: 7 * 24 * 3600,
+    };
+
+    pub fn classify(&self, device_time: DateTime<Utc>, received_time: DateTime<Utc>) -> TimeStatus {
+        let ahead = device_time
+            .signed_duration_since(received_time)
+            .num_seconds();
+        if ahead > self.max_future_secs {
+            TimeStatus::Future
+        } else if ahead < -self.max_past_secs {
+            TimeStatus::FarPast
+        } else {
+            TimeStatus::Trusted
+        }
+    }
+}
+
+impl Default for TimePolicy {
+    fn default() -> Self {
+        TimePolicy::DEFAULT
     }
 }
 

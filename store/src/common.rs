@@ -95,6 +95,15 @@ pub(crate) struct RecordExtra {
     pub gsm_signal: Option<u8>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<DeviceEventKind>,
+    /// Set only for a record whose device time is not trusted (see [`em_model::TimePolicy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_status: Option<TimeStatus>,
+}
+
+/// The time flag a record is stored with: its [`TimeStatus`] when that is `Future` or
+/// `FarPast`, nothing for a trusted (or not yet classified) record.
+pub(crate) fn stored_time_flag(r: &Record) -> Option<TimeStatus> {
+    matches!(r.time_status, TimeStatus::Future | TimeStatus::FarPast).then_some(r.time_status)
 }
 
 impl RecordExtra {
@@ -106,6 +115,7 @@ impl RecordExtra {
             source: r.position.map(|p| p.source),
             gsm_signal: r.gsm_signal,
             events: r.events.clone(),
+            time_status: stored_time_flag(r),
         }
     }
 }
@@ -200,6 +210,7 @@ pub(crate) fn record_from_parts(
         gsm_signal: extra.gsm_signal,
         beacon_in_range,
         events: extra.events,
+        time_status: extra.time_status.unwrap_or_default(),
     })
 }
 
@@ -221,7 +232,9 @@ pub(crate) struct LatestDelta {
 }
 
 /// Folds a batch into one delta per subject. Records without subject are not part of any
-/// subject's state.
+/// subject's state. A record whose device time is not trusted ([`Record::time_trusted`])
+/// counts as contact (server time) but moves no position or status: one record dated 2099
+/// must not freeze the subject's latest position.
 pub(crate) fn fold_latest(records: &[StoredRecord]) -> Vec<LatestDelta> {
     let mut sorted: Vec<&StoredRecord> =
         records.iter().filter(|r| r.subject_id.is_some()).collect();
@@ -247,6 +260,9 @@ pub(crate) fn fold_latest(records: &[StoredRecord]) -> Vec<LatestDelta> {
         });
         d.device_id = r.device_id.clone();
         d.last_contact = d.last_contact.max(r.received_time);
+        if !r.time_trusted() {
+            continue;
+        }
         if let Some(p) = r.position {
             d.position = Some(p);
             d.position_time = Some(r.device_time);

@@ -526,6 +526,82 @@ async fn latest_state(s: Arc<dyn Store>) {
     assert!(s.latest_states(Some(&[])).await.expect("empty").is_empty());
 }
 
+/// A record whose device time the policy does not trust is stored with its flag and counts as
+/// contact, but moves neither the position nor the status of the latest state.
+async fn untrusted_time_is_flagged_and_moves_no_latest_state(s: Arc<dyn Store>) {
+    let t0 = base();
+    let mut good = rec("dev-u", t0, Some(1), Some(pos(55.0, 12.0)));
+    good.time_status = TimeStatus::Trusted;
+    good.battery_pct = Some(70);
+    s.insert_records(&[stored(Some(7), good)])
+        .await
+        .expect("good");
+    let year_2099 = "2099-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
+    let mut future = rec("dev-u", year_2099, Some(2), Some(pos(40.0, -3.0)));
+    future.received_time = t0 + Duration::seconds(30);
+    future.time_status = TimeStatus::Future;
+    future.battery_pct = Some(5);
+    future.events = vec![DeviceEventKind::StrapRestored];
+    let mut past = rec(
+        "dev-u",
+        t0 - Duration::days(7000),
+        Some(3),
+        Some(pos(41.0, -4.0)),
+    );
+    past.received_time = t0 + Duration::seconds(40);
+    past.time_status = TimeStatus::FarPast;
+    s.insert_records(&[stored(Some(7), future), stored(Some(7), past)])
+        .await
+        .expect("untrusted");
+    let st = &s.latest_states(Some(&[7])).await.expect("latest")[0];
+    assert_eq!(st.position, Some(pos(55.0, 12.0)));
+    assert_eq!(st.position_time, Some(t0));
+    assert_eq!(st.battery_pct, Some(70));
+    assert_eq!(st.strap_ok, None);
+    assert_eq!(
+        st.last_contact,
+        t0 + Duration::seconds(40),
+        "contact is server time"
+    );
+    // A later trusted fix still moves it (nothing was frozen in 2099).
+    let mut later = rec(
+        "dev-u",
+        t0 + Duration::minutes(5),
+        Some(4),
+        Some(pos(55.1, 12.1)),
+    );
+    later.time_status = TimeStatus::Trusted;
+    s.insert_records(&[stored(Some(7), later)])
+        .await
+        .expect("later");
+    let st = &s.latest_states(Some(&[7])).await.expect("latest")[0];
+    assert_eq!(st.position, Some(pos(55.1, 12.1)));
+    // The flags are stored with the records.
+    let mut flags: Vec<(i32, TimeStatus)> = s
+        .device_records("dev-u", 10)
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| (chrono::Datelike::year(&r.device_time), r.time_status))
+        .collect();
+    flags.sort_by_key(|f| f.0);
+    let this_year = chrono::Datelike::year(&t0);
+    assert!(flags.contains(&(2099, TimeStatus::Future)), "{flags:?}");
+    assert!(
+        flags
+            .iter()
+            .any(|f| f.1 == TimeStatus::FarPast && f.0 < this_year - 10),
+        "{flags:?}"
+    );
+    assert!(
+        flags
+            .iter()
+            .filter(|f| f.0 == this_year || f.0 == this_year - 1)
+            .all(|f| f.1 == TimeStatus::Unchecked),
+        "{flags:?}"
+    );
+}
+
 async fn alerts_fold_and_lifecycle(s: Arc<dyn Store>) {
     let t0 = base();
     let raised_from = server_now();
@@ -1293,6 +1369,7 @@ conformance!(
     assignment_history,
     records_idempotent_and_trail,
     latest_state,
+    untrusted_time_is_flagged_and_moves_no_latest_state,
     alerts_fold_and_lifecycle,
     alert_created_at_is_server_time,
     outbox,

@@ -198,10 +198,9 @@ fn encode_copy(records: &[StoredRecord]) -> Result<Vec<u8>> {
         row.i16(r.battery_pct.map(i16::from))?;
         row.bool(r.charging)?;
         row.bool(r.beacon_in_range)?;
-        if r.events.is_empty() {
-            row.jsonb(EMPTY_EXTRA)?;
-        } else {
-            row.jsonb(&events_json(&r.events)?)?;
+        match extra_json(r)? {
+            None => row.jsonb(EMPTY_EXTRA)?,
+            Some(extra) => row.jsonb(&extra)?,
         }
         row.f32(p.and_then(|p| p.course_deg))?;
         row.f32(p.and_then(|p| p.altitude_m))?;
@@ -213,9 +212,19 @@ fn encode_copy(records: &[StoredRecord]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn events_json(events: &[DeviceEventKind]) -> Result<String> {
-    serde_json::to_string(&EventsOnly { events })
-        .map_err(|e| StoreError::Invalid(format!("cannot encode device events: {e}")))
+/// `extra` of a record: its device events and, when its device time is not trusted, the
+/// time flag (same keys as [`crate::common::RecordExtra`]); None for the usual record.
+fn extra_json(r: &Record) -> Result<Option<String>> {
+    let time_status = stored_time_flag(r);
+    if r.events.is_empty() && time_status.is_none() {
+        return Ok(None);
+    }
+    serde_json::to_string(&EventsOnly {
+        events: &r.events,
+        time_status,
+    })
+    .map(Some)
+    .map_err(|e| StoreError::Invalid(format!("cannot encode device events: {e}")))
 }
 
 /// Position fields move together, when the batch's position is at least as new as the stored one.
@@ -329,7 +338,10 @@ pub(super) fn fix_source_from_str(s: &str) -> Result<FixSource> {
 /// `extra` of a record with device events (same key as the earlier `RecordExtra` JSON).
 #[derive(Serialize)]
 struct EventsOnly<'a> {
+    #[serde(skip_serializing_if = "<[DeviceEventKind]>::is_empty")]
     events: &'a [DeviceEventKind],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_status: Option<TimeStatus>,
 }
 
 /// The positions of one batch, one array per column.
@@ -399,11 +411,7 @@ impl<'a> FixColumns<'a> {
             c.battery.push(r.battery_pct.map(i16::from));
             c.charging.push(r.charging);
             c.beacon.push(r.beacon_in_range);
-            c.events.push(if r.events.is_empty() {
-                None
-            } else {
-                Some(events_json(&r.events)?)
-            });
+            c.events.push(extra_json(r)?);
             c.course.push(p.and_then(|p| p.course_deg));
             c.altitude.push(p.and_then(|p| p.altitude_m));
             c.satellites
