@@ -21,7 +21,7 @@ pub mod sqlite;
 pub mod testing;
 
 pub use common::{alert_idempotency_key, subject_ordering_key};
-pub use postgres::{PgStore, PositionsLayout};
+pub use postgres::{LayoutRequest, PgStore, PositionsLayout};
 pub use sqlite::SqliteStore;
 
 /// Opens the store at `url` and brings its schema up to date.

@@ -41,49 +41,74 @@ const POSITIONS_NATIVE_SQL: &str = include_str!("../sql/positions_native.sql");
 /// [`Store::apply_retention`] run by the operator may cut earlier).
 pub const TIMESCALE_RETENTION_DAYS: u32 = 400;
 
-/// TimescaleDB layout, one statement per step (continuous aggregates must not run inside a
-/// multi-statement implicit transaction).
-fn timescale_steps() -> Vec<String> {
-    vec![
-        "CREATE EXTENSION IF NOT EXISTS timescaledb".into(),
-        "CREATE TABLE IF NOT EXISTS positions (
-            device_id       TEXT NOT NULL,
-            device_time     TIMESTAMPTZ NOT NULL,
-            seq             BIGINT NOT NULL,
-            received_time   TIMESTAMPTZ NOT NULL,
-            subject_id      BIGINT,
-            protocol        TEXT NOT NULL,
-            lat             DOUBLE PRECISION,
-            lon             DOUBLE PRECISION,
-            accuracy_m      REAL,
-            speed_kmh       REAL,
-            valid           BOOLEAN,
-            battery_pct     SMALLINT,
-            charging        BOOLEAN,
-            beacon_in_range BOOLEAN,
-            extra           JSONB NOT NULL,
-            course_deg      REAL,
-            altitude_m      REAL,
-            satellites      SMALLINT,
-            fix_source      TEXT,
-            gsm_signal      SMALLINT,
-            CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq))"
-            .into(),
-        "SELECT create_hypertable('positions', 'device_time',
-            chunk_time_interval => INTERVAL '1 day', if_not_exists => TRUE)"
+/// What to say when TimescaleDB is installed on the server but not preloaded.
+pub const TIMESCALE_PRELOAD_HINT: &str = "add timescaledb to shared_preload_libraries in \
+     postgresql.conf (shared_preload_libraries = 'timescaledb') and restart PostgreSQL";
+
+/// Key (with [`ADVISORY_CLASS`]) of the database-wide lock around `CREATE EXTENSION`: the
+/// extension is per database, while stores (tests, tenants) start per schema concurrently.
+const EXTENSION_LOCK: i32 = 1;
+/// First key of the two-key advisory locks this store takes database-wide ("em" in ASCII).
+const ADVISORY_CLASS: i32 = 0x656d;
+
+/// The positions table of the TimescaleDB layout (same columns and key as the native one).
+const TIMESCALE_TABLE: &str = "CREATE TABLE IF NOT EXISTS positions (
+    device_id       TEXT NOT NULL,
+    device_time     TIMESTAMPTZ NOT NULL,
+    seq             BIGINT NOT NULL,
+    received_time   TIMESTAMPTZ NOT NULL,
+    subject_id      BIGINT,
+    protocol        TEXT NOT NULL,
+    lat             DOUBLE PRECISION,
+    lon             DOUBLE PRECISION,
+    accuracy_m      REAL,
+    speed_kmh       REAL,
+    valid           BOOLEAN,
+    battery_pct     SMALLINT,
+    charging        BOOLEAN,
+    beacon_in_range BOOLEAN,
+    extra           JSONB NOT NULL,
+    course_deg      REAL,
+    altitude_m      REAL,
+    satellites      SMALLINT,
+    fix_source      TEXT,
+    gsm_signal      SMALLINT,
+    CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq))";
+
+/// TimescaleDB layout of a schema whose extension is already created, one statement per step
+/// (a continuous aggregate cannot be created inside a multi-statement implicit transaction).
+/// Every step is idempotent; `compress` is false when compression is already configured (it
+/// is set once: 2.28 only notes that existing compressed chunks keep the old settings, older
+/// releases refuse the change once chunks are compressed).
+fn timescale_steps(compress: bool) -> Vec<String> {
+    let mut steps = vec![
+        TIMESCALE_TABLE.to_string(),
+        "SELECT create_hypertable('positions', by_range('device_time', INTERVAL '1 day'),
+            if_not_exists => TRUE)"
             .into(),
         "CREATE INDEX IF NOT EXISTS positions_subject_time ON positions (subject_id, device_time)"
             .into(),
-        "ALTER TABLE positions SET (timescaledb.compress,
-            timescaledb.compress_segmentby = 'device_id',
-            timescaledb.compress_orderby = 'device_time DESC, seq DESC')"
+    ];
+    if compress {
+        steps.push(
+            "ALTER TABLE positions SET (timescaledb.compress,
+                timescaledb.compress_segmentby = 'device_id',
+                timescaledb.compress_orderby = 'device_time DESC, seq DESC')"
+                .into(),
+        );
+    }
+    // Policies start one period from now, not at once: a store that has just been laid out
+    // (a restart, a test) is not compressed or trimmed under its first writes.
+    steps.extend([
+        "SELECT add_compression_policy('positions', compress_after => INTERVAL '7 days',
+            initial_start => now() + INTERVAL '12 hours', if_not_exists => TRUE)"
             .into(),
-        "SELECT add_compression_policy('positions', INTERVAL '7 days', if_not_exists => TRUE)".into(),
         format!(
-            "SELECT add_retention_policy('positions', INTERVAL '{TIMESCALE_RETENTION_DAYS} days', if_not_exists => TRUE)"
+            "SELECT add_retention_policy('positions', drop_after => INTERVAL '{TIMESCALE_RETENTION_DAYS} days',
+                initial_start => now() + INTERVAL '1 day', if_not_exists => TRUE)"
         ),
         "CREATE MATERIALIZED VIEW IF NOT EXISTS positions_hourly
-            WITH (timescaledb.continuous) AS
+            WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
             SELECT subject_id,
                    time_bucket(INTERVAL '1 hour', device_time) AS bucket,
                    count(*) AS records,
@@ -96,9 +121,11 @@ fn timescale_steps() -> Vec<String> {
             .into(),
         "SELECT add_continuous_aggregate_policy('positions_hourly',
             start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour',
-            schedule_interval => INTERVAL '30 minutes', if_not_exists => TRUE)"
+            schedule_interval => INTERVAL '30 minutes',
+            initial_start => now() + INTERVAL '30 minutes', if_not_exists => TRUE)"
             .into(),
-    ]
+    ]);
+    steps
 }
 
 /// How the positions table is laid out in this database.
@@ -108,6 +135,18 @@ pub enum PositionsLayout {
     Timescale,
     /// Native `PARTITION BY RANGE (device_time)`, monthly partitions plus a default partition.
     NativePartitions,
+}
+
+/// Which layout a new positions table should get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayoutRequest {
+    /// A hypertable when TimescaleDB is usable, native partitions otherwise (production).
+    #[default]
+    Auto,
+    /// Native partitions even when TimescaleDB is usable.
+    Native,
+    /// A hypertable, or an error saying why TimescaleDB cannot be used.
+    Timescale,
 }
 
 /// What a schema already has under the name `positions`.
@@ -120,22 +159,85 @@ pub enum ExistingPositions {
     Plain,
 }
 
+/// Whether TimescaleDB can be used by this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimescaleStatus {
+    /// The server has no `timescaledb` extension.
+    NotInstalled,
+    /// The extension is installed but its library is not in `shared_preload_libraries`:
+    /// `CREATE EXTENSION` would be FATAL and drop the connection.
+    NotPreloaded,
+    /// Installed and preloaded.
+    Usable,
+}
+
+/// Reads the status from what the server reports: whether `pg_available_extensions` lists
+/// `timescaledb`, and the `shared_preload_libraries` setting (a comma-separated list whose
+/// entries may be quoted or carry a path, e.g. `'$libdir/timescaledb-2.28.3'`).
+pub fn timescale_status(available: bool, shared_preload_libraries: &str) -> TimescaleStatus {
+    if !available {
+        return TimescaleStatus::NotInstalled;
+    }
+    let preloaded = shared_preload_libraries.split(',').any(|entry| {
+        let lib = entry.trim().trim_matches('"').trim();
+        let file = lib.rsplit('/').next().unwrap_or(lib);
+        file == "timescaledb" || file.starts_with("timescaledb-")
+    });
+    if preloaded {
+        TimescaleStatus::Usable
+    } else {
+        TimescaleStatus::NotPreloaded
+    }
+}
+
 /// The layout decision: an existing table keeps its layout (data is never converted behind
-/// the operator's back); a new one is a hypertable exactly when TimescaleDB is available.
+/// the operator's back); a new one follows the request, `Auto` being a hypertable exactly when
+/// TimescaleDB is usable. A hypertable needs a usable TimescaleDB.
 pub fn choose_positions_layout(
     existing: ExistingPositions,
-    timescale_available: bool,
+    timescale: TimescaleStatus,
+    request: LayoutRequest,
 ) -> Result<PositionsLayout> {
-    match existing {
-        ExistingPositions::Hypertable => Ok(PositionsLayout::Timescale),
-        ExistingPositions::Partitioned => Ok(PositionsLayout::NativePartitions),
-        ExistingPositions::Plain => Err(StoreError::Invalid(
+    let unusable = |why: &str| {
+        StoreError::Invalid(match timescale {
+            TimescaleStatus::NotPreloaded => {
+                format!("{why}, but TimescaleDB is not preloaded: {TIMESCALE_PRELOAD_HINT}")
+            }
+            _ => format!("{why}, but the server has no timescaledb extension"),
+        })
+    };
+    match (existing, request) {
+        (ExistingPositions::Plain, _) => Err(StoreError::Invalid(
             "table positions exists but is neither partitioned nor a TimescaleDB hypertable; \
              migrate it manually"
                 .into(),
         )),
-        ExistingPositions::Missing if timescale_available => Ok(PositionsLayout::Timescale),
-        ExistingPositions::Missing => Ok(PositionsLayout::NativePartitions),
+        (ExistingPositions::Hypertable, LayoutRequest::Native) => Err(StoreError::Invalid(
+            "native partitions were asked for, but positions is already a TimescaleDB hypertable"
+                .into(),
+        )),
+        (ExistingPositions::Partitioned, LayoutRequest::Timescale) => Err(StoreError::Invalid(
+            "a TimescaleDB hypertable was asked for, but positions is already natively partitioned"
+                .into(),
+        )),
+        (ExistingPositions::Partitioned, _) => Ok(PositionsLayout::NativePartitions),
+        (ExistingPositions::Hypertable, _) if timescale != TimescaleStatus::Usable => {
+            Err(unusable("positions is a TimescaleDB hypertable"))
+        }
+        (ExistingPositions::Hypertable, _) => Ok(PositionsLayout::Timescale),
+        (ExistingPositions::Missing, LayoutRequest::Native) => {
+            Ok(PositionsLayout::NativePartitions)
+        }
+        (ExistingPositions::Missing, LayoutRequest::Timescale)
+            if timescale != TimescaleStatus::Usable =>
+        {
+            Err(unusable("a TimescaleDB hypertable was asked for"))
+        }
+        (ExistingPositions::Missing, LayoutRequest::Timescale) => Ok(PositionsLayout::Timescale),
+        (ExistingPositions::Missing, LayoutRequest::Auto) => Ok(match timescale {
+            TimescaleStatus::Usable => PositionsLayout::Timescale,
+            _ => PositionsLayout::NativePartitions,
+        }),
     }
 }
 
@@ -192,7 +294,8 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` (default schema `public`), migrates, prepares the positions layout.
+    /// Connects to `url` (default schema `public`), migrates, prepares the positions layout
+    /// ([`LayoutRequest::Auto`]).
     pub async fn connect(url: &str) -> Result<Self> {
         let opts = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
@@ -200,12 +303,21 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        Self::init(pool).await
+        Self::init(pool, LayoutRequest::Auto).await
     }
 
     /// Connects with `search_path` set to `schema, public` on every connection (creating the
     /// schema when missing) — one database can hold many independent stores (tests, tenants).
     pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self> {
+        Self::connect_in_schema_with(url, schema, LayoutRequest::Auto).await
+    }
+
+    /// [`PgStore::connect_in_schema`] asking for a positions layout (tests run both).
+    pub async fn connect_in_schema_with(
+        url: &str,
+        schema: &str,
+        layout: LayoutRequest,
+    ) -> Result<Self> {
         validate_schema_name(schema)?;
         let base = PgConnectOptions::from_str(url)?;
         {
@@ -224,12 +336,12 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        Self::init(pool).await
+        Self::init(pool, layout).await
     }
 
-    async fn init(pool: PgPool) -> Result<Self> {
+    async fn init(pool: PgPool, request: LayoutRequest) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
-        let layout = Self::prepare_positions(&pool).await?;
+        let layout = Self::prepare_positions(&pool, request).await?;
         let store = PgStore {
             pool,
             layout,
@@ -249,7 +361,7 @@ impl PgStore {
         Ok(store)
     }
 
-    async fn prepare_positions(pool: &PgPool) -> Result<PositionsLayout> {
+    async fn prepare_positions(pool: &PgPool, request: LayoutRequest) -> Result<PositionsLayout> {
         let mut conn = pool.acquire().await?;
         // Serialise concurrent start-ups of the same schema.
         sqlx::query(
@@ -257,7 +369,7 @@ impl PgStore {
         )
         .execute(&mut *conn)
         .await?;
-        let res = Self::prepare_positions_locked(&mut conn).await;
+        let res = Self::prepare_positions_locked(&mut conn, request).await;
         sqlx::query(
             "SELECT pg_advisory_unlock(hashtext(current_schema() || '.em_positions_layout'))",
         )
@@ -266,17 +378,41 @@ impl PgStore {
         res
     }
 
-    async fn prepare_positions_locked(conn: &mut PgConnection) -> Result<PositionsLayout> {
-        let existing = Self::existing_positions(conn).await?;
-        let available: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+    /// What TimescaleDB offers this server, read without loading the extension (loading it
+    /// when it is not preloaded is FATAL and drops the connection).
+    async fn timescale_status(conn: &mut PgConnection) -> Result<TimescaleStatus> {
+        let (available, preload): (bool, String) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    current_setting('shared_preload_libraries')",
         )
         .fetch_one(&mut *conn)
         .await?;
-        let layout = choose_positions_layout(existing, available)?;
+        Ok(timescale_status(available, &preload))
+    }
+
+    async fn prepare_positions_locked(
+        conn: &mut PgConnection,
+        request: LayoutRequest,
+    ) -> Result<PositionsLayout> {
+        let timescale = Self::timescale_status(conn).await?;
+        let existing = Self::existing_positions(conn).await?;
+        let layout = choose_positions_layout(existing, timescale, request)?;
+        if existing == ExistingPositions::Missing
+            && layout == PositionsLayout::NativePartitions
+            && timescale == TimescaleStatus::NotPreloaded
+        {
+            tracing::warn!(
+                "the timescaledb extension is installed but not preloaded, so positions use \
+                 native partitions; for a hypertable, {TIMESCALE_PRELOAD_HINT} (an existing \
+                 positions table keeps its layout)"
+            );
+        }
         match layout {
             PositionsLayout::Timescale => {
-                for step in timescale_steps() {
+                Self::create_timescale_extension(conn).await?;
+                let compress = existing == ExistingPositions::Missing
+                    || !Self::compression_enabled(conn).await?;
+                for step in timescale_steps(compress) {
                     sqlx::raw_sql(&step).execute(&mut *conn).await?;
                 }
             }
@@ -288,6 +424,45 @@ impl PgStore {
         }
         fixes::ensure_position_columns(conn).await?;
         Ok(layout)
+    }
+
+    /// `CREATE EXTENSION timescaledb` once per database, in `public` (not in this store's
+    /// schema: dropping a schema must not drop the extension other schemas use). Stores of
+    /// several schemas starting at once take turns on a database-wide advisory lock.
+    async fn create_timescale_extension(conn: &mut PgConnection) -> Result<()> {
+        let installed = || {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+            )
+        };
+        if installed().fetch_one(&mut *conn).await? {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(ADVISORY_CLASS)
+            .bind(EXTENSION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let res = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS timescaledb WITH SCHEMA public")
+            .execute(&mut *conn)
+            .await;
+        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(ADVISORY_CLASS)
+            .bind(EXTENSION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        res?;
+        Ok(())
+    }
+
+    async fn compression_enabled(conn: &mut PgConnection) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(bool_or(compression_enabled), false)
+               FROM timescaledb_information.hypertables
+              WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions'",
+        )
+        .fetch_one(&mut *conn)
+        .await?)
     }
 
     async fn existing_positions(conn: &mut PgConnection) -> Result<ExistingPositions> {
@@ -302,14 +477,17 @@ impl PgStore {
             None => ExistingPositions::Missing,
             Some("p") => ExistingPositions::Partitioned,
             Some(_) => {
-                let hyper: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+                // TimescaleDB's catalog, read without calling into the extension (which must
+                // not be loaded when it is not preloaded).
+                let has_catalog: bool = sqlx::query_scalar(
+                    "SELECT to_regclass('_timescaledb_catalog.hypertable') IS NOT NULL",
                 )
                 .fetch_one(&mut *conn)
-                .await?
-                    && sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
-                           WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions')",
+                .await?;
+                let hyper = has_catalog
+                    && sqlx::query_scalar::<_, bool>(
+                        "SELECT EXISTS (SELECT 1 FROM _timescaledb_catalog.hypertable
+                           WHERE schema_name = current_schema() AND table_name = 'positions')",
                     )
                     .fetch_one(&mut *conn)
                     .await?;
@@ -1466,7 +1644,7 @@ impl Store for PgStore {
                         .bind(positions_before)
                         .fetch_one(&mut *tx)
                         .await?;
-                sqlx::query("SELECT drop_chunks('positions', older_than => $1)")
+                sqlx::query("SELECT drop_chunks('positions', older_than => $1::timestamptz)")
                     .bind(positions_before)
                     .execute(&mut *tx)
                     .await?;
@@ -1520,35 +1698,96 @@ mod tests {
     #[test]
     fn layout_decision() {
         use ExistingPositions::*;
+        use LayoutRequest::*;
+        use TimescaleStatus::*;
+        let choose = |e, t, r| choose_positions_layout(e, t, r);
+        // A new table: a hypertable exactly when TimescaleDB is usable (Auto).
         assert_eq!(
-            choose_positions_layout(Missing, true).expect("ts"),
+            choose(Missing, Usable, Auto).expect("ts"),
             PositionsLayout::Timescale
         );
         assert_eq!(
-            choose_positions_layout(Missing, false).expect("native"),
+            choose(Missing, NotInstalled, Auto).expect("native"),
             PositionsLayout::NativePartitions
         );
+        // Installed but not preloaded: CREATE EXTENSION would be FATAL; native partitions.
+        assert_eq!(
+            choose(Missing, NotPreloaded, Auto).expect("fallback"),
+            PositionsLayout::NativePartitions
+        );
+        // Asked for explicitly.
+        assert_eq!(
+            choose(Missing, Usable, Native).expect("native asked"),
+            PositionsLayout::NativePartitions
+        );
+        assert_eq!(
+            choose(Missing, Usable, Timescale).expect("ts asked"),
+            PositionsLayout::Timescale
+        );
+        for t in [NotInstalled, NotPreloaded] {
+            let Err(StoreError::Invalid(m)) = choose(Missing, t, Timescale) else {
+                panic!("a hypertable cannot be made without a usable TimescaleDB ({t:?})");
+            };
+            assert!(
+                m.contains("TimescaleDB") || m.contains("timescaledb"),
+                "{m}"
+            );
+        }
+        let Err(StoreError::Invalid(m)) = choose(Missing, NotPreloaded, Timescale) else {
+            panic!("not preloaded");
+        };
+        assert!(m.contains("shared_preload_libraries"), "{m}");
         // An existing table keeps its layout whatever is installed now.
+        for t in [Usable, NotInstalled, NotPreloaded] {
+            assert_eq!(
+                choose(Partitioned, t, Auto).expect("keep native"),
+                PositionsLayout::NativePartitions
+            );
+        }
         assert_eq!(
-            choose_positions_layout(Partitioned, true).expect("keep native"),
-            PositionsLayout::NativePartitions
-        );
-        assert_eq!(
-            choose_positions_layout(Hypertable, false).expect("keep ts"),
+            choose(Hypertable, Usable, Auto).expect("keep ts"),
             PositionsLayout::Timescale
         );
+        // …and an existing hypertable without a usable TimescaleDB is an error, not a crash.
+        let Err(StoreError::Invalid(m)) = choose(Hypertable, NotPreloaded, Auto) else {
+            panic!("hypertable without preload");
+        };
+        assert!(m.contains("shared_preload_libraries"), "{m}");
+        assert!(choose(Hypertable, NotInstalled, Auto).is_err());
+        // A request against the existing layout is an error, never a conversion.
+        assert!(choose(Hypertable, Usable, Native).is_err());
+        assert!(choose(Partitioned, Usable, Timescale).is_err());
         assert!(matches!(
-            choose_positions_layout(Plain, true),
+            choose(Plain, Usable, Auto),
             Err(StoreError::Invalid(_))
         ));
     }
 
     #[test]
+    fn timescale_preload_is_read_from_the_setting() {
+        use TimescaleStatus::*;
+        assert_eq!(timescale_status(false, "timescaledb"), NotInstalled);
+        assert_eq!(timescale_status(true, ""), NotPreloaded);
+        assert_eq!(timescale_status(true, "pg_stat_statements"), NotPreloaded);
+        assert_eq!(timescale_status(true, "timescaledb_toolkit"), NotPreloaded);
+        assert_eq!(timescale_status(true, "timescaledb"), Usable);
+        assert_eq!(
+            timescale_status(true, "pg_stat_statements, timescaledb"),
+            Usable
+        );
+        assert_eq!(timescale_status(true, "\"timescaledb\""), Usable);
+        assert_eq!(
+            timescale_status(true, "$libdir/timescaledb-2.28.3,auto_explain"),
+            Usable
+        );
+    }
+
+    #[test]
     fn timescale_steps_cover_policies() {
-        let all = timescale_steps().join("\n");
+        let all = timescale_steps(true).join("\n");
         for needle in [
-            "CREATE EXTENSION IF NOT EXISTS timescaledb",
             "create_hypertable",
+            "timescaledb.compress",
             "add_compression_policy",
             "add_retention_policy",
             "timescaledb.continuous",
@@ -1556,6 +1795,12 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle}");
         }
+        // The extension is created apart (once per database, in public), never per schema.
+        assert!(!all.contains("CREATE EXTENSION"));
+        // Compression is configured once, not again at every start.
+        assert!(!timescale_steps(false)
+            .join("\n")
+            .contains("timescaledb.compress,"));
     }
 
     #[test]

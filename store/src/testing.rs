@@ -7,6 +7,12 @@
 //!   after printing `SKIPPED: …` to stderr — or panics when `CI=true`.
 //! * [`postgres_store_with_schema`] / [`postgres_store_in_schema`] — to reconnect to the same
 //!   data (crash/restart tests).
+//! * [`postgres_store_with_layout`] — the same with the positions layout chosen: tests of the
+//!   PostgreSQL backend run on native partitions ([`LayoutRequest::Native`]) and on a
+//!   TimescaleDB hypertable ([`LayoutRequest::Timescale`]). Without a usable TimescaleDB
+//!   (extension installed and preloaded) a hypertable test prints `SKIPPED: …` and gets
+//!   `None` — or panics when `CI=true`. [`LayoutRequest::Auto`] (what production does, and what
+//!   [`postgres_store`] uses) is a hypertable exactly when TimescaleDB is usable.
 //!
 //! Test schemas are named `em_test_<pid>_<n>_<nanos>`; [`drop_test_schemas`] removes them.
 
@@ -16,7 +22,8 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 
-use crate::{redact_url, PgStore, SqliteStore, Store};
+use crate::postgres::{timescale_status, TimescaleStatus, TIMESCALE_PRELOAD_HINT};
+use crate::{redact_url, LayoutRequest, PgStore, SqliteStore, Store};
 
 /// Default PostgreSQL URL of the test machine.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -103,15 +110,75 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
 /// Like [`postgres_store`], also returning the schema name for a later
 /// [`postgres_store_in_schema`].
 pub async fn postgres_store_with_schema() -> Option<(Arc<dyn Store>, String)> {
+    postgres_store_with_layout(LayoutRequest::Auto).await
+}
+
+/// A fresh PostgreSQL store in its own new schema with the positions `layout` asked for, and
+/// the schema name. `None` (after a loud `SKIPPED:` line) when the server is unreachable, or
+/// when a hypertable is asked for and TimescaleDB is not usable; both panic under `CI=true`.
+pub async fn postgres_store_with_layout(layout: LayoutRequest) -> Option<(Arc<dyn Store>, String)> {
+    postgres_pg_store_with_layout(layout)
+        .await
+        .map(|(s, schema)| (Arc::new(s) as Arc<dyn Store>, schema))
+}
+
+/// The concrete [`PgStore`] of [`postgres_store_with_layout`].
+pub async fn postgres_pg_store_with_layout(layout: LayoutRequest) -> Option<(PgStore, String)> {
     let url = database_url();
     if !reachable(&url).await {
         return None;
     }
-    let schema = unique_schema_name();
-    match PgStore::connect_in_schema(&url, &schema).await {
-        Ok(s) => Some((Arc::new(s), schema)),
-        Err(e) => panic!("PostgreSQL store in schema {schema} failed: {e}"),
+    if layout == LayoutRequest::Timescale && !timescale_usable(&url).await {
+        return None;
     }
+    let schema = unique_schema_name();
+    match PgStore::connect_in_schema_with(&url, &schema, layout).await {
+        Ok(s) => Some((s, schema)),
+        Err(e) => panic!("PostgreSQL store ({layout:?}) in schema {schema} failed: {e}"),
+    }
+}
+
+/// Whether the server at `url` can hold hypertables; handles the skip/CI policy. Returns false
+/// to skip.
+async fn timescale_usable(url: &str) -> bool {
+    let status = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        let (available, preload): (bool, String) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    current_setting('shared_preload_libraries')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        pool.close().await;
+        Ok::<_, sqlx::Error>(timescale_status(available, &preload))
+    }
+    .await;
+    let msg = match status {
+        Ok(TimescaleStatus::Usable) => return true,
+        Ok(TimescaleStatus::NotInstalled) => format!(
+            "PostgreSQL at {} has no timescaledb extension (bash ../shared/timescaledb/install.sh \
+             builds it); hypertable test not run",
+            redact_url(url)
+        ),
+        Ok(TimescaleStatus::NotPreloaded) => format!(
+            "TimescaleDB is installed at {} but not preloaded ({TIMESCALE_PRELOAD_HINT}); \
+             hypertable test not run",
+            redact_url(url)
+        ),
+        Err(e) => format!(
+            "cannot read the TimescaleDB status of {} ({e})",
+            redact_url(url)
+        ),
+    };
+    if in_ci() {
+        panic!("CI=true and {msg}");
+    }
+    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    false
 }
 
 /// Reconnects to an existing (or new) schema, e.g. after dropping a store in a restart test.

@@ -1,5 +1,7 @@
 //! Backend-specific guarantees: the audit log rejects UPDATE/DELETE at the database level,
-//! data survives dropping and reopening a store (durability), the PostgreSQL positions layout.
+//! data survives dropping and reopening a store (durability), the PostgreSQL positions layouts
+//! (native partitions; TimescaleDB hypertable with compression, retention and a continuous
+//! aggregate).
 
 use chrono::{Duration, DurationRound, Utc};
 use em_model::*;
@@ -212,23 +214,9 @@ async fn postgres_data_survives_reconnect() {
 
 #[tokio::test]
 async fn postgres_native_partitions() {
-    let Some((_, schema)) = testing::postgres_store_with_schema().await else {
+    let Some((s, _)) = testing::postgres_pg_store_with_layout(LayoutRequest::Native).await else {
         return;
     };
-    let s = testing::postgres_pg_store_in_schema(&schema)
-        .await
-        .expect("reachable");
-    let ts_available: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
-    )
-    .fetch_one(s.pool())
-    .await
-    .expect("query");
-    if ts_available {
-        assert_eq!(s.layout(), PositionsLayout::Timescale);
-        assert_eq!(s.backend(), "timescaledb");
-        return;
-    }
     assert_eq!(s.layout(), PositionsLayout::NativePartitions);
     assert_eq!(s.backend(), "postgres");
     let parts = |pool: sqlx::PgPool| async move {
@@ -300,6 +288,201 @@ async fn postgres_native_partitions() {
     let left = parts(s.pool().clone()).await;
     assert!(!left.contains(&format!("positions_p{}", year_ago.format("%Y%m"))));
     assert!(!left.contains(&format!("positions_p{}", old.format("%Y%m"))));
+}
+
+async fn scalar_i64(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The TimescaleDB layout for real: hypertable, compression configured and applied, the three
+/// policies registered as jobs, the continuous aggregate refreshed, writes (including re-sent
+/// records) and reads on compressed chunks, retention through `drop_chunks`, a restart on a
+/// schema with compressed chunks, and a dropped schema leaving the shared extension alone.
+#[tokio::test]
+async fn timescale_hypertable() {
+    let Some((s, schema)) = testing::postgres_pg_store_with_layout(LayoutRequest::Timescale).await
+    else {
+        return;
+    };
+    assert_eq!(s.layout(), PositionsLayout::Timescale);
+    assert_eq!(s.backend(), "timescaledb");
+    let pool = s.pool().clone();
+    let ext_schema: String = sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+          WHERE e.extname = 'timescaledb'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("extension");
+    assert_eq!(
+        ext_schema, "public",
+        "the extension is per database, not per schema"
+    );
+    let compression: bool = sqlx::query_scalar(
+        "SELECT compression_enabled FROM timescaledb_information.hypertables
+          WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("hypertable");
+    assert!(compression);
+    let jobs: Vec<String> = sqlx::query_scalar(
+        "SELECT proc_name::text FROM timescaledb_information.jobs
+          WHERE hypertable_schema = current_schema()
+            AND hypertable_name IN ('positions', 'positions_hourly')
+          ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("jobs");
+    assert_eq!(
+        jobs,
+        vec![
+            "policy_compression",
+            "policy_refresh_continuous_aggregate",
+            "policy_retention"
+        ]
+    );
+
+    // Two hours of fixes ten days ago (its chunk is old enough to compress) and one now.
+    let subject = 7;
+    let old = Utc::now()
+        .duration_trunc(Duration::hours(1))
+        .expect("trunc")
+        - Duration::days(10);
+    let batch: Vec<StoredRecord> = (0..120)
+        .map(|i| {
+            let mut r = Record::new("dev-ts", Protocol::Em, old + Duration::minutes(i));
+            r.seq = Some(i as u64);
+            r.position = Some(Position {
+                lat: 55.0 + i as f64 / 1000.0,
+                lon: 12.0,
+                accuracy_m: None,
+                speed_kmh: None,
+                course_deg: None,
+                altitude_m: None,
+                satellites: None,
+                valid: true,
+                source: FixSource::Gnss,
+            });
+            StoredRecord {
+                subject_id: Some(subject),
+                record: r,
+            }
+        })
+        .collect();
+    s.insert_records(&batch).await.expect("insert");
+    s.insert_records(&[record("dev-ts", 0)]).await.expect("now");
+    let chunks = scalar_i64(
+        &pool,
+        "SELECT count(*) FROM timescaledb_information.chunks
+          WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions'",
+    )
+    .await;
+    assert!(chunks >= 2, "one chunk per day: {chunks}");
+
+    // The continuous aggregate: per subject and hour, the count and the last position.
+    sqlx::raw_sql("CALL refresh_continuous_aggregate('positions_hourly', NULL, NULL)")
+        .execute(&pool)
+        .await
+        .expect("refresh");
+    let hourly: Vec<(i64, f64)> = sqlx::query_as::<_, (i64, f64)>(
+        "SELECT records, last_lat FROM positions_hourly WHERE subject_id = $1 AND bucket < $2
+          ORDER BY bucket",
+    )
+    .bind(subject)
+    .bind(old + Duration::days(1))
+    .fetch_all(&pool)
+    .await
+    .expect("hourly");
+    let counts: Vec<i64> = hourly.iter().map(|h| h.0).collect();
+    assert_eq!(counts, vec![60, 60]);
+    assert!((hourly[0].1 - 55.059).abs() < 1e-9, "{hourly:?}");
+    assert!((hourly[1].1 - 55.119).abs() < 1e-9, "{hourly:?}");
+
+    // Compress the old chunk(s) as the policy will, then write and read through them.
+    let compressed = scalar_i64(
+        &pool,
+        "SELECT count(compress_chunk(c)) FROM show_chunks('positions', older_than => now() - INTERVAL '7 days') c",
+    )
+    .await;
+    assert!(compressed >= 1);
+    assert_eq!(
+        scalar_i64(
+            &pool,
+            "SELECT count(*) FROM timescaledb_information.chunks
+              WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions'
+                AND is_compressed"
+        )
+        .await,
+        compressed
+    );
+    assert_eq!(s.count_records("dev-ts").await.expect("count"), 121);
+    // A device re-sending old records: nothing doubled, nothing rejected.
+    s.insert_records(&batch[..10])
+        .await
+        .expect("re-send into compressed");
+    assert_eq!(s.count_records("dev-ts").await.expect("count"), 121);
+    let trail = s
+        .trail(subject, old, old + Duration::hours(3), 1000)
+        .await
+        .expect("trail");
+    assert_eq!(trail.len(), 120);
+    // A back-filled record into the compressed chunk.
+    let mut late = Record::new("dev-ts", Protocol::Em, old + Duration::seconds(30));
+    late.seq = Some(1000);
+    s.insert_records(&[StoredRecord {
+        subject_id: Some(subject),
+        record: late,
+    }])
+    .await
+    .expect("backfill into compressed");
+    assert_eq!(s.count_records("dev-ts").await.expect("count"), 122);
+
+    // A restart on a schema with compressed chunks re-runs the layout step without error.
+    drop(s);
+    let s = testing::postgres_pg_store_in_schema(&schema)
+        .await
+        .expect("reachable");
+    assert_eq!(s.layout(), PositionsLayout::Timescale);
+    assert_eq!(s.count_records("dev-ts").await.expect("count"), 122);
+
+    // Retention through drop_chunks (and row deletes in the chunk straddling the cut-off).
+    let report = s
+        .apply_retention(Utc::now() - Duration::days(5), None, None)
+        .await
+        .expect("retention");
+    assert_eq!(report.positions_deleted, 121);
+    assert_eq!(s.count_records("dev-ts").await.expect("count"), 1);
+    assert_eq!(
+        scalar_i64(
+            &pool,
+            "SELECT count(*) FROM timescaledb_information.chunks
+              WHERE hypertable_schema = current_schema() AND hypertable_name = 'positions'
+                AND range_end < now() - INTERVAL '5 days'"
+        )
+        .await,
+        0,
+        "old chunks dropped"
+    );
+
+    // The extension is shared by every schema of the database: dropping this one keeps it.
+    drop(s);
+    sqlx::raw_sql(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .expect("drop schema");
+    assert_eq!(
+        scalar_i64(
+            &pool,
+            "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test]

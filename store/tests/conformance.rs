@@ -1,6 +1,7 @@
 //! One conformance suite for every `Store` backend: each case is a generic async fn over
-//! `Arc<dyn Store>`, instantiated for SQLite (always) and PostgreSQL (fresh schema per test;
-//! skipped with a loud message when the server is unreachable, failing when `CI=true`).
+//! `Arc<dyn Store>`, instantiated for SQLite (always), PostgreSQL with natively partitioned
+//! positions and PostgreSQL with a TimescaleDB hypertable (fresh schema per test; skipped with
+//! a loud message when the server or TimescaleDB is missing, failing when `CI=true`).
 
 use std::sync::Arc;
 
@@ -1351,11 +1352,28 @@ macro_rules! conformance {
                 }
             )*
         }
+        /// PostgreSQL, positions natively partitioned.
         mod postgres {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    if let Some(s) = em_store::testing::postgres_store().await {
+                    let layout = em_store::LayoutRequest::Native;
+                    if let Some((s, _)) = em_store::testing::postgres_store_with_layout(layout).await {
+                        assert_eq!(s.backend(), "postgres");
+                        super::$name(s).await;
+                    }
+                }
+            )*
+        }
+        /// PostgreSQL, positions in a TimescaleDB hypertable (skipped without TimescaleDB,
+        /// failing under CI=true).
+        mod timescale {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let layout = em_store::LayoutRequest::Timescale;
+                    if let Some((s, _)) = em_store::testing::postgres_store_with_layout(layout).await {
+                        assert_eq!(s.backend(), "timescaledb");
                         super::$name(s).await;
                     }
                 }
