@@ -3,7 +3,7 @@
 //! errors that name the key.
 //!
 //! Without any file, [`Config::embedded`] is the newcomer's default: SQLite in `./data/em.db`,
-//! an in-process MQTT broker, device listeners on high ports of 127.0.0.1, the dashboard on
+//! the embedded MQTT endpoint, device listeners on high ports of 127.0.0.1, the dashboard on
 //! http://127.0.0.1:8080, and the demo data plus the fleet simulator.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -143,7 +143,7 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     /// Publish alert notices on `em/v1/alerts/...` through this broker.
     pub publish_alerts: bool,
-    /// In-process broker (rumqttd) for the embedded default.
+    /// The embedded MQTT endpoint (devices connect to `em` itself).
     pub broker: BrokerConfig,
 }
 
@@ -163,14 +163,21 @@ impl Default for MqttConfig {
     }
 }
 
-/// `[mqtt.broker]`
+/// `[mqtt.broker]`: the embedded MQTT endpoint (`crate::mqtt_server`). Devices connect with
+/// username = device id and password = their secret; a device's PUBACK follows the durable
+/// store. The feed user may subscribe (e.g. to the alert feed `em/v1/alerts/#`), not publish.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Run an MQTT broker inside this process (no authentication: for local use only).
+    /// Run the MQTT endpoint inside this process.
     pub enabled: bool,
     /// Its listen address.
     pub bind: SocketAddr,
+    /// Username of the feed user (service clients that subscribe).
+    pub feed_username: String,
+    /// Password of the feed user. Unset: no feed login, except with `demo.enabled`, where a
+    /// random one is made at start-up and printed with the demo logins.
+    pub feed_password: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -178,6 +185,8 @@ impl Default for BrokerConfig {
         BrokerConfig {
             enabled: false,
             bind: SocketAddr::from(([127, 0, 0, 1], 18830)),
+            feed_username: "em-feed".into(),
+            feed_password: None,
         }
     }
 }
@@ -324,6 +333,25 @@ impl MqttUrl {
             password,
         })
     }
+
+    /// Whether this URL names `addr` (same port; same IP, both loopback, `localhost`, or an
+    /// unspecified `addr`).
+    pub fn is_address(&self, addr: SocketAddr) -> bool {
+        if self.port != addr.port() {
+            return false;
+        }
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => {
+                ip == addr.ip()
+                    || addr.ip().is_unspecified()
+                    || (ip.is_loopback() && addr.ip().is_loopback())
+            }
+            Err(_) => {
+                self.host.eq_ignore_ascii_case("localhost")
+                    && (addr.ip().is_loopback() || addr.ip().is_unspecified())
+            }
+        }
+    }
 }
 
 /// Environment variables that override the file (name, what they set).
@@ -333,6 +361,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("EM_MQTT_URL", "mqtt.url"),
     ("EM_MQTT_SHARED_GROUP", "mqtt.shared_group"),
     ("EM_MQTT_CLIENT_ID", "mqtt.client_id"),
+    ("EM_MQTT_FEED_PASSWORD", "mqtt.broker.feed_password"),
     ("EM_DASHBOARD_BIND", "dashboard.bind"),
     ("EM_METRICS_BIND", "metrics.bind"),
     ("EM_LISTEN_ADDR", "listeners.bind"),
@@ -351,7 +380,10 @@ impl Config {
     pub fn embedded() -> Config {
         let mut c = Config::default();
         c.listeners.bind = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        c.mqtt.url = "mqtt://127.0.0.1:18830".into();
+        // Devices connect to the embedded endpoint, which stores before it acknowledges and
+        // publishes the alert feed itself: no external broker client.
+        c.mqtt.enabled = false;
+        c.mqtt.publish_alerts = false;
         c.mqtt.broker.enabled = true;
         c.demo.enabled = true;
         c.demo.simulate = true;
@@ -401,6 +433,9 @@ impl Config {
         }
         if let Some(v) = get("EM_MQTT_CLIENT_ID") {
             self.mqtt.client_id = v;
+        }
+        if let Some(v) = get("EM_MQTT_FEED_PASSWORD") {
+            self.mqtt.broker.feed_password = Some(v);
         }
         if let Some(v) = get("EM_DASHBOARD_BIND") {
             self.dashboard.bind = parse_env("EM_DASHBOARD_BIND", &v)?;
@@ -510,6 +545,27 @@ impl Config {
                 )));
             }
         }
+        let b = &self.mqtt.broker;
+        if b.enabled {
+            if b.feed_username.trim().is_empty() {
+                return Err(inv("mqtt.broker.feed_username must not be empty".into()));
+            }
+            if b.feed_password.as_deref().is_some_and(|p| p.len() < 12) {
+                return Err(inv(
+                    "mqtt.broker.feed_password must be at least 12 characters".into(),
+                ));
+            }
+            if (self.mqtt.enabled || self.mqtt.publish_alerts)
+                && MqttUrl::parse(&self.mqtt.url).is_ok_and(|u| u.is_address(b.bind))
+            {
+                return Err(inv(format!(
+                    "mqtt.url {} is the embedded MQTT endpoint (mqtt.broker.bind), which stores device \
+                     messages and publishes the alert feed itself: set mqtt.enabled = false and \
+                     mqtt.publish_alerts = false, or point mqtt.url at an external broker",
+                    redact_url(&self.mqtt.url)
+                )));
+            }
+        }
         if self.mqtt.keep_alive_secs < 5 {
             return Err(inv("mqtt.keep_alive_secs must be at least 5".into()));
         }
@@ -605,6 +661,8 @@ mod tests {
         let c = Config::embedded();
         c.validate().expect("embedded default is valid");
         assert!(c.mqtt.broker.enabled && c.demo.enabled);
+        // Devices' messages reach the pipeline through the endpoint, not a loop-back client.
+        assert!(!c.mqtt.enabled && !c.mqtt.publish_alerts);
         assert_eq!(c.database.url, "sqlite://./data/em.db");
     }
 
@@ -703,6 +761,26 @@ mod tests {
         assert!(MqttUrl::parse("mqtt://host:abc").is_err());
         assert!(MqttUrl::parse("ws://host").is_err());
         assert!(MqttUrl::parse("mqtt://").is_err());
+    }
+
+    #[test]
+    fn an_external_client_of_the_embedded_endpoint_is_refused() {
+        let mut c = Config::embedded();
+        c.mqtt.enabled = true;
+        c.mqtt.url = "mqtt://localhost:18830".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("embedded MQTT endpoint"), "{err}");
+        c.mqtt.url = "mqtt://broker.example:18830".into();
+        c.validate().expect("an external broker is fine");
+        c.mqtt.broker.feed_password = Some("short".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("feed_password"));
+        let u = MqttUrl::parse("mqtt://127.0.0.1:18830").unwrap();
+        assert!(u.is_address(SocketAddr::from(([0, 0, 0, 0], 18830))));
+        assert!(!u.is_address(SocketAddr::from(([127, 0, 0, 1], 1883))));
     }
 
     #[test]

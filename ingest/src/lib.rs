@@ -1,9 +1,8 @@
-//! `em-ingest` owns the running service: TCP listeners per device protocol and the MQTT
-//! subscriber, the device-sharded pipeline (decode → store → ACK → geofence → alerts),
+//! `em-ingest` owns the running service: TCP listeners per device protocol, the MQTT
+//! subscriber and the embedded MQTT endpoint, the device-sharded pipeline (decode → store → ACK → geofence → alerts),
 //! device-health monitoring, configuration, the embedded demo and the fleet simulator.
 
 pub mod alert_lanes;
-pub mod broker;
 pub mod config;
 pub mod demo;
 pub mod evaluate;
@@ -11,6 +10,7 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_server;
 pub mod osmand;
 pub mod pipeline;
 pub mod registry;

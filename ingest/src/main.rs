@@ -1,7 +1,7 @@
 //! `em` — the EM service binary.
 //!
 //! `em` / `em run [--config FILE]` runs the service (without a file: the embedded default with
-//! SQLite, an in-process MQTT broker, demo data and the fleet simulator);
+//! SQLite, the embedded MQTT endpoint, demo data and the fleet simulator);
 //! `em check-config FILE` validates a configuration file and exits.
 
 use std::path::PathBuf;
@@ -152,13 +152,7 @@ async fn signal_shutdown(token: CancellationToken) {
 }
 
 fn init_logging(cfg: &Config) {
-    let mut filter = cfg.log.filter.clone();
-    // The embedded broker logs every client disconnect as an error; its start-up failures
-    // are reported by em itself. Name `rumqttd` in the filter to see its logs.
-    if !filter.contains("rumqttd") {
-        filter.push_str(",rumqttd=off");
-    }
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if cfg.log.json {

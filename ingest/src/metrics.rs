@@ -8,7 +8,7 @@
 //! | `em_connections_refused_total` | counter | protocol, reason (`per_ip_limit`, `total_limit`) |
 //! | `em_frames_total` | counter | protocol |
 //! | `em_decode_errors_total` | counter | protocol, reason |
-//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`) |
+//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`; embedded MQTT endpoint also `no_secret`, `no_credentials`, `protocol_version`, `bad_client_id`, `foreign_topic`, `registry_unavailable`) |
 //! | `em_records_stored_total` | counter | protocol |
 //! | `em_records_untrusted_time_total` | counter | protocol, status (`future`, `far_past`): stored flagged, moved no state |
 //! | `em_queue_depth` | gauge | shard |
@@ -19,7 +19,8 @@
 //! | `em_store_errors_total` | counter | |
 //! | `em_fix_to_event_seconds` | histogram | |
 //! | `em_alert_signals_total` | counter | kind, phase |
-//! | `em_mqtt_messages_total` | counter | result |
+//! | `em_mqtt_messages_total` | counter | result (`accepted`, `malformed`, `oversized`, `rejected`, `store_failed`; embedded endpoint also `forbidden_topic`, `subscribe_refused`) |
+//! | `em_mqtt_deliveries_total` | counter | result (`sent`, `subscriber_lagging`): embedded endpoint to its subscribers |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -117,4 +118,8 @@ pub fn alert_signal(kind: &'static str, phase: &'static str) {
 
 pub fn mqtt_message(result: &'static str) {
     counter!("em_mqtt_messages_total", "result" => result).increment(1);
+}
+
+pub fn mqtt_delivery(result: &'static str) {
+    counter!("em_mqtt_deliveries_total", "result" => result).increment(1);
 }

@@ -2,7 +2,9 @@
 //!
 //! Subscribes with QoS 1 and MANUAL acknowledgements on a persistent session
 //! (`clean_session = false`): a message is PUBACKed only after its records are durably stored,
-//! so the broker keeps (and redelivers after a reconnect) everything not yet stored. With
+//! so the broker keeps (and redelivers after a reconnect) everything not yet stored. (The
+//! device's own PUBACK comes from the broker on receipt; the embedded endpoint,
+//! `crate::mqtt_server`, is the path that PUBACKs devices after the store.) With
 //! `shared_group` set the subscriptions are `$share/<group>/em/v1/...`, and the broker splits
 //! devices between several ingest instances.
 //!

@@ -1,5 +1,5 @@
 //! Wiring of the running service: store, registry, zone index, alert service, pipeline,
-//! listeners, MQTT, dashboard, background jobs, the embedded broker/demo/simulator — and the
+//! listeners, MQTT, dashboard, background jobs, the embedded MQTT endpoint/demo/simulator — and the
 //! orderly shutdown (stop accepting → let connections finish → drain the pipeline queues →
 //! stop background jobs → close the store).
 
@@ -32,6 +32,8 @@ pub struct BoundAddrs {
     pub teltonika: Option<SocketAddr>,
     pub h02: Option<SocketAddr>,
     pub osmand: Option<SocketAddr>,
+    /// The embedded MQTT endpoint.
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// A started service; [`Service::wait`] runs it until the shutdown token is cancelled.
@@ -246,9 +248,26 @@ impl Service {
                 format!("dashboard address {} is not available", cfg.dashboard.bind)
             })?;
         drop(dashboard_listener_check);
-        if cfg.mqtt.broker.enabled {
-            crate::broker::start(cfg.mqtt.broker.bind).await?;
+        let mqtt_endpoint = if cfg.mqtt.broker.enabled {
+            let bind = cfg.mqtt.broker.bind;
+            Some(
+                crate::mqtt_server::MqttEndpoint::bind(bind)
+                    .await
+                    .with_context(|| format!("binding the embedded MQTT endpoint to {bind}"))?,
+            )
+        } else {
+            None
+        };
+        // The feed user of the embedded endpoint; the demo makes one up when none is set.
+        let feed = match (&cfg.mqtt.broker.feed_password, &demo_plan) {
+            (Some(pw), _) => Some(pw.clone()),
+            (None, Some(_)) if cfg.mqtt.broker.enabled => Some(random_password(20)),
+            (None, _) => None,
         }
+        .map(|password| crate::mqtt_server::FeedLogin {
+            username: cfg.mqtt.broker.feed_username.clone(),
+            password,
+        });
 
         let mut addrs = BoundAddrs::default();
         if let Some(s) = gt06 {
@@ -289,6 +308,32 @@ impl Service {
                     tracing::error!(error = %e, "OsmAnd listener failed");
                 }
             });
+        }
+        if let Some(ep) = mqtt_endpoint {
+            addrs.mqtt = ep.local_addr().ok();
+            let settings = crate::mqtt_server::EndpointSettings {
+                login_timeout: Duration::from_secs(l.login_timeout_secs),
+                idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+                max_connections_per_ip: l.max_connections_per_ip,
+                max_connections: l.max_connections,
+                max_payload_bytes: cfg.mqtt.max_payload_bytes,
+                feed: feed.clone(),
+            };
+            if feed.is_none() {
+                tracing::info!("embedded MQTT endpoint: no feed user (mqtt.broker.feed_password unset); devices only");
+            }
+            bg.push(tokio::spawn(crate::mqtt_server::forward_alerts(
+                ep.router(),
+                alerts.subscribe(),
+                background.clone(),
+            )));
+            listeners_tracker.spawn(ep.serve(
+                settings,
+                pipeline.clone(),
+                registry.clone(),
+                connections.clone(),
+                shutdown.clone(),
+            ));
         }
         if cfg.mqtt.enabled || cfg.mqtt.publish_alerts {
             let (mcfg, p, r, a, s) = (
@@ -358,7 +403,18 @@ impl Service {
             let mut sim = crate::sim::SimConfig::from_demo(plan);
             sim.gt06 = addrs.gt06.map(loopback);
             sim.teltonika = addrs.teltonika.map(loopback);
-            if cfg.mqtt.enabled {
+            if let Some(a) = addrs.mqtt.map(loopback) {
+                // EM devices and the alert feed on the embedded endpoint.
+                let ep = crate::sim::MqttEndpoint {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                };
+                sim.mqtt = Some(ep.clone());
+                if let Some(f) = &feed {
+                    sim.alerts_mqtt = Some(ep);
+                    sim.alerts_mqtt_login = Some((f.username.clone(), f.password.clone()));
+                }
+            } else if cfg.mqtt.enabled {
                 if let Ok(u) = crate::config::MqttUrl::parse(&cfg.mqtt.url) {
                     sim.mqtt = Some(crate::sim::MqttEndpoint {
                         host: u.host,
@@ -378,6 +434,12 @@ impl Service {
                     Err(e) => tracing::error!(error = %e, "demo simulator failed"),
                 }
             });
+        }
+        if let (true, Some(a), Some(f)) = (cfg.demo.enabled, addrs.mqtt, &feed) {
+            println!(
+                "MQTT alert feed: mqtt://{a} topic em/v1/alerts/#  user {}  password {}",
+                f.username, f.password
+            );
         }
         if cfg.demo.enabled {
             println!(
@@ -444,6 +506,15 @@ impl Service {
         }
         tracing::info!("stopped");
     }
+}
+
+fn random_password(len: usize) -> String {
+    use rand::{distributions::Alphanumeric, Rng};
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 fn loopback(a: SocketAddr) -> SocketAddr {

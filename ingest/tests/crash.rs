@@ -354,3 +354,417 @@ async fn postgres_kill9_loses_no_acknowledged_fix() {
     };
     kill9_loses_no_acknowledged_fix(db, "postgres").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Over MQTT: the embedded endpoint (PUBACK after the store) and Mosquitto (PUBACK by the broker,
+// which keeps what em has not acknowledged in em's persistent session).
+// ---------------------------------------------------------------------------------------------
+
+const MQTT_DEVICES: usize = 4;
+
+fn mqtt_config_text(db: &TestDb, mqtt: &str) -> String {
+    let (url, schema) = match &db.backend {
+        Backend::Sqlite(dir) => (
+            format!("sqlite://{}", dir.path().join("em.db").display()),
+            String::new(),
+        ),
+        Backend::Postgres(s) => (database_url(), format!("schema = \"{s}\"\n")),
+    };
+    format!(
+        r#"
+[database]
+url = "{url}"
+{schema}
+[listeners]
+bind = "127.0.0.1"
+gt06_port = 0
+teltonika_port = 0
+h02_port = 0
+osmand_port = 0
+
+{mqtt}
+
+[pipeline]
+workers = 2
+batch_max_wait_ms = 2
+
+[metrics]
+enabled = false
+
+[dashboard]
+bind = "127.0.0.1:0"
+
+[retention]
+enabled = false
+
+[log]
+filter = "warn,em_ingest=info"
+"#
+    )
+}
+
+/// The address the embedded endpoint reported in the log (it was bound to port 0).
+async fn endpoint_addr_from_log(child: &mut Child, log: &Path) -> SocketAddr {
+    const MARK: &str = "embedded MQTT endpoint listening";
+    for _ in 0..300 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().rev().find(|l| l.contains(MARK)) {
+            let after = &line[line.find(MARK).unwrap_or(0)..];
+            if let Some(i) = after.find("127.0.0.1:") {
+                let port: String = after[i + 10..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                return SocketAddr::from(([127, 0, 0, 1], port.parse().expect("port")));
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("em exited early ({status}); log:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("em did not report its MQTT endpoint");
+}
+
+/// One EM device: connects (with its secret, if any), then publishes QoS 1 telemetry one
+/// message at a time, counting each PUBACK; reconnects while the server is down.
+async fn mqtt_device(
+    id: String,
+    secret: Option<String>,
+    addr: SocketAddr,
+    base: DateTime<Utc>,
+    pace: Duration,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    let topic = format!("em/v1/{id}/telemetry");
+    let mut n: u32 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let login = secret.as_deref().map(|s| (id.as_str(), s));
+        let mut c = match RawMqtt::connect(addr, &format!("{id}-c"), login).await {
+            Ok((c, rumqttc::ConnectReturnCode::Success)) => c,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut pkid: u16 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            pkid = pkid % 60_000 + 1;
+            let t = base + ChronoDuration::seconds(i64::from(n));
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+            let payload = em_telemetry(u64::from(n), t, 55.6 + f64::from(n % 100) * 1e-4, 12.5);
+            if c.publish(&topic, &payload, pkid).await.is_err() {
+                break;
+            }
+            match c.puback(pkid, Duration::from_secs(5)).await {
+                Ok(true) => tally.acked.lock().unwrap().push((id.clone(), t)),
+                _ => break,
+            }
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+        }
+    }
+}
+
+/// Acknowledged records of `devices` that are not in the store.
+async fn missing_acked(
+    db: &TestDb,
+    devices: &[String],
+    acked: &[(String, DateTime<Utc>)],
+) -> (usize, Vec<(String, DateTime<Utc>)>) {
+    let mut stored_total = 0;
+    let mut missing = Vec::new();
+    for id in devices {
+        let times: HashSet<DateTime<Utc>> = db
+            .store
+            .device_records(id, 1_000_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.position.is_some())
+            .map(|r| r.device_time)
+            .collect();
+        stored_total += times.len();
+        for (d, t) in acked.iter().filter(|(d, _)| d == id) {
+            if !times.contains(t) {
+                missing.push((d.clone(), *t));
+            }
+        }
+    }
+    (stored_total, missing)
+}
+
+async fn sigterm_and_wait(mut child: Child, log: &Path) {
+    let pid = child.id().to_string();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(st.success());
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "em exit status {status}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    panic!("em did not stop within 30 s of SIGTERM");
+}
+
+/// Embedded default: devices publish to em's own MQTT endpoint; em is killed with SIGKILL in
+/// the middle and restarted; every record a device got a PUBACK for is stored.
+async fn kill9_over_embedded_mqtt(db: TestDb, label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    for i in 0..MQTT_DEVICES {
+        let id = format!("em-crash-{label}-{i}");
+        register(
+            &*db.store,
+            &id,
+            Protocol::Em,
+            Some(&format!("{id}-secret-0123456789")),
+        )
+        .await;
+        devices.push(id);
+    }
+    let cfg_path = dir.path().join("em.toml");
+    let log = dir.path().join("em.log");
+    let section = |port: u16| {
+        format!(
+            "[mqtt]\nenabled = false\npublish_alerts = false\n\n[mqtt.broker]\nenabled = true\nbind = \"127.0.0.1:{port}\"\n"
+        )
+    };
+    std::fs::write(&cfg_path, mqtt_config_text(&db, &section(0))).unwrap();
+    let mut child = spawn_em(&cfg_path, &log);
+    let addr = endpoint_addr_from_log(&mut child, &log).await;
+    wait_listening(addr, &mut child, &log).await;
+    // The restart listens on the same port.
+    std::fs::write(&cfg_path, mqtt_config_text(&db, &section(addr.port()))).unwrap();
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = now_s() - ChronoDuration::days(1);
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|id| {
+            tokio::spawn(mqtt_device(
+                id.clone(),
+                Some(format!("{id}-secret-0123456789")),
+                addr,
+                base,
+                Duration::ZERO,
+                tally.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let acked_before_kill = tally.acked.lock().unwrap().len();
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let acked_at_kill = tally.acked.lock().unwrap().clone();
+    let (_, lost_at_kill) = missing_acked(&db, &devices, &acked_at_kill).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut child = spawn_em(&cfg_path, &log);
+    wait_listening(addr, &mut child, &log).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    sigterm_and_wait(child, &log).await;
+
+    let acked = tally.acked.lock().unwrap().clone();
+    let (stored_total, missing) = missing_acked(&db, &devices, &acked).await;
+    println!(
+        "MQTT CRASH TEST (embedded endpoint, {label}): records sent {}, PUBACKed {} ({acked_before_kill} before kill -9; {} of those not in the store right after the kill), stored {stored_total}, PUBACKed-but-missing {}",
+        tally.sent.load(Ordering::Relaxed),
+        acked.len(),
+        lost_at_kill.len(),
+        missing.len()
+    );
+    assert!(acked_before_kill > 0, "load before the kill");
+    assert!(
+        lost_at_kill.is_empty(),
+        "PUBACKed but not stored at the kill: {:?}",
+        &lost_at_kill[..lost_at_kill.len().min(10)]
+    );
+    assert!(
+        acked.len() > acked_before_kill,
+        "devices resumed after the restart"
+    );
+    assert!(
+        missing.is_empty(),
+        "PUBACKed records lost: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_kill9_over_embedded_mqtt_loses_no_acknowledged_record() {
+    kill9_over_embedded_mqtt(sqlite_db().await, "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_kill9_over_embedded_mqtt_loses_no_acknowledged_record() {
+    let Some(db) = postgres_db().await else {
+        return;
+    };
+    kill9_over_embedded_mqtt(db, "postgres").await;
+}
+
+/// Mosquitto: devices publish to Mosquitto, em subscribes on a persistent session with manual
+/// PUBACKs. em is killed with SIGKILL and restarted with the same client id; Mosquitto keeps
+/// (and redelivers) every message em had not acknowledged, so everything Mosquitto PUBACKed to
+/// a device ends up stored. (Mosquitto itself keeps running: what it holds for em is in its
+/// memory, see the README.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mosquitto_kill9_loses_no_acknowledged_record() {
+    let url = mqtt_url();
+    let u = em_ingest::config::MqttUrl::parse(&url).expect("MQTT_URL");
+    let Some(broker) = tokio::net::lookup_host((u.host.as_str(), u.port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        panic!("cannot resolve {url}");
+    };
+    if TcpStream::connect(broker).await.is_err() {
+        let msg = format!("MQTT broker not reachable at {url}; set MQTT_URL");
+        if in_ci() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED mosquitto_kill9_loses_no_acknowledged_record: {msg}");
+        return;
+    }
+    let db = sqlite_db().await;
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let mut devices = Vec::new();
+    for i in 0..MQTT_DEVICES {
+        let id = format!("em-crash-mosq-{run}-{i}");
+        register(&*db.store, &id, Protocol::Em, None).await;
+        devices.push(id);
+    }
+    let client_id = format!("em-crash-ingest-{run}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("em.toml");
+    let log = dir.path().join("em.log");
+    std::fs::write(
+        &cfg_path,
+        mqtt_config_text(
+            &db,
+            &format!(
+                "[mqtt]\nenabled = true\npublish_alerts = false\nurl = \"{url}\"\nclient_id = \"{client_id}\"\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_em(&cfg_path, &log);
+
+    // em's persistent session exists once it has subscribed: a probe record gets through.
+    let probe_dev = devices[0].clone();
+    let probe_time = now_s() - ChronoDuration::days(2);
+    let mut subscribed = false;
+    for _ in 0..60 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "em exited early ({status}); log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if let Ok((mut c, _)) = RawMqtt::connect(broker, &format!("{probe_dev}-probe"), None).await
+        {
+            let _ = c
+                .publish(
+                    &format!("em/v1/{probe_dev}/telemetry"),
+                    &em_telemetry(0, probe_time, 55.0, 12.0),
+                    1,
+                )
+                .await;
+            let _ = c.puback(1, Duration::from_secs(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if db.store.count_records(&probe_dev).await.unwrap_or(0) > 0 {
+            subscribed = true;
+            break;
+        }
+    }
+    assert!(subscribed, "em did not subscribe on Mosquitto");
+
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = now_s() - ChronoDuration::days(1);
+    // Paced: Mosquitto queues at most max_queued_messages (default 1000) for em while it is down.
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|id| {
+            tokio::spawn(mqtt_device(
+                id.clone(),
+                None,
+                broker,
+                base,
+                Duration::from_millis(25),
+                tally.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let acked_before_kill = tally.acked.lock().unwrap().len();
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let acked_at_kill = tally.acked.lock().unwrap().clone();
+    let (_, not_yet_stored) = missing_acked(&db, &devices, &acked_at_kill).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let child = spawn_em(&cfg_path, &log);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let acked = tally.acked.lock().unwrap().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (stored_total, missing) = loop {
+        let (stored, missing) = missing_acked(&db, &devices, &acked).await;
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break (stored, missing);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    sigterm_and_wait(child, &log).await;
+    // Leave no persistent session behind on the shared broker.
+    let _ = RawMqtt::connect(broker, &client_id, None).await;
+
+    println!(
+        "MQTT CRASH TEST (Mosquitto): records sent {}, PUBACKed by Mosquitto {} ({acked_before_kill} before kill -9; {} of those not yet stored at the kill, redelivered after the restart), stored {stored_total}, PUBACKed-but-missing {}",
+        tally.sent.load(Ordering::Relaxed),
+        acked.len(),
+        not_yet_stored.len(),
+        missing.len()
+    );
+    assert!(acked_before_kill > 0, "load before the kill");
+    assert!(acked.len() > acked_before_kill);
+    assert!(
+        missing.is_empty(),
+        "PUBACKed records lost: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+}

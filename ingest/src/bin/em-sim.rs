@@ -63,6 +63,18 @@ struct Args {
     /// Broker carrying the alert feed, when different from --mqtt.
     #[arg(long, value_name = "URL")]
     alerts_mqtt: Option<String>,
+    /// Username of the alert-feed subscriber (the embedded MQTT endpoint's feed user,
+    /// `mqtt.broker.feed_username`).
+    #[arg(long, value_name = "USER", requires = "alerts_password")]
+    alerts_username: Option<String>,
+    /// Password of the alert-feed subscriber (`mqtt.broker.feed_password`).
+    #[arg(
+        long,
+        env = "EM_SIM_ALERTS_PASSWORD",
+        hide_env_values = true,
+        requires = "alerts_username"
+    )]
+    alerts_password: Option<String>,
     /// Do not subscribe to the alert feed (measure send→ACK latency only).
     #[arg(long)]
     no_alert_feed: bool,
@@ -289,6 +301,10 @@ async fn build_config(args: &Args) -> anyhow::Result<SimConfig> {
             None => mqtt.clone(),
         }
     };
+    cfg.alerts_mqtt_login = args
+        .alerts_username
+        .clone()
+        .zip(args.alerts_password.clone());
     cfg.mqtt = mqtt;
     cfg.pacing = match (args.rate, args.interval) {
         (Some(r), _) => Pacing::TotalRate(r),

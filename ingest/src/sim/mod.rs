@@ -127,6 +127,8 @@ pub struct SimConfig {
     pub mqtt: Option<MqttEndpoint>,
     /// Broker carrying the alert feed for fix→alert latency (None = measure send→ACK only).
     pub alerts_mqtt: Option<MqttEndpoint>,
+    /// Username and password of the alert-feed subscriber (the embedded endpoint's feed user).
+    pub alerts_mqtt_login: Option<(String, String)>,
     pub devices: Vec<SimDevice>,
     pub pacing: Pacing,
     /// Stop after this long (None = until the token is cancelled; the CLI always sets one).
@@ -170,6 +172,7 @@ impl SimConfig {
             teltonika: None,
             mqtt: None,
             alerts_mqtt: None,
+            alerts_mqtt_login: None,
             devices,
             pacing: Pacing::Interval(Duration::from_secs(10)),
             duration: Some(Duration::from_secs(60)),
@@ -605,20 +608,24 @@ pub async fn run_with_stats(
             alert_feed_error = Some("no alert broker configured".to_string());
             None
         }
-        Some(ep) => match subscribe_alerts(&ep, ctx.cfg.ack_timeout).await {
-            Ok((client, eventloop)) => {
-                ctx.watch_alerts.store(true, Ordering::Relaxed);
-                stats.alert_feed_up.store(true, Ordering::Relaxed);
-                let ctx = ctx.clone();
-                let stop = watcher_stop.clone();
-                Some(tokio::spawn(watch_alerts(client, eventloop, ctx, stop)))
+        Some(ep) => {
+            match subscribe_alerts(&ep, ctx.cfg.alerts_mqtt_login.as_ref(), ctx.cfg.ack_timeout)
+                .await
+            {
+                Ok((client, eventloop)) => {
+                    ctx.watch_alerts.store(true, Ordering::Relaxed);
+                    stats.alert_feed_up.store(true, Ordering::Relaxed);
+                    let ctx = ctx.clone();
+                    let stop = watcher_stop.clone();
+                    Some(tokio::spawn(watch_alerts(client, eventloop, ctx, stop)))
+                }
+                Err(e) => {
+                    tracing::warn!(broker = %ep, error = %e, "alert feed unavailable; measuring send→ACK latency only");
+                    alert_feed_error = Some(format!("{ep}: {e}"));
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!(broker = %ep, error = %e, "alert feed unavailable; measuring send→ACK latency only");
-                alert_feed_error = Some(format!("{ep}: {e}"));
-                None
-            }
-        },
+        }
     };
 
     let n = ctx.cfg.devices.len();
@@ -967,6 +974,7 @@ async fn send_batch(
 /// Connect a subscriber to the alert feed; errors when the broker does not answer.
 async fn subscribe_alerts(
     ep: &MqttEndpoint,
+    login: Option<&(String, String)>,
     timeout: Duration,
 ) -> Result<(AsyncClient, rumqttc::EventLoop), String> {
     let id = format!(
@@ -977,6 +985,9 @@ async fn subscribe_alerts(
     let mut opts = MqttOptions::new(id, ep.host.clone(), ep.port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(256 * 1024, 16 * 1024);
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     eventloop
         .network_options

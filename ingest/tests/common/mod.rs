@@ -396,3 +396,118 @@ pub async fn alerts_of(store: &dyn Store, sid: i64) -> Vec<em_model::Alert> {
         .await
         .expect("list alerts")
 }
+
+/// A minimal MQTT 3.1.1 client on the `rumqttc` packet codec, for tests that must see exactly
+/// which packet the server sends when (CONNACK codes, each PUBACK).
+pub struct RawMqtt {
+    pub stream: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawMqtt {
+    /// Connects and sends CONNECT; returns the client and the CONNACK's return code.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+    ) -> std::io::Result<(RawMqtt, rumqttc::ConnectReturnCode)> {
+        let stream = TcpStream::connect(addr).await?;
+        let mut c = RawMqtt {
+            stream,
+            buf: bytes::BytesMut::new(),
+        };
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(client_id);
+        connect.keep_alive = 30;
+        if let Some((u, p)) = login {
+            connect.set_login(u, p);
+        }
+        c.send(|b| connect.write(b)).await?;
+        match c.next(Duration::from_secs(5)).await? {
+            Some(rumqttc::mqttbytes::v4::Packet::ConnAck(a)) => Ok((c, a.code)),
+            other => Err(std::io::Error::other(format!(
+                "expected CONNACK, got {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        encode: impl FnOnce(&mut bytes::BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
+    ) -> std::io::Result<()> {
+        let mut out = bytes::BytesMut::new();
+        encode(&mut out).map_err(std::io::Error::other)?;
+        self.stream.write_all(&out).await
+    }
+
+    /// Publishes `payload` on `topic` (QoS 1 with packet id `pkid`, or QoS 0 when it is 0).
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], pkid: u16) -> std::io::Result<()> {
+        use rumqttc::mqttbytes::{v4::Publish, QoS};
+        let qos = if pkid == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let mut p = Publish::new(topic, qos, payload.to_vec());
+        p.pkid = pkid;
+        self.send(|b| p.write(b)).await
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, pkid: u16) -> std::io::Result<()> {
+        let mut s = rumqttc::mqttbytes::v4::Subscribe::new(filter, rumqttc::QoS::AtLeastOnce);
+        s.pkid = pkid;
+        self.send(|b| s.write(b)).await
+    }
+
+    /// The next packet from the server; `Ok(None)` when none came within `t`, an error when
+    /// the server closed the connection.
+    pub async fn next(
+        &mut self,
+        t: Duration,
+    ) -> std::io::Result<Option<rumqttc::mqttbytes::v4::Packet>> {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            match rumqttc::mqttbytes::v4::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Ok(Some(p)),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(0)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed by the server",
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for the PUBACK of `pkid` (other packets are skipped); false on timeout.
+    pub async fn puback(&mut self, pkid: u16, t: Duration) -> std::io::Result<bool> {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await? {
+                None => return Ok(false),
+                Some(rumqttc::mqttbytes::v4::Packet::PubAck(a)) if a.pkid == pkid => {
+                    return Ok(true)
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// An EM telemetry payload (one report with a position).
+pub fn em_telemetry(seq: u64, time: DateTime<Utc>, lat: f64, lon: f64) -> Vec<u8> {
+    serde_json::json!({
+        "seq": seq,
+        "time": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "position": {"lat": lat, "lon": lon, "accuracy_m": 5.0}
+    })
+    .to_string()
+    .into_bytes()
+}
