@@ -1,7 +1,7 @@
 //! The input of the alert engine: a condition starting, continuing or ending.
 
 use chrono::{DateTime, Utc};
-use em_geofence::{haversine_m, ComplianceEvent, ComplianceEventKind, EvidenceFix, EvidenceSource};
+use em_geofence::{ComplianceEvent, ComplianceEventKind, EvidenceFix, EvidenceSource};
 use em_model::{AlertKind, DeviceId, SubjectId, ZoneId, ZoneKind};
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,21 @@ fn breach_kind(ev: &ComplianceEvent) -> AlertKind {
     }
 }
 
+/// The evidence entry with the protected person's coordinates removed (peer evidence carries
+/// distance and bearing only).
+fn without_victim_position(f: &EvidenceFix) -> EvidenceFix {
+    if f.source == EvidenceSource::PeerPosition {
+        EvidenceFix {
+            lat: None,
+            lon: None,
+            accuracy_m: None,
+            ..f.clone()
+        }
+    } else {
+        f.clone()
+    }
+}
+
 fn is_own_fix(f: &EvidenceFix) -> bool {
     !matches!(
         f.source,
@@ -110,6 +125,9 @@ fn compliance_evidence(ev: &ComplianceEvent, kind: AlertKind) -> serde_json::Val
         .iter()
         .filter(|f| is_own_fix(f) && f.lat.is_some() && f.lon.is_some())
         .max_by_key(|f| f.at);
+    // Victim data is its own class: whatever the engine handed over, the protected person's
+    // coordinates never enter an alert (stored, listed, streamed, published and sent to the OMS).
+    let fixes: Vec<EvidenceFix> = ev.evidence.iter().map(without_victim_position).collect();
     let mut doc = serde_json::json!({
         "source": "geofence",
         "compliance_event": ev.kind,
@@ -118,7 +136,7 @@ fn compliance_evidence(ev: &ComplianceEvent, kind: AlertKind) -> serde_json::Val
         "is_curfew": ev.is_curfew,
         "condition_started_at": ev.started_at,
         "decided_at": ev.at,
-        "fixes": ev.evidence,
+        "fixes": fixes,
     });
     let Some(obj) = doc.as_object_mut() else {
         return doc;
@@ -149,10 +167,12 @@ fn compliance_evidence(ev: &ComplianceEvent, kind: AlertKind) -> serde_json::Val
             .iter()
             .filter(|f| f.source == EvidenceSource::PeerPosition)
             .max_by_key(|f| f.at);
-        if let (Some(o), Some(p)) = (own, peer) {
-            if let (Some(olat), Some(olon), Some(plat), Some(plon)) = (o.lat, o.lon, p.lat, p.lon) {
-                let d = haversine_m([olon, olat], [plon, plat]);
-                put("distance_m", serde_json::json!((d * 10.0).round() / 10.0));
+        if let Some(p) = peer {
+            if let Some(d) = p.distance_m {
+                put("distance_m", serde_json::json!(d));
+            }
+            if let Some(b) = p.bearing_deg {
+                put("bearing_deg", serde_json::json!(b));
             }
         }
     } else if kind == AlertKind::NoFixDuringCurfew {
@@ -221,6 +241,7 @@ mod tests {
             lon: Some(lon),
             accuracy_m: Some(8.0),
             distance_m: d,
+            bearing_deg: None,
             device_id: None,
         }
     }
@@ -334,15 +355,28 @@ mod tests {
         ev.is_curfew = false;
         ev.dynamic_device_id = Some("victim-1".into());
         let t = ev.at;
+        // The engine's peer evidence: distance and bearing. Even if a victim position were
+        // handed over (older engine, bug), it must not reach the alert.
+        let mut peer = fix(t, EvidenceSource::PeerPosition, 55.677718, 12.5699, None);
+        peer.distance_m = Some(180.0);
+        peer.bearing_deg = Some(200.0);
+        peer.device_id = Some("victim-1".into());
         ev.evidence = vec![
             fix(t, EvidenceSource::Gnss, 55.6761, 12.5683, Some(-320.0)),
-            // ~180 m north of the subject.
-            fix(t, EvidenceSource::PeerPosition, 55.677718, 12.5683, None),
+            peer,
         ];
         let s = &signals_from_compliance(&ev)[0];
         assert_eq!(s.kind, AlertKind::VictimProximity);
-        let d = s.evidence["distance_m"].as_f64().unwrap();
-        assert!((d - 180.0).abs() < 2.0, "{d}");
+        assert_eq!(s.evidence["distance_m"], serde_json::json!(180.0));
+        assert_eq!(s.evidence["bearing_deg"], serde_json::json!(200.0));
+        let raw = s.evidence.to_string();
+        assert!(
+            !raw.contains("55.677718") && !raw.contains("12.5699"),
+            "{raw}"
+        );
+        let fixes = s.evidence["fixes"].as_array().unwrap();
+        assert_eq!(fixes[1]["source"], "peer_position");
+        assert!(fixes[1].get("lat").is_none() && fixes[1].get("accuracy_m").is_none());
         assert_eq!(
             s.evidence["victim_device_id"],
             serde_json::json!("victim-1")

@@ -702,6 +702,7 @@ function setShape(shape) {
   document.querySelectorAll('input[name="zf-shape"]').forEach((r) => { r.checked = r.value === shape; });
   $("zf-polygon").classList.toggle("hidden", shape !== "polygon");
   $("zf-circle").classList.toggle("hidden", shape !== "circle");
+  $("zf-dynamic").classList.toggle("hidden", shape !== "dynamic");
 }
 
 function newZone() {
@@ -712,6 +713,9 @@ function newZone() {
   $("zf-home").checked = false;
   $("zf-coords").value = "";
   $("zf-lon").value = ""; $("zf-lat").value = ""; $("zf-radius").value = "";
+  $("zf-device").value = ""; $("zf-dradius").value = "";
+  $("zf-dynamic-locked").classList.add("hidden");
+  $("zf-save").disabled = false;
   clear($("zf-windows")); clear($("zf-exceptions"));
   setShape("polygon");
   $("zf-delete").classList.add("hidden");
@@ -731,13 +735,20 @@ function editZone(z) {
   if (g.type === "circle") {
     setShape("circle");
     $("zf-lon").value = g.center[0]; $("zf-lat").value = g.center[1]; $("zf-radius").value = g.radius_m;
+  } else if (g.type === "dynamic") {
+    // Victim protection: only a supervisor may change or remove it (the API enforces it too).
+    setShape("dynamic");
+    $("zf-device").value = g.device_id; $("zf-dradius").value = g.radius_m;
+    const locked = state.me.role !== "supervisor";
+    $("zf-dynamic-locked").classList.toggle("hidden", !locked);
+    $("zf-save").disabled = locked;
   } else if (g.type === "polygon") {
     setShape("polygon");
     $("zf-coords").value = JSON.stringify(g.rings.length === 1 ? g.rings[0] : g.rings);
   }
   for (const w of (z.schedule && z.schedule.windows) || []) windowRow(w);
   for (const x of (z.schedule && z.schedule.exceptions) || []) exceptionRow(x);
-  $("zf-delete").classList.remove("hidden");
+  $("zf-delete").classList.toggle("hidden", $("zf-save").disabled);
   loadZoneList();
   drawMap($("zone-preview"), { zones: [z] });
 }
@@ -764,7 +775,10 @@ function zoneFormValue() {
     })),
   };
   if (shape === "polygon") body.coordinates = $("zf-coords").value;
-  else {
+  else if (shape === "dynamic") {
+    body.device_id = $("zf-device").value.trim();
+    body.radius_m = numOrNull($("zf-dradius").value);
+  } else {
     const lon = numOrNull($("zf-lon").value), lat = numOrNull($("zf-lat").value);
     body.center = lon === null || lat === null ? null : [lon, lat];
     body.radius_m = numOrNull($("zf-radius").value);

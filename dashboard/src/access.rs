@@ -2,7 +2,9 @@
 //!
 //! Rules: an officer sees and changes only subjects whose `officer_id` is theirs; a supervisor
 //! sees and changes every subject; an admin manages users, devices and assignments and may read
-//! every subject. Every denial is answered 403 *and* recorded as `access.denied`; every read of a
+//! every subject. A victim liaison officer sees no subject (an empty caseload) and may read
+//! victim devices' positions, as may a supervisor (victim data is its own class). Dynamic
+//! (victim-protection) zones are created, changed and removed by supervisors only. Every denial is answered 403 *and* recorded as `access.denied`; every read of a
 //! subject's data and every change is recorded. Audit writes fail closed: if the audit record
 //! cannot be written, the request fails.
 
@@ -87,6 +89,32 @@ impl AppState {
         }
     }
 
+    /// Record a denial with the reason it was refused and return the 403 to send.
+    pub(crate) async fn deny_because(
+        &self,
+        me: &CurrentUser,
+        attempted: &str,
+        target_type: &str,
+        target_id: Option<String>,
+        subject_id: Option<SubjectId>,
+        reason: &str,
+    ) -> ApiError {
+        let recorded = self
+            .audit(
+                me,
+                "access.denied",
+                target_type,
+                target_id,
+                subject_id,
+                json!({ "attempted": attempted, "role": me.role().as_str(), "reason": reason }),
+            )
+            .await;
+        match recorded {
+            Ok(()) => ApiError::Forbidden(format!("{attempted} is not allowed: {reason}")),
+            Err(e) => e,
+        }
+    }
+
     /// Require one of `roles`, else 403 + `access.denied`.
     pub(crate) async fn require_role(
         &self,
@@ -102,10 +130,17 @@ impl AppState {
         }
     }
 
+    /// Whether `me` sees only a caseload (officers; victim liaison officers, whose caseload is
+    /// empty) rather than every subject.
+    pub(crate) fn caseload_only(me: &CurrentUser) -> bool {
+        matches!(me.role(), Role::Officer | Role::VictimLiaison)
+    }
+
     /// Whether `me` may see and act on `subject`.
     pub(crate) fn may_access(me: &CurrentUser, subject: &Subject) -> bool {
         match me.role() {
             Role::Officer => subject.officer_id == Some(me.id()),
+            Role::VictimLiaison => false,
             Role::Supervisor | Role::Admin => true,
         }
     }
@@ -121,7 +156,7 @@ impl AppState {
         let subject = self.inner.store.get_subject(id).await?;
         match subject {
             Some(s) if Self::may_access(me, &s) => Ok(s),
-            None if me.role() != Role::Officer => Err(ApiError::NotFound(format!("subject {id}"))),
+            None if !Self::caseload_only(me) => Err(ApiError::NotFound(format!("subject {id}"))),
             _ => Err(self
                 .deny(me, attempted, "subject", Some(id.to_string()), Some(id))
                 .await),
@@ -130,14 +165,17 @@ impl AppState {
 
     /// Subjects `me` may see (the caseload of an officer, all for the other roles).
     pub(crate) async fn visible_subjects(&self, me: &CurrentUser) -> ApiResult<Vec<Subject>> {
-        let officer = (me.role() == Role::Officer).then_some(me.id());
-        Ok(self.inner.store.list_subjects(officer).await?)
+        match me.role() {
+            Role::Officer => Ok(self.inner.store.list_subjects(Some(me.id())).await?),
+            Role::VictimLiaison => Ok(Vec::new()),
+            Role::Supervisor | Role::Admin => Ok(self.inner.store.list_subjects(None).await?),
+        }
     }
 
     /// Ids for an alert filter: `None` (all) for supervisors/admins, the caseload for officers.
     pub(crate) async fn caseload_ids(&self, me: &CurrentUser) -> ApiResult<Option<Vec<SubjectId>>> {
-        if me.role() == Role::Officer {
-            let subjects = self.inner.store.list_subjects(Some(me.id())).await?;
+        if Self::caseload_only(me) {
+            let subjects = self.visible_subjects(me).await?;
             Ok(Some(subjects.into_iter().map(|s| s.id).collect()))
         } else {
             Ok(None)
@@ -163,7 +201,7 @@ impl AppState {
                         .await),
                 }
             }
-            None if !write || me.role() != Role::Officer => Ok(()),
+            None if !write || !Self::caseload_only(me) => Ok(()),
             None => Err(self
                 .deny(me, attempted, "zone", Some(zone.id.to_string()), None)
                 .await),

@@ -9,6 +9,10 @@
 //! ```
 //! or `"shape": "circle", "center": [lon, lat], "radius_m": 150`. `coordinates` may also be the
 //! pasted text of such an array, or a list of rings (`[[[lon,lat],...], ...]`, first = exterior).
+//! A dynamic (victim-protection) zone is `"shape": "dynamic", "device_id": "<victim device>",
+//! "radius_m": 500` with `"kind": "exclusion"`: a circle that follows the protected person's
+//! device. Whether the device exists and may be a victim device, and who may save such a zone,
+//! is checked by the API (supervisors only).
 
 use chrono::{DateTime, NaiveTime, Utc};
 use em_model::{
@@ -20,6 +24,11 @@ use crate::error::FieldErrors;
 
 /// Largest accepted circle radius (metres).
 pub const MAX_RADIUS_M: f64 = 100_000.0;
+/// Smallest radius of a dynamic (victim-protection) zone, metres: below GNSS accuracy a
+/// protection circle would only produce noise.
+pub const MIN_DYNAMIC_RADIUS_M: f64 = 50.0;
+/// Largest radius of a dynamic zone, metres.
+pub const MAX_DYNAMIC_RADIUS_M: f64 = 50_000.0;
 /// Most vertices accepted in one ring.
 pub const MAX_RING_POINTS: usize = 2_000;
 
@@ -88,6 +97,21 @@ pub fn parse_zone(input: &Value) -> Result<ZoneDraft, FieldErrors> {
             false
         }
     };
+    let geometry = parse_geometry(obj, &mut errors);
+    if matches!(geometry, Some(ZoneGeometry::Dynamic { .. })) {
+        if kind == Some(ZoneKind::Inclusion) {
+            errors.insert(
+                "kind".into(),
+                "a dynamic (victim-protection) zone must be an exclusion zone".into(),
+            );
+        }
+        if is_curfew_home {
+            errors.insert(
+                "is_curfew_home".into(),
+                "a dynamic zone cannot be a curfew home".into(),
+            );
+        }
+    }
     if is_curfew_home && kind == Some(ZoneKind::Exclusion) {
         errors.insert(
             "is_curfew_home".into(),
@@ -95,7 +119,6 @@ pub fn parse_zone(input: &Value) -> Result<ZoneDraft, FieldErrors> {
         );
     }
 
-    let geometry = parse_geometry(obj, &mut errors);
     let schedule = parse_schedule(obj, &mut errors);
     if is_curfew_home && matches!(&schedule, Some(None)) {
         errors.insert(
@@ -218,11 +241,65 @@ fn parse_geometry(
                 radius_m: radius?,
             })
         }
+        Some("dynamic") => {
+            let device_id = match obj.get("device_id").and_then(Value::as_str).map(str::trim) {
+                Some(d) if valid_device_id(d) => Some(d.to_string()),
+                Some(_) => {
+                    errors.insert(
+                        "device_id".into(),
+                        "must be a device id (1-64 letters, digits, - _ . :)".into(),
+                    );
+                    None
+                }
+                None => {
+                    errors.insert(
+                        "device_id".into(),
+                        "is required for a dynamic zone (the protected person's device)".into(),
+                    );
+                    None
+                }
+            };
+            let radius = match obj.get("radius_m").and_then(Value::as_f64) {
+                Some(r)
+                    if r.is_finite()
+                        && (MIN_DYNAMIC_RADIUS_M..=MAX_DYNAMIC_RADIUS_M).contains(&r) =>
+                {
+                    Some(r)
+                }
+                Some(_) => {
+                    errors.insert(
+                        "radius_m".into(),
+                        format!(
+                            "must be between {MIN_DYNAMIC_RADIUS_M} and {MAX_DYNAMIC_RADIUS_M} m"
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    errors.insert("radius_m".into(), "must be a number of metres".into());
+                    None
+                }
+            };
+            Some(ZoneGeometry::Dynamic {
+                device_id: device_id?,
+                radius_m: radius?,
+            })
+        }
         _ => {
-            errors.insert("shape".into(), "must be \"polygon\" or \"circle\"".into());
+            errors.insert(
+                "shape".into(),
+                "must be \"polygon\", \"circle\" or \"dynamic\"".into(),
+            );
             None
         }
     }
+}
+
+/// Same rule as the device registry's ids.
+fn valid_device_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
 /// `[[lon,lat],...]` (one ring) or `[[[lon,lat],...],...]` (exterior + holes).
@@ -534,6 +611,39 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(ok.schedule.map(|s| s.windows.len()), Some(1));
+    }
+
+    #[test]
+    fn dynamic_zone_shape() {
+        let ok = parse_zone(
+            &json!({"name":"Victim","kind":"exclusion","shape":"dynamic",
+            "device_id":"victim-7","radius_m":500}),
+        )
+        .expect("valid");
+        assert_eq!(
+            ok.geometry,
+            ZoneGeometry::Dynamic {
+                device_id: "victim-7".into(),
+                radius_m: 500.0
+            }
+        );
+        let err = parse_zone(
+            &json!({"name":"Victim","kind":"inclusion","shape":"dynamic",
+            "device_id":"bad id!","radius_m":10}),
+        )
+        .expect_err("invalid");
+        for f in ["kind", "device_id", "radius_m"] {
+            assert!(err.contains_key(f), "missing {f} in {err:?}");
+        }
+        let err = parse_zone(
+            &json!({"name":"Victim","kind":"exclusion","shape":"dynamic",
+            "radius_m":60000}),
+        )
+        .expect_err("invalid");
+        assert!(err.contains_key("device_id") && err.contains_key("radius_m"));
+        let err = parse_zone(&json!({"name":"V","kind":"exclusion","shape":"square"}))
+            .expect_err("invalid");
+        assert!(err["shape"].contains("dynamic"));
     }
 
     #[test]

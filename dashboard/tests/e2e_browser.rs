@@ -272,6 +272,7 @@ async fn seed(app: &App) {
         protocol: Protocol::Em,
         secret: None,
         active: true,
+        class: em_model::DeviceClass::OffenderTag,
     };
     store.upsert_device(&device).await.expect("device");
     let now = Utc::now();

@@ -36,6 +36,17 @@ pub fn haversine_m(a: LonLat, b: LonLat) -> f64 {
     Haversine::distance(Point::new(a[0], a[1]), Point::new(b[0], b[1]))
 }
 
+/// Initial great-circle bearing from `from` to `to` (`[lon, lat]`), degrees clockwise from true
+/// north in `[0, 360)`.
+pub fn bearing_deg(from: LonLat, to: LonLat) -> f64 {
+    let (l1, p1) = (from[0].to_radians(), from[1].to_radians());
+    let (l2, p2) = (to[0].to_radians(), to[1].to_radians());
+    let dl = l2 - l1;
+    let y = dl.sin() * p2.cos();
+    let x = p1.cos() * p2.sin() - p1.sin() * p2.cos() * dl.cos();
+    y.atan2(x).to_degrees().rem_euclid(360.0)
+}
+
 /// Axis-aligned box in degrees, in the zone's own longitude frame (may exceed ±180 for
 /// zones that cross the antimeridian).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -24,7 +24,7 @@ pub mod index;
 pub mod monitor;
 pub mod schedule;
 
-pub use geometry::{haversine_m, CompiledGeometry};
+pub use geometry::{bearing_deg, haversine_m, CompiledGeometry};
 pub use index::{SharedZoneIndex, Zone, ZoneIndex, ZoneMatch};
 pub use monitor::{
     ComplianceEvent, ComplianceEventKind, EndReason, EvidenceFix, EvidenceSource, SubjectMonitor,

@@ -48,7 +48,7 @@
 //! state machine only moves forward, and a re-sent fix does not count twice towards
 //! `consecutive_fixes`).
 
-use crate::geometry::{haversine_m, CompiledGeometry};
+use crate::geometry::{bearing_deg, haversine_m, CompiledGeometry};
 use crate::index::{PeerFix, Zone, ZoneIndex};
 use crate::schedule::{parse_timezone, Interval};
 use crate::GeofenceError;
@@ -156,9 +156,15 @@ pub struct EvidenceFix {
     pub lon: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_m: Option<f64>,
-    /// Signed distance to the zone boundary in metres (positive outside), when computed.
+    /// Signed distance to the zone boundary in metres (positive outside), when computed. For
+    /// [`EvidenceSource::PeerPosition`]: the distance between the subject and the protected
+    /// person, rounded to 10 m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distance_m: Option<f64>,
+    /// For [`EvidenceSource::PeerPosition`]: where the subject is as seen from the protected
+    /// person, degrees clockwise from north, rounded to 10°.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearing_deg: Option<f64>,
     /// For [`EvidenceSource::PeerPosition`]: the other device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<DeviceId>,
@@ -521,6 +527,7 @@ impl SubjectMonitor {
                     .unwrap_or(ASSUMED_ACCURACY_M),
             ),
             distance_m: None,
+            bearing_deg: None,
             device_id: None,
         });
         let beacon_ev = beacon.map(|b| EvidenceFix {
@@ -534,6 +541,7 @@ impl SubjectMonitor {
             lon: None,
             accuracy_m: None,
             distance_m: None,
+            bearing_deg: None,
             device_id: None,
         });
 
@@ -900,17 +908,28 @@ impl Judged<'_> {
         v.extend(self.beacon.cloned());
         v.extend(self.fix.map(|f| f.with_distance(self.distance_m)));
         if let Some((p, device)) = self.peer {
-            v.push(EvidenceFix {
-                at: p.at,
-                source: EvidenceSource::PeerPosition,
-                lat: Some(p.lat),
-                lon: Some(p.lon),
-                accuracy_m: Some(p.accuracy_m),
-                distance_m: None,
-                device_id: Some(device.to_string()),
-            });
+            v.push(peer_evidence(&p, device, self.fix));
         }
         v
+    }
+}
+
+/// Evidence about the other device of a dynamic zone (the protected person). Victim data is
+/// its own class: the evidence carries the distance and bearing between the subject and the
+/// protected person (rounded to 10 m and 10°), never the victim's coordinates or accuracy —
+/// it ends up in alerts, the live feeds and the OMS, which officers and systems read.
+fn peer_evidence(p: &PeerFix, device: &str, own: Option<&EvidenceFix>) -> EvidenceFix {
+    let victim = [p.lon, p.lat];
+    let subject = own.and_then(|f| Some([f.lon?, f.lat?]));
+    EvidenceFix {
+        at: p.at,
+        source: EvidenceSource::PeerPosition,
+        lat: None,
+        lon: None,
+        accuracy_m: None,
+        distance_m: subject.map(|s| (haversine_m(victim, s) / 10.0).round() * 10.0),
+        bearing_deg: subject.map(|s| (bearing_deg(victim, s) / 10.0).round() * 10.0 % 360.0),
+        device_id: Some(device.to_string()),
     }
 }
 

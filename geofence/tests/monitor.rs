@@ -515,10 +515,27 @@ fn dynamic_exclusion_with_both_devices_moving() {
     assert_eq!(kinds(&ev), vec![K::BreachStarted]);
     assert_eq!(ev[0].dynamic_device_id.as_deref(), Some("victim-phone"));
     assert_eq!(ev[0].alert_kind(), Some(AlertKind::VictimProximity));
-    assert!(ev[0]
+    // Victim data is its own class: the peer evidence is distance and bearing only.
+    let peer = ev[0]
         .evidence
         .iter()
-        .any(|e| e.source == EvidenceSource::PeerPosition));
+        .find(|e| e.source == EvidenceSource::PeerPosition)
+        .expect("peer evidence");
+    assert_eq!((peer.lat, peer.lon, peer.accuracy_m), (None, None, None));
+    assert_eq!(
+        peer.distance_m,
+        Some(200.0),
+        "decided when the victim was 200 m south of the offender"
+    );
+    assert_eq!(peer.bearing_deg, Some(0.0));
+    assert_eq!(peer.device_id.as_deref(), Some("victim-phone"));
+    // (Same longitude as the offender here; the latitude is the victim's alone.)
+    let victim_lat = offset(HOME, 2800.0, 0.0)[1];
+    let json = serde_json::to_string(&ev).unwrap();
+    assert!(
+        !json.contains(&victim_lat.to_string()),
+        "victim latitude {victim_lat} in {json}"
+    );
     // Now the offender moves away: his own fixes end it.
     let mut ev = Vec::new();
     for i in 0..4 {
@@ -799,4 +816,15 @@ fn a_resent_fix_counts_once_towards_consecutive_fixes() {
         ));
     }
     assert_eq!(kinds(&ev), vec![K::BreachStarted]);
+}
+
+#[test]
+fn bearing_between_points() {
+    use em_geofence::bearing_deg;
+    let b = |to: [f64; 2]| bearing_deg(HOME, to);
+    assert!(b(offset(HOME, 1000.0, 0.0)) < 0.5 || b(offset(HOME, 1000.0, 0.0)) > 359.5);
+    assert!((b(offset(HOME, 0.0, 1000.0)) - 90.0).abs() < 0.5);
+    assert!((b(offset(HOME, -1000.0, 0.0)) - 180.0).abs() < 0.5);
+    assert!((b(offset(HOME, 0.0, -1000.0)) - 270.0).abs() < 0.5);
+    assert!((b(offset(HOME, 1000.0, 1000.0)) - 45.0).abs() < 0.5);
 }

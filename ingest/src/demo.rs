@@ -20,9 +20,9 @@ use crate::sim::{imei, Behaviour, SimDevice};
 use anyhow::Context as _;
 use chrono::{DateTime, Duration, Utc};
 use em_model::{
-    BreachRules, Device, DeviceId, ExceptionKind, LonLat, Protocol, Role, ScheduleException,
-    ScheduleSpec, Subject, SubjectId, UserId, WeeklyWindow, ZoneGeometry, ZoneId, ZoneKind,
-    ZoneSpec,
+    BreachRules, Device, DeviceClass, DeviceId, ExceptionKind, LonLat, Protocol, Role,
+    ScheduleException, ScheduleSpec, Subject, SubjectId, UserId, WeeklyWindow, ZoneGeometry,
+    ZoneId, ZoneKind, ZoneSpec,
 };
 use em_store::Store;
 use rand::distributions::Alphanumeric;
@@ -578,7 +578,7 @@ pub async fn seed(store: &dyn Store, opts: &DemoOptions) -> anyhow::Result<DemoP
             b => b,
         };
 
-        let secret = register_device(store, &device_id, protocol).await?;
+        let secret = register_device(store, &device_id, protocol, DeviceClass::OffenderTag).await?;
         if store.subject_for_device_at(&device_id, now).await? != Some(subject_id) {
             store.assign_device(&device_id, subject_id, now).await?;
         }
@@ -597,7 +597,9 @@ pub async fn seed(store: &dyn Store, opts: &DemoOptions) -> anyhow::Result<DemoP
     }
 
     if victim_needed {
-        let secret = register_device(store, &victim_device_id, Protocol::Em).await?;
+        // A protected person's device: victim data, stored apart and never shown to officers.
+        let secret =
+            register_device(store, &victim_device_id, Protocol::Em, DeviceClass::Victim).await?;
         devices.push(DemoDevice {
             device_id: victim_device_id,
             protocol: Protocol::Em,
@@ -627,6 +629,7 @@ async fn register_device(
     store: &dyn Store,
     device_id: &str,
     protocol: Protocol,
+    class: DeviceClass,
 ) -> anyhow::Result<Option<String>> {
     let existing = store.get_device(device_id).await?;
     let secret = if protocol == Protocol::Em {
@@ -645,6 +648,7 @@ async fn register_device(
             protocol,
             secret: secret.clone(),
             active: true,
+            class,
         })
         .await?;
     Ok(secret)
@@ -803,6 +807,15 @@ mod tests {
             .unwrap();
         assert!(zones.iter().any(|z| matches!(&z.geometry,
             ZoneGeometry::Dynamic { device_id, .. } if *device_id == victim.device_id)));
+        // The victim's device is registered as a victim device (its data is stored apart).
+        assert_eq!(
+            store
+                .get_device(&victim.device_id)
+                .await
+                .unwrap()
+                .map(|d| d.class),
+            Some(DeviceClass::Victim)
+        );
         // Subjects are split over the two officers.
         let subjects = store.list_subjects(None).await.unwrap();
         let officers: std::collections::HashSet<_> =

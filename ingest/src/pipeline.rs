@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use em_model::{Record, SubjectId, TimePolicy, TimeStatus};
+use em_model::{DeviceClass, Record, SubjectId, TimePolicy, TimeStatus};
 use em_store::{Store, StoreError, StoredRecord};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -523,6 +523,7 @@ impl Worker {
         let mut stored = Vec::with_capacity(records.len());
         let mut resolve_err = None;
         let policy = self.cfg.time_policy();
+        let mut victims = VictimRecords::default();
         for mut record in records {
             // One time policy for every path: classified here, before the store, so the flag
             // is stored with the record and every consumer (latest state, monitors, dynamic
@@ -532,6 +533,11 @@ impl Worker {
             if !trusted {
                 m::untrusted_time(record.protocol.as_str(), record.time_status.as_str());
             }
+            if resolve_err.is_none() {
+                if let Err(e) = victims.note(&self.registry, &record, stored.len()).await {
+                    resolve_err = Some(e.to_string());
+                }
+            }
             // Who wore the tag: at the device time when it can be trusted, else at the time
             // the server received the record.
             let at = if trusted {
@@ -539,7 +545,7 @@ impl Worker {
             } else {
                 record.received_time
             };
-            let subject = if resolve_err.is_none() {
+            let subject = if resolve_err.is_none() && !victims.is_last() {
                 match self.registry.subject_for(&record.device_id, at).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -568,8 +574,14 @@ impl Worker {
         }
 
         let started = Instant::now();
-        let result =
-            insert_with_retry(&self.store, self.cfg.store_attempts, self.index, &stored).await;
+        let result = insert_with_retry(
+            &self.store,
+            self.cfg.store_attempts,
+            self.index,
+            &stored,
+            &victims,
+        )
+        .await;
         m::store_batch(started.elapsed(), stored.len(), self.store.backend());
         match result {
             Ok(()) => {
@@ -601,8 +613,9 @@ impl Worker {
                 let mut start = 0;
                 for (end, done) in frames {
                     let part = stored.get(start..end).unwrap_or_default();
+                    let part_victims = victims.slice(start, end);
                     start = end;
-                    match self.store.insert_records(part).await {
+                    match write_batch(&self.store, part, &part_victims).await {
                         Ok(()) => {
                             count_stored(part);
                             if let Some(d) = done {
@@ -652,16 +665,97 @@ struct Batch {
     controls: Vec<Control>,
 }
 
+/// Which records of a batch come from victim devices ([`DeviceClass::Victim`]): those are
+/// victim data, written to the victim store and never to positions / latest state. Empty (no
+/// allocation, one registry look-up per run of one device) in the usual batch without victims.
+#[derive(Default)]
+struct VictimRecords {
+    /// Indexes (in the batch) of victim records, ascending.
+    at: Vec<usize>,
+    /// The device of the previous record and whether it is a victim device.
+    last: Option<(String, bool)>,
+}
+
+impl VictimRecords {
+    /// Classifies `record` (index `i` of the batch) by its device's class.
+    async fn note(
+        &mut self,
+        registry: &Registry,
+        record: &Record,
+        i: usize,
+    ) -> Result<(), StoreError> {
+        let victim = match &self.last {
+            Some((d, v)) if *d == record.device_id => *v,
+            _ => {
+                let v = registry
+                    .device(&record.device_id)
+                    .await?
+                    .is_some_and(|d| d.class == DeviceClass::Victim);
+                self.last = Some((record.device_id.clone(), v));
+                v
+            }
+        };
+        if victim {
+            self.at.push(i);
+        }
+        Ok(())
+    }
+
+    /// Whether the record noted last is a victim record.
+    fn is_last(&self) -> bool {
+        self.last.as_ref().is_some_and(|(_, v)| *v)
+    }
+
+    /// The victim records of `start..end`, re-based on `start`.
+    fn slice(&self, start: usize, end: usize) -> VictimRecords {
+        VictimRecords {
+            at: self
+                .at
+                .iter()
+                .filter(|i| (start..end).contains(*i))
+                .map(|i| i - start)
+                .collect(),
+            last: None,
+        }
+    }
+}
+
+/// Writes a batch: victim records to the victim store, the rest to positions. Both writes
+/// return before the batch counts as stored (and is acknowledged).
+async fn write_batch(
+    store: &Arc<dyn Store>,
+    batch: &[StoredRecord],
+    victims: &VictimRecords,
+) -> Result<(), StoreError> {
+    if victims.at.is_empty() {
+        return store.insert_records(batch).await;
+    }
+    let mut offender = Vec::with_capacity(batch.len().saturating_sub(victims.at.len()));
+    let mut victim = Vec::with_capacity(victims.at.len());
+    let mut next = victims.at.iter().peekable();
+    for (i, r) in batch.iter().enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            victim.push(r.record.clone());
+        } else {
+            offender.push(r.clone());
+        }
+    }
+    store.insert_victim_records(&victim).await?;
+    store.insert_records(&offender).await
+}
+
 async fn insert_with_retry(
     store: &Arc<dyn Store>,
     attempts: u32,
     worker: usize,
     batch: &[StoredRecord],
+    victims: &VictimRecords,
 ) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        match store.insert_records(batch).await {
+        match write_batch(store, batch, victims).await {
             Ok(()) => return Ok(()),
             Err(e @ StoreError::Invalid(_)) => return Err(e),
             Err(e) if attempt >= attempts => return Err(e),

@@ -139,6 +139,7 @@ async fn unknown_devices_are_rejected(db: TestDb) {
             protocol: Protocol::Teltonika,
             secret: None,
             active: false,
+            class: em_model::DeviceClass::OffenderTag,
         })
         .await
         .unwrap();

@@ -411,6 +411,50 @@ pub struct Device {
     /// Shared secret for protocols that authenticate (EM/MQTT password, OsmAnd token); None = IMEI allow-list only.
     pub secret: Option<String>,
     pub active: bool,
+    /// Whose device it is: an offender's tag (the default) or a protected person's device.
+    #[serde(default)]
+    pub class: DeviceClass,
+}
+
+/// Whose device it is. Victim data is its own class: the records of a
+/// [`DeviceClass::Victim`] device are stored apart from offender data (never in positions,
+/// latest state, trails, maps, reports or exports), are shown only to supervisors and victim
+/// liaison officers, and reach alerts only as distance and bearing.
+///
+/// Set by an admin or a supervisor; a device referenced by a dynamic zone
+/// ([`ZoneGeometry::Dynamic`]) is made a victim device when the zone is saved through the
+/// dashboard (and by the store migration for zones that existed before). A victim device is
+/// never assigned to a subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceClass {
+    /// A tag worn by a supervised person (its data is the subject's).
+    #[default]
+    OffenderTag,
+    /// A protected person's device (defines dynamic exclusion zones).
+    Victim,
+}
+
+impl DeviceClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceClass::OffenderTag => "offender_tag",
+            DeviceClass::Victim => "victim",
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "offender_tag" => Ok(DeviceClass::OffenderTag),
+            "victim" => Ok(DeviceClass::Victim),
+            _ => Err(format!(
+                "unknown device class {s:?} (expected offender_tag or victim)"
+            )),
+        }
+    }
 }
 
 /// A device ↔ subject assignment; history is kept so a tag moved to another person does not mix data.
@@ -572,6 +616,10 @@ pub enum Role {
     Officer,
     Supervisor,
     Admin,
+    /// Victim liaison officer: may read victim devices' positions (audited), and sees no
+    /// subject's data (an empty caseload).
+    #[serde(rename = "victim_liaison")]
+    VictimLiaison,
 }
 
 impl Role {
@@ -580,7 +628,14 @@ impl Role {
             Role::Officer => "officer",
             Role::Supervisor => "supervisor",
             Role::Admin => "admin",
+            Role::VictimLiaison => "victim_liaison",
         }
+    }
+
+    /// May read victim positions (the victim data class): supervisors and victim liaison
+    /// officers. Admins manage devices but do not see where a protected person is.
+    pub fn may_read_victim_data(self) -> bool {
+        matches!(self, Role::Supervisor | Role::VictimLiaison)
     }
 }
 
@@ -591,6 +646,7 @@ impl std::str::FromStr for Role {
             "officer" => Ok(Role::Officer),
             "supervisor" => Ok(Role::Supervisor),
             "admin" => Ok(Role::Admin),
+            "victim_liaison" => Ok(Role::VictimLiaison),
             _ => Err(format!("unknown role {s:?}")),
         }
     }
@@ -627,9 +683,47 @@ pub struct AuditEntry {
     pub details: serde_json::Value,
 }
 
+impl ZoneSpec {
+    /// The victim device of a dynamic zone.
+    pub fn dynamic_device(&self) -> Option<&str> {
+        match &self.geometry {
+            ZoneGeometry::Dynamic { device_id, .. } => Some(device_id),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_and_device_class_names_match_serde() {
+        for r in [
+            Role::Officer,
+            Role::Supervisor,
+            Role::Admin,
+            Role::VictimLiaison,
+        ] {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                serde_json::json!(r.as_str())
+            );
+        }
+        for c in [DeviceClass::OffenderTag, DeviceClass::Victim] {
+            assert_eq!(c.as_str().parse::<DeviceClass>().unwrap(), c);
+            assert_eq!(
+                serde_json::to_value(c).unwrap(),
+                serde_json::json!(c.as_str())
+            );
+        }
+        let d: Device = serde_json::from_str(
+            r#"{"device_id":"1","protocol":"gt06","secret":null,"active":true}"#,
+        )
+        .unwrap();
+        assert_eq!(d.class, DeviceClass::OffenderTag);
+    }
 
     #[test]
     fn protocol_names_round_trip() {

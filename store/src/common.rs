@@ -214,6 +214,20 @@ pub(crate) fn record_from_parts(
     })
 }
 
+/// A stored record with a position as a trail point (the record must have a position).
+pub(crate) fn trail_point(rec: Record) -> Result<crate::TrailPoint> {
+    let position = rec
+        .position
+        .ok_or_else(|| StoreError::Invalid("trail row without position".into()))?;
+    Ok(crate::TrailPoint {
+        device_id: rec.device_id,
+        device_time: rec.device_time,
+        received_time: rec.received_time,
+        position,
+        battery_pct: rec.battery_pct,
+    })
+}
+
 /// What one batch contributes to a subject's latest state (folded in device-time order).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct LatestDelta {

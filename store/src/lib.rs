@@ -287,6 +287,25 @@ pub trait Store: Send + Sync + 'static {
     /// Records of one device, oldest first (support and tests).
     async fn device_records(&self, device_id: &str, limit: i64) -> Result<Vec<Record>>;
 
+    // --- victim data (its own class) -------------------------------------------------------
+    /// Durably store records of victim devices ([`DeviceClass::Victim`]) in the victim store
+    /// (`victim_positions`), apart from offender data: never in positions or latest state, so no
+    /// trail, map, report or export shows them. One transaction; idempotent on
+    /// (device_id, device_time, seq) like [`Store::insert_records`]. The ingest pipeline routes a
+    /// victim device's records here (and ACKs only after this returns).
+    async fn insert_victim_records(&self, records: &[Record]) -> Result<()>;
+    /// Positions of a victim device between `from` and `to`, oldest first. Victim data: the
+    /// caller checks the reader's permission and audits the read.
+    async fn victim_positions(
+        &self,
+        device_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrailPoint>>;
+    /// Count of stored victim records of one device (tests and support).
+    async fn count_victim_records(&self, device_id: &str) -> Result<i64>;
+
     // --- alerts + outbox (one transaction each) -------------------------------------------
     /// Opens a new alert, or folds a repeat into the ongoing one (same subject, kind, zone,
     /// not resolved): bumps `occurrences` and `last_seen_at`. A new alert gets `created_at` from
@@ -347,7 +366,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
 
     // --- retention ------------------------------------------------------------------------
-    /// Delete positions older than `positions_before`; resolved alerts older than
+    /// Delete positions (offender and victim; both counted in `positions_deleted`) older than
+    /// `positions_before`; resolved alerts older than
     /// `alerts_before` and audit older than `audit_before` when given.
     async fn apply_retention(
         &self,

@@ -632,6 +632,7 @@ fn device_from_row(r: &PgRow) -> Result<Device> {
         protocol: parse_col("protocol", r.try_get::<&str, _>("protocol")?)?,
         secret: r.try_get("secret")?,
         active: r.try_get("active")?,
+        class: parse_col("device class", r.try_get::<&str, _>("class")?)?,
     })
 }
 
@@ -807,14 +808,15 @@ impl Store for PgStore {
             return Err(StoreError::Invalid("device id must not be empty".into()));
         }
         sqlx::query(
-            "INSERT INTO devices (device_id, protocol, secret, active) VALUES ($1, $2, $3, $4)
+            "INSERT INTO devices (device_id, protocol, secret, active, class) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (device_id) DO UPDATE SET protocol = EXCLUDED.protocol,
-               secret = EXCLUDED.secret, active = EXCLUDED.active",
+               secret = EXCLUDED.secret, active = EXCLUDED.active, class = EXCLUDED.class",
         )
         .bind(&device.device_id)
         .bind(device.protocol.as_str())
         .bind(&device.secret)
         .bind(device.active)
+        .bind(device.class.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1223,6 +1225,99 @@ impl Store for PgStore {
         .iter()
         .map(record_from_row)
         .collect()
+    }
+
+    async fn insert_victim_records(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows = records
+            .iter()
+            .map(|r| {
+                RecordRow::from_stored(&StoredRecord {
+                    subject_id: None,
+                    record: r.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(1000) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO victim_positions (device_id, device_time, seq, received_time, protocol,
+                   lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.device_id)
+                    .push_bind(r.device_time)
+                    .push_bind(r.seq)
+                    .push_bind(r.received_time)
+                    .push_bind(r.protocol)
+                    .push_bind(r.lat)
+                    .push_bind(r.lon)
+                    .push_bind(r.accuracy_m)
+                    .push_bind(r.speed_kmh)
+                    .push_bind(r.valid)
+                    .push_bind(r.battery_pct)
+                    .push_bind(r.charging)
+                    .push_bind(r.beacon_in_range)
+                    .push_bind(&r.extra)
+                    .push_unseparated("::jsonb");
+            });
+            qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn victim_positions(
+        &self,
+        device_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrailPoint>> {
+        let limit = check_limit(limit)?;
+        let rows = sqlx::query(
+            "SELECT * FROM victim_positions WHERE device_id = $1 AND device_time >= $2
+               AND device_time <= $3 AND lat IS NOT NULL AND lon IS NOT NULL
+             ORDER BY device_time, seq LIMIT $4",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(to)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                trail_point(record_from_parts(
+                    r.try_get("device_id")?,
+                    r.try_get::<&str, _>("protocol")?,
+                    r.try_get("device_time")?,
+                    r.try_get("received_time")?,
+                    r.try_get("seq")?,
+                    r.try_get("lat")?,
+                    r.try_get("lon")?,
+                    r.try_get("accuracy_m")?,
+                    r.try_get("speed_kmh")?,
+                    r.try_get("valid")?,
+                    r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
+                    r.try_get("charging")?,
+                    r.try_get("beacon_in_range")?,
+                    r.try_get("extra")?,
+                )?)
+            })
+            .collect()
+    }
+
+    async fn count_victim_records(&self, device_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM victim_positions WHERE device_id = $1")
+                .bind(device_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn raise_alert(&self, a: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
@@ -1658,6 +1753,12 @@ impl Store for PgStore {
             }
         }
         let mut tx = self.pool.begin().await?;
+        report.positions_deleted +=
+            sqlx::query("DELETE FROM victim_positions WHERE device_time < $1")
+                .bind(positions_before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if self.layout == PositionsLayout::NativePartitions {
             report.positions_deleted += sqlx::query("DELETE FROM positions WHERE device_time < $1")
                 .bind(positions_before)

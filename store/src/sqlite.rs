@@ -172,6 +172,7 @@ fn device_from_row(r: &SqliteRow) -> Result<Device> {
         protocol: parse_col("protocol", r.try_get::<&str, _>("protocol")?)?,
         secret: r.try_get("secret")?,
         active: r.try_get("active")?,
+        class: parse_col("device class", r.try_get::<&str, _>("class")?)?,
     })
 }
 
@@ -316,14 +317,15 @@ impl Store for SqliteStore {
             return Err(StoreError::Invalid("device id must not be empty".into()));
         }
         sqlx::query(
-            "INSERT INTO devices (device_id, protocol, secret, active) VALUES (?, ?, ?, ?)
+            "INSERT INTO devices (device_id, protocol, secret, active, class) VALUES (?, ?, ?, ?, ?)
              ON CONFLICT (device_id) DO UPDATE SET protocol = excluded.protocol,
-               secret = excluded.secret, active = excluded.active",
+               secret = excluded.secret, active = excluded.active, class = excluded.class",
         )
         .bind(&device.device_id)
         .bind(device.protocol.as_str())
         .bind(&device.secret)
         .bind(device.active)
+        .bind(device.class.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -814,6 +816,80 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn insert_victim_records(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows = records
+            .iter()
+            .map(|r| {
+                RecordRow::from_stored(&StoredRecord {
+                    subject_id: None,
+                    record: r.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut tx = self.begin_write().await?;
+        for chunk in rows.chunks(MAX_ROWS_PER_INSERT.min(30_000 / RECORD_COLUMNS)) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO victim_positions (device_id, device_time, seq, received_time, protocol,
+                   lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.device_id)
+                    .push_bind(us(r.device_time))
+                    .push_bind(r.seq)
+                    .push_bind(us(r.received_time))
+                    .push_bind(r.protocol)
+                    .push_bind(r.lat)
+                    .push_bind(r.lon)
+                    .push_bind(r.accuracy_m)
+                    .push_bind(r.speed_kmh)
+                    .push_bind(r.valid)
+                    .push_bind(r.battery_pct)
+                    .push_bind(r.charging)
+                    .push_bind(r.beacon_in_range)
+                    .push_bind(&r.extra);
+            });
+            qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn victim_positions(
+        &self,
+        device_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrailPoint>> {
+        let limit = check_limit(limit)?;
+        let rows = sqlx::query(
+            "SELECT * FROM victim_positions WHERE device_id = ? AND device_time >= ? AND device_time <= ?
+               AND lat IS NOT NULL AND lon IS NOT NULL ORDER BY device_time, seq LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(us(from))
+        .bind(us(to))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| trail_point(record_from_row(r)?))
+            .collect()
+    }
+
+    async fn count_victim_records(&self, device_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM victim_positions WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn raise_alert(&self, a: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
@@ -1221,6 +1297,12 @@ impl Store for SqliteStore {
                 .rows_affected(),
             ..RetentionReport::default()
         };
+        report.positions_deleted +=
+            sqlx::query("DELETE FROM victim_positions WHERE device_time < ?")
+                .bind(us(positions_before))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if let Some(t) = alerts_before {
             report.alerts_deleted =
                 sqlx::query("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < ?")

@@ -90,6 +90,7 @@ async fn registry(s: Arc<dyn Store>) {
         protocol: Protocol::Gt06,
         secret: None,
         active: true,
+        class: DeviceClass::OffenderTag,
     };
     s.upsert_device(&d).await.expect("device");
     let d2 = Device {
@@ -1342,6 +1343,139 @@ async fn retention(s: Arc<dyn Store>) {
     assert_eq!(s.count_records("dev-r").await.expect("count"), 6);
 }
 
+/// Victim data is its own class: victim records go to the victim store, never to positions or
+/// latest state (no trail, map or export shows them); the device class and the victim liaison
+/// role round-trip; retention covers victim positions too.
+async fn victim_data_apart(s: Arc<dyn Store>) {
+    let victim = Device {
+        device_id: "victim-1".into(),
+        protocol: Protocol::Em,
+        secret: None,
+        active: true,
+        class: DeviceClass::Victim,
+    };
+    s.upsert_device(&victim).await.expect("victim device");
+    assert_eq!(
+        s.get_device("victim-1")
+            .await
+            .expect("get")
+            .map(|d| d.class),
+        Some(DeviceClass::Victim)
+    );
+    s.upsert_device(&Device {
+        class: DeviceClass::OffenderTag,
+        ..victim.clone()
+    })
+    .await
+    .expect("class change");
+    assert_eq!(
+        s.get_device("victim-1")
+            .await
+            .expect("get")
+            .map(|d| d.class),
+        Some(DeviceClass::OffenderTag)
+    );
+    s.upsert_device(&victim).await.expect("victim again");
+
+    let t = base();
+    let mut recs: Vec<Record> = (0..3)
+        .map(|i| {
+            rec(
+                "victim-1",
+                t + Duration::seconds(i),
+                Some(i as u64),
+                Some(pos(55.6801 + i as f64 * 1e-4, 12.5702)),
+            )
+        })
+        .collect();
+    recs[2].battery_pct = Some(77);
+    // A status-only record is kept too (not a trail point).
+    recs.push(rec("victim-1", t + Duration::seconds(10), None, None));
+    s.insert_victim_records(&recs).await.expect("victim insert");
+    // Idempotent like positions: a re-sent batch adds nothing.
+    s.insert_victim_records(&recs)
+        .await
+        .expect("victim re-insert");
+    assert_eq!(s.count_victim_records("victim-1").await.expect("count"), 4);
+    assert_eq!(s.count_records("victim-1").await.expect("positions"), 0);
+    assert!(s
+        .device_records("victim-1", 100)
+        .await
+        .expect("records")
+        .is_empty());
+    assert!(
+        s.latest_states(None).await.expect("latest").is_empty(),
+        "victim records never reach latest_state"
+    );
+
+    let got = s
+        .victim_positions(
+            "victim-1",
+            t - Duration::hours(1),
+            t + Duration::hours(1),
+            100,
+        )
+        .await
+        .expect("victim positions");
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].position, pos(55.6801, 12.5702));
+    assert_eq!(got[2].battery_pct, Some(77));
+    assert_eq!(got[1].device_time, t + Duration::seconds(1));
+    assert!(s
+        .victim_positions(
+            "victim-1",
+            t + Duration::hours(1),
+            t + Duration::hours(2),
+            100
+        )
+        .await
+        .expect("window")
+        .is_empty());
+    assert!(matches!(
+        s.victim_positions("victim-1", t, t, -1).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut bad = rec("victim-1", t, Some(99), Some(pos(123.0, 0.0)));
+    bad.device_id = "victim-1".into();
+    assert!(matches!(
+        s.insert_victim_records(&[bad]).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // The victim liaison role is accepted by the users table of both backends.
+    let uid = s
+        .upsert_user(&User {
+            id: 0,
+            username: "liaison".into(),
+            display_name: "Liv Liaison".into(),
+            role: Role::VictimLiaison,
+            password_hash: "x".into(),
+            active: true,
+        })
+        .await
+        .expect("liaison user");
+    assert_eq!(
+        s.get_user(uid).await.expect("get").map(|u| u.role),
+        Some(Role::VictimLiaison)
+    );
+
+    // Retention deletes old victim positions as well.
+    s.insert_victim_records(&[rec(
+        "victim-1",
+        t - Duration::days(400),
+        Some(1),
+        Some(pos(55.0, 12.0)),
+    )])
+    .await
+    .expect("old victim record");
+    let report = s
+        .apply_retention(t - Duration::days(30), None, None)
+        .await
+        .expect("retention");
+    assert_eq!(report.positions_deleted, 1);
+    assert_eq!(s.count_victim_records("victim-1").await.expect("count"), 4);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1393,4 +1527,5 @@ conformance!(
     outbox,
     audit_log,
     retention,
+    victim_data_apart,
 );

@@ -219,6 +219,7 @@ pub async fn register(store: &dyn Store, id: &str, protocol: Protocol) {
         protocol,
         secret: None,
         active: true,
+        class: em_model::DeviceClass::OffenderTag,
     };
     if let Err(e) = store.upsert_device(&device).await {
         panic!("registering device {id}: {e}");

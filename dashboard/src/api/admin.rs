@@ -216,6 +216,7 @@ pub(crate) struct DeviceRow {
     has_secret: bool,
     subject_id: Option<SubjectId>,
     assigned_from: Option<chrono::DateTime<Utc>>,
+    class: em_model::DeviceClass,
 }
 
 pub(crate) async fn list_devices(
@@ -234,6 +235,7 @@ pub(crate) async fn list_devices(
                 has_secret: d.secret.is_some(),
                 subject_id: a.map(|a| a.subject_id),
                 assigned_from: a.map(|a| a.from),
+                class: d.class,
                 device_id: d.device_id,
                 protocol: d.protocol,
                 active: d.active,
@@ -318,11 +320,13 @@ pub(crate) async fn upsert_device(
     }
     let existing = st.inner.store.get_device(&device_id).await?;
     let created = existing.is_none();
+    let class = existing.as_ref().map(|d| d.class).unwrap_or_default();
     let device = Device {
         secret: secret.or_else(|| existing.and_then(|d| d.secret)),
         device_id,
         protocol,
         active,
+        class,
     };
     st.inner.store.upsert_device(&device).await?;
     st.publish(OrderChange::RegistryChanged(device.device_id.clone()));
@@ -354,8 +358,15 @@ pub(crate) async fn assign_device(
 ) -> ApiResult<Json<Value>> {
     st.require_role(&me, &[Role::Admin], "device.assign", "device")
         .await?;
-    if st.inner.store.get_device(&device_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("device {device_id}")));
+    match st.inner.store.get_device(&device_id).await? {
+        None => return Err(ApiError::NotFound(format!("device {device_id}"))),
+        Some(d) if d.class == em_model::DeviceClass::Victim => {
+            return Err(ApiError::field(
+                "device_id",
+                "a protected person's (victim) device cannot be assigned to a subject",
+            ))
+        }
+        Some(_) => {}
     }
     let Some(subject_id) = input.get("subject_id").and_then(Value::as_i64) else {
         return Err(ApiError::field("subject_id", "must be a subject id"));

@@ -108,7 +108,7 @@ async fn alert_for(
                 })?;
             Ok(a)
         }
-        None if me.role() != Role::Officer => Err(ApiError::NotFound(format!("alert {id}"))),
+        None if !AppState::caseload_only(me) => Err(ApiError::NotFound(format!("alert {id}"))),
         None => Err(st
             .deny(me, attempted, "alert", Some(id.to_string()), None)
             .await),
@@ -175,6 +175,7 @@ impl Feed {
     async fn visible(&self, notice: &AlertNotice) -> bool {
         match self.me.role() {
             Role::Supervisor | Role::Admin => true,
+            Role::VictimLiaison => false,
             Role::Officer => match self
                 .st
                 .inner

@@ -5,6 +5,7 @@ mod alerts;
 mod reports;
 mod session;
 mod subjects;
+mod victims;
 
 use std::collections::HashMap;
 
@@ -62,6 +63,12 @@ pub(crate) fn route_table() -> Vec<(&'static str, Method, MethodRouter<AppState>
             "/api/devices/{id}/unassign",
             M::POST,
             post(admin::unassign_device),
+        ),
+        ("/api/devices/{id}/class", M::PUT, put(victims::set_class)),
+        (
+            "/api/victim-devices/{id}/positions",
+            M::GET,
+            get(victims::positions),
         ),
     ]
 }

@@ -6,7 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use em_geofence::{CompiledGeometry, CompiledSchedule, GeofenceError};
-use em_model::{AlertState, BreachRules, Role, Subject, SubjectId, ZoneGeometry, ZoneId, ZoneSpec};
+use em_model::{
+    AlertState, BreachRules, DeviceClass, Role, Subject, SubjectId, ZoneGeometry, ZoneId, ZoneSpec,
+};
 use em_store::AlertFilter;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -393,6 +395,7 @@ fn geometry_error_field(geometry: &ZoneGeometry, e: &GeofenceError) -> &'static 
     match (geometry, e) {
         (_, GeofenceError::InvalidRadius { .. }) => "radius_m",
         (ZoneGeometry::Circle { .. }, _) => "center",
+        (ZoneGeometry::Dynamic { .. }, _) => "device_id",
         _ => "coordinates",
     }
 }
@@ -423,6 +426,91 @@ fn draft(input: &Value) -> ApiResult<ZoneDraft> {
     Ok(d)
 }
 
+/// Why only a supervisor may touch a dynamic zone (recorded with the denial).
+const DYNAMIC_ZONE_RULE: &str =
+    "dynamic (victim-protection) zones are created, changed and removed by supervisors only";
+
+/// A dynamic (victim-protection) zone — before or after the change — may be created, changed or
+/// removed by a supervisor only: anyone else gets 403 and an `access.denied` record with the
+/// reason. An officer can thus neither delete, overwrite, re-shape nor detach one.
+async fn check_dynamic_change(
+    st: &AppState,
+    me: &CurrentUser,
+    zone_id: Option<ZoneId>,
+    subject_id: Option<SubjectId>,
+    touched: [Option<&ZoneGeometry>; 2],
+    attempted: &str,
+) -> ApiResult<()> {
+    let dynamic = touched
+        .iter()
+        .any(|g| matches!(g, Some(ZoneGeometry::Dynamic { .. })));
+    if !dynamic || me.role() == Role::Supervisor {
+        return Ok(());
+    }
+    Err(st
+        .deny_because(
+            me,
+            attempted,
+            "zone",
+            zone_id.map(|z| z.to_string()),
+            subject_id,
+            DYNAMIC_ZONE_RULE,
+        )
+        .await)
+}
+
+/// The device a dynamic zone is to follow must be registered and worn by no subject; it becomes
+/// a victim device (its records go to the victim store from now on), audited as `device.class`.
+async fn adopt_victim_device(
+    st: &AppState,
+    me: &CurrentUser,
+    geometry: &ZoneGeometry,
+    subject_id: SubjectId,
+) -> ApiResult<()> {
+    let ZoneGeometry::Dynamic { device_id, .. } = geometry else {
+        return Ok(());
+    };
+    let store = &st.inner.store;
+    let Some(device) = store.get_device(device_id).await? else {
+        return Err(ApiError::field(
+            "device_id",
+            "no such device: register the protected person's device first",
+        ));
+    };
+    if store
+        .current_assignments()
+        .await?
+        .iter()
+        .any(|a| a.device_id == *device_id)
+    {
+        return Err(ApiError::field(
+            "device_id",
+            "this device is worn by a subject; a protected person's device cannot be assigned",
+        ));
+    }
+    if device.class != DeviceClass::Victim {
+        let before = device.class;
+        store
+            .upsert_device(&em_model::Device {
+                class: DeviceClass::Victim,
+                ..device
+            })
+            .await?;
+        st.publish(OrderChange::RegistryChanged(device_id.clone()));
+        st.audit(
+            me,
+            "device.class",
+            "device",
+            Some(device_id.clone()),
+            Some(subject_id),
+            json!({ "before": before, "after": DeviceClass::Victim,
+                    "reason": "followed by a dynamic (victim-protection) zone" }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn create_zone(
     State(st): State<AppState>,
     me: CurrentUser,
@@ -431,6 +519,16 @@ pub(crate) async fn create_zone(
 ) -> ApiResult<Json<ZoneSpec>> {
     st.subject_for(&me, id, "zone.create").await?;
     let d = draft(&input)?;
+    check_dynamic_change(
+        &st,
+        &me,
+        None,
+        Some(id),
+        [Some(&d.geometry), None],
+        "zone.create",
+    )
+    .await?;
+    adopt_victim_device(&st, &me, &d.geometry, id).await?;
     let zone = ZoneSpec {
         id: 0,
         subject_id: Some(id),
@@ -472,7 +570,7 @@ async fn zone_for(
             st.check_zone_access(me, &z, write, attempted).await?;
             Ok(z)
         }
-        None if me.role() != Role::Officer => Err(ApiError::NotFound(format!("zone {id}"))),
+        None if !AppState::caseload_only(me) => Err(ApiError::NotFound(format!("zone {id}"))),
         None => Err(st
             .deny(me, attempted, "zone", Some(id.to_string()), None)
             .await),
@@ -504,7 +602,36 @@ pub(crate) async fn update_zone(
     JsonBody(input): JsonBody<Value>,
 ) -> ApiResult<Json<ZoneSpec>> {
     let before = zone_for(&st, &me, id, true, "zone.update").await?;
+    if matches!(before.geometry, ZoneGeometry::Dynamic { .. }) {
+        // Refused before the input is even looked at: no overwrite of any field.
+        check_dynamic_change(
+            &st,
+            &me,
+            Some(id),
+            before.subject_id,
+            [Some(&before.geometry), None],
+            "zone.update",
+        )
+        .await?;
+    }
     let d = draft(&input)?;
+    check_dynamic_change(
+        &st,
+        &me,
+        Some(id),
+        before.subject_id,
+        [Some(&before.geometry), Some(&d.geometry)],
+        "zone.update",
+    )
+    .await?;
+    if let Some(sid) = before.subject_id {
+        adopt_victim_device(&st, &me, &d.geometry, sid).await?;
+    } else if matches!(d.geometry, ZoneGeometry::Dynamic { .. }) {
+        return Err(ApiError::field(
+            "shape",
+            "a group zone cannot be dynamic (a protection zone belongs to one subject)",
+        ));
+    }
     let zone = ZoneSpec {
         id,
         subject_id: before.subject_id,
@@ -535,6 +662,15 @@ pub(crate) async fn delete_zone(
     Path(id): Path<ZoneId>,
 ) -> ApiResult<Json<Value>> {
     let before = zone_for(&st, &me, id, true, "zone.delete").await?;
+    check_dynamic_change(
+        &st,
+        &me,
+        Some(id),
+        before.subject_id,
+        [Some(&before.geometry), None],
+        "zone.delete",
+    )
+    .await?;
     st.inner.store.delete_zone(id).await?;
     st.audit(
         &me,

@@ -1117,6 +1117,7 @@ pub async fn register_devices(store: &dyn Store, devices: &[SimDevice]) -> anyho
                     protocol: d.protocol,
                     secret: d.secret.clone(),
                     active: true,
+                    class: em_model::DeviceClass::OffenderTag,
                 })
                 .await
         })

@@ -149,6 +149,7 @@ pub async fn register(store: &dyn Store, id: &str, protocol: Protocol, secret: O
             protocol,
             secret: secret.map(str::to_owned),
             active: true,
+            class: em_model::DeviceClass::OffenderTag,
         })
         .await
         .expect("upsert device");
