@@ -1156,7 +1156,7 @@ fn parse_vp1(f: &[&str], received: DateTime<Utc>) -> Result<H02Message, DecodeEr
 /// `BASE,hhmmss,mcc,mnc,(lac,cid)…,ddmmyy,status` (decimal; all-zero cells = none).
 /// Layout: Traccar decoder's test traffic (no public document).
 fn parse_base(f: &[&str]) -> Result<H02Status, DecodeError> {
-    if f.len() < 7 || (f.len() - 5) % 2 != 0 {
+    if f.len() < 7 || !(f.len() - 5).is_multiple_of(2) {
         return Err(bad("BASE", format!("{} fields", f.len())));
     }
     let n = f.len();
@@ -1187,7 +1187,7 @@ fn parse_bs(f: &[&str]) -> Result<H02Status, DecodeError> {
         .position(|s| s.is_empty())
         .map(|p| p + 3)
         .ok_or_else(|| bad("BS", "no end of the cell list"))?;
-    if f.len() < 4 || (blank - 3) % 3 != 0 {
+    if f.len() < 4 || !(blank - 3).is_multiple_of(3) {
         return Err(bad("BS", format!("{} fields", f.len())));
     }
     parse_hms(f[0])?; // a time of day without a date: not usable as the device time
