@@ -33,7 +33,7 @@ struct OsmandState {
 pub fn router(pipeline: Pipeline, registry: Registry) -> Router {
     Router::new()
         .route("/", any(report))
-        .layer(axum::extract::DefaultBodyLimit::max(osmand::MAX_QUERY_LEN))
+        .layer(axum::extract::DefaultBodyLimit::max(osmand::MAX_BODY_LEN))
         .with_state(OsmandState { pipeline, registry })
 }
 
@@ -74,7 +74,8 @@ async fn report(
             (text.to_owned(), token)
         }
     };
-    let rep = match osmand::decode(&input) {
+    // A query / form body is one report; a Traccar Client JSON body may hold several.
+    let reports = match osmand::decode_all(&input) {
         Ok(r) => r,
         Err(e) => {
             m::decode_error(P, e.reason());
@@ -82,7 +83,9 @@ async fn report(
             return (StatusCode::BAD_REQUEST, "malformed report\n");
         }
     };
-    let device = rep.device_id().to_owned();
+    let Some(device) = reports.first().map(|r| r.device_id().to_owned()) else {
+        return (StatusCode::BAD_REQUEST, "malformed report\n");
+    };
     match st
         .registry
         .admit_with_required_secret(&device, token.as_deref())
@@ -99,7 +102,9 @@ async fn report(
             return (StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
         }
     }
-    match st.pipeline.store_all(rep.to_records(Utc::now())).await {
+    let now = Utc::now();
+    let records = reports.iter().flat_map(|r| r.to_records(now)).collect();
+    match st.pipeline.store_all(records).await {
         Ok(()) => (StatusCode::OK, "OK\n"),
         Err(e) => {
             tracing::warn!(protocol = %P, device, error = %e, "report not stored");

@@ -125,6 +125,12 @@ pub enum DeviceEventKind {
     DeviceGeofence,
     Heartbeat,
     Login,
+    /// An alarm the device reported whose code has no exact meaning in the protocol's
+    /// alarm table (each decoder documents what `code` means for it). Never dropped and never
+    /// read as another alarm.
+    UnknownAlarm {
+        code: u32,
+    },
 }
 
 /// The normalised record every decoder produces: one device report.
@@ -151,6 +157,34 @@ pub struct Record {
     /// record is stored ([`TimeStatus::Unchecked`] until then; see [`Record::time_status`]).
     #[serde(default, skip_serializing_if = "TimeStatus::is_unchecked")]
     pub time_status: TimeStatus,
+    /// Mobile-network cells the device reported with this record (serving cell first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellTower>,
+    /// Wi-Fi access points the device reported with this record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wifi: Vec<WifiAccessPoint>,
+}
+
+/// One mobile-network cell as a device reports it (for cell-based positioning later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CellTower {
+    pub mcc: u16,
+    pub mnc: u16,
+    /// Location / tracking area code.
+    pub lac: u32,
+    pub cell_id: u64,
+    /// Signal as the device reports it: dBm when negative, otherwise the protocol's own scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// One Wi-Fi access point as a device reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WifiAccessPoint {
+    /// MAC address, lower-case `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_dbm: Option<i32>,
 }
 
 impl Record {
@@ -186,6 +220,8 @@ impl Record {
             beacon_in_range: None,
             events: Vec::new(),
             time_status: TimeStatus::Unchecked,
+            cells: Vec::new(),
+            wifi: Vec::new(),
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The decoding logic of the `em-decode` tool, kept here (I/O-free) so it is tested.
 //!
-//! One input line is one frame: hex for GT06 and Teltonika, raw text for H02 and
-//! OsmAnd, `topic payload` for EM. Each decoded record becomes one JSON object (the
+//! One input line is one frame: hex for GT06, Teltonika and binary H02 (`$…`), raw text
+//! for H02 and OsmAnd (query or JSON body), `topic payload` for EM; or a whole raw byte
+//! stream ([`Session::decode_stream`]). Each decoded record becomes one JSON object (the
 //! serialised [`Record`]); each error becomes `{"error": reason, "message": …}`.
 //! A [`Session`] keeps the per-connection state (GT06 login, Teltonika IMEI) across
-//! lines, as a TCP connection would.
+//! lines, as a TCP connection would, and counts what it saw in a [`Summary`].
+
+use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
@@ -12,7 +15,7 @@ use serde_json::{json, Value};
 use tokio_util::codec::Decoder;
 
 use crate::gt06::{Gt06Codec, Imei};
-use crate::h02::H02Codec;
+use crate::h02::{H02Codec, H02Profile};
 use crate::teltonika::TeltonikaCodec;
 use crate::{detect, em, osmand, CodecError, DecodeError, Protocol, Record};
 
@@ -22,6 +25,78 @@ pub struct Session {
     gt06: Gt06Codec,
     teltonika: TeltonikaCodec,
     h02: H02Codec,
+    summary: Summary,
+}
+
+/// What a session decoded and refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Frames decoded (with or without records).
+    pub decoded: u64,
+    /// Records produced.
+    pub records: u64,
+    /// Decoded frames by `protocol:kind`.
+    pub kinds: BTreeMap<String, u64>,
+    /// Refused frames / bytes by reason (`bad_checksum`, `malformed`, `unknown_type`…).
+    pub refused: BTreeMap<String, u64>,
+    /// Unknown message types by `protocol:type` (also counted under `refused`).
+    pub unknown_types: BTreeMap<String, u64>,
+}
+
+impl Summary {
+    fn refuse(&mut self, e: &DecodeError) {
+        *self.refused.entry(e.reason().to_owned()).or_default() += 1;
+        if let DecodeError::UnknownType { protocol, kind } = e {
+            *self
+                .unknown_types
+                .entry(format!("{protocol}:{kind}"))
+                .or_default() += 1;
+        }
+    }
+
+    fn decoded(&mut self, protocol: Protocol, kind: &str, records: usize) {
+        self.decoded += 1;
+        self.records += records as u64;
+        *self.kinds.entry(format!("{protocol}:{kind}")).or_default() += 1;
+    }
+
+    /// Total refused.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "decoded": self.decoded,
+            "records": self.records,
+            "kinds": self.kinds,
+            "refused": self.refused,
+            "refused_total": self.refused_total(),
+            "unknown_types": self.unknown_types,
+        })
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "decoded: {} frames, {} records; refused: {}",
+            self.decoded,
+            self.records,
+            self.refused_total()
+        )?;
+        for (k, n) in &self.kinds {
+            writeln!(f, "  decoded {k}: {n}")?;
+        }
+        for (k, n) in &self.refused {
+            writeln!(f, "  refused {k}: {n}")?;
+        }
+        for (k, n) in &self.unknown_types {
+            writeln!(f, "  unknown type {k}: {n}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Error object for a line that is not even a frame of the chosen protocol.
@@ -35,12 +110,16 @@ fn input_error(protocol: Option<Protocol>, message: impl Into<String>) -> Value 
 }
 
 fn error_json(e: &DecodeError) -> Value {
-    json!({
+    let mut v = json!({
         "error": e.reason(),
         "protocol": e.protocol().as_str(),
         "message": e.to_string(),
         "fatal": e.is_fatal(),
-    })
+    });
+    if let DecodeError::UnknownType { kind, .. } = e {
+        v["type"] = json!(kind);
+    }
+    v
 }
 
 fn records_json(records: Vec<Record>, kind: &str) -> Vec<Value> {
@@ -51,6 +130,18 @@ fn records_json(records: Vec<Record>, kind: &str) -> Vec<Value> {
         .into_iter()
         .map(|r| serde_json::to_value(r).unwrap_or_else(|e| input_error(None, e.to_string())))
         .collect()
+}
+
+/// The bytes the server would answer a frame with, as one JSON value.
+fn reply_json(kind: &str, reply: Option<bytes::Bytes>) -> Option<Value> {
+    let reply = reply?;
+    Some(
+        if reply.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            json!({ "frame": kind, "reply": String::from_utf8_lossy(&reply) })
+        } else {
+            json!({ "frame": kind, "reply_hex": hex::encode(&reply) })
+        },
+    )
 }
 
 fn parse_hex(line: &str) -> Option<Vec<u8>> {
@@ -77,6 +168,88 @@ impl Session {
             gt06: Gt06Codec::with_imei(parsed),
             teltonika: TeltonikaCodec::with_imei(imei),
             h02: H02Codec::new(),
+            summary: Summary::default(),
+        })
+    }
+
+    /// Per-device H02 settings: binary report length (0 = recognise) and sensor wiring.
+    pub fn with_h02(mut self, binary_len: usize, profile: H02Profile) -> Self {
+        self.h02 = self
+            .h02
+            .clone()
+            .with_binary_len(binary_len)
+            .with_profile(profile);
+        self
+    }
+
+    /// What this session decoded and refused so far.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// Decode a whole raw byte stream of one connection (`protocol` `None` = detect from
+    /// the first bytes). Only the streaming protocols (GT06, Teltonika, H02) have one.
+    pub fn decode_stream(
+        &mut self,
+        protocol: Option<Protocol>,
+        bytes: &[u8],
+        received: DateTime<Utc>,
+    ) -> Vec<Value> {
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        let Some(protocol) = protocol.or_else(|| detect(bytes)) else {
+            self.bad_input();
+            return vec![input_error(None, "could not detect the protocol")];
+        };
+        let mut buf = BytesMut::from(bytes);
+        self.drain_protocol(protocol, &mut buf, received)
+            .unwrap_or_else(|| {
+                self.bad_input();
+                vec![input_error(
+                    Some(protocol),
+                    "raw input needs a stream protocol (gt06, teltonika, h02)",
+                )]
+            })
+    }
+
+    fn bad_input(&mut self) {
+        *self.summary.refused.entry("bad_input".into()).or_default() += 1;
+    }
+
+    /// Run the protocol's streaming codec over `buf`; `None` for non-stream protocols.
+    fn drain_protocol(
+        &mut self,
+        protocol: Protocol,
+        buf: &mut BytesMut,
+        received: DateTime<Utc>,
+    ) -> Option<Vec<Value>> {
+        let summary = &mut self.summary;
+        Some(match protocol {
+            Protocol::Gt06 => drain(&mut self.gt06, buf, summary, |codec, frame, sum| {
+                let id = codec.device_id().unwrap_or_default().to_owned();
+                let recs = frame.to_records(&id, received);
+                sum.decoded(protocol, frame.kind(), recs.len());
+                let mut out = records_json(recs, frame.kind());
+                out.extend(reply_json(frame.kind(), frame.response()));
+                out
+            }),
+            Protocol::Teltonika => drain(&mut self.teltonika, buf, summary, |codec, frame, sum| {
+                let id = codec.imei().unwrap_or_default().to_owned();
+                let recs = frame.to_records(&id, received);
+                sum.decoded(protocol, frame.kind(), recs.len());
+                let mut out = records_json(recs, frame.kind());
+                out.extend(reply_json(frame.kind(), frame.response()));
+                out
+            }),
+            Protocol::H02 => drain(&mut self.h02, buf, summary, |codec, frame, sum| {
+                let recs = frame.to_records_with(frame.device_id(), received, codec.profile());
+                sum.decoded(protocol, frame.kind(), recs.len());
+                let mut out = records_json(recs, frame.kind());
+                out.extend(reply_json(frame.kind(), frame.response_at(received)));
+                out
+            }),
+            Protocol::Osmand | Protocol::Em => return None,
         })
     }
 
@@ -96,77 +269,104 @@ impl Session {
             None => {
                 let guess = match parse_hex(line) {
                     Some(bytes) => detect(&bytes),
-                    None => detect(line.as_bytes()),
+                    None => detect(line.as_bytes())
+                        .or_else(|| osmand::is_json(line).then_some(Protocol::Osmand)),
                 };
                 match guess {
                     Some(p) => p,
-                    None => return vec![input_error(None, "could not detect the protocol")],
+                    None => {
+                        self.bad_input();
+                        return vec![input_error(None, "could not detect the protocol")];
+                    }
                 }
             }
         };
         match protocol {
             Protocol::Gt06 | Protocol::Teltonika => {
                 let Some(bytes) = parse_hex(line) else {
+                    self.bad_input();
                     return vec![input_error(Some(protocol), "expected a hex-encoded frame")];
                 };
                 let mut buf = BytesMut::from(&bytes[..]);
-                if protocol == Protocol::Gt06 {
-                    let codec = &mut self.gt06;
-                    drain(codec, &mut buf, |codec, frame| {
-                        let id = codec.device_id().unwrap_or_default().to_owned();
-                        records_json(frame.to_records(&id, received), frame.kind())
-                    })
-                } else {
-                    let codec = &mut self.teltonika;
-                    drain(codec, &mut buf, |codec, frame| {
-                        let id = codec.imei().unwrap_or_default().to_owned();
-                        records_json(frame.to_records(&id, received), frame.kind())
-                    })
-                }
+                self.drain_protocol(protocol, &mut buf, received)
+                    .unwrap_or_default()
             }
             Protocol::H02 => {
-                let mut buf = BytesMut::from(line.as_bytes());
-                drain(&mut self.h02, &mut buf, |_, frame| {
-                    records_json(frame.to_records(frame.device_id(), received), frame.kind())
-                })
+                // Binary reports (`$…`, `X…`) come as hex, text reports as they are.
+                let mut buf = match parse_hex(line) {
+                    Some(b) if matches!(b.first(), Some(b'$' | b'X')) => BytesMut::from(&b[..]),
+                    _ => BytesMut::from(line.as_bytes()),
+                };
+                self.h02 = self.h02.clone().with_clock(received);
+                self.drain_protocol(protocol, &mut buf, received)
+                    .unwrap_or_default()
             }
-            Protocol::Osmand => match osmand::decode(line) {
-                Ok(report) => records_json(report.to_records(received), "report"),
-                Err(e) => vec![error_json(&e)],
+            Protocol::Osmand => match osmand::decode_all(line) {
+                Ok(reports) => {
+                    let recs: Vec<Record> = reports
+                        .iter()
+                        .flat_map(|r| r.to_records(received))
+                        .collect();
+                    self.summary.decoded(protocol, "report", recs.len());
+                    records_json(recs, "report")
+                }
+                Err(e) => {
+                    self.summary.refuse(&e);
+                    vec![error_json(&e)]
+                }
             },
             Protocol::Em => {
                 let Some((topic, payload)) = line.split_once(char::is_whitespace) else {
+                    self.bad_input();
                     return vec![input_error(Some(protocol), "expected `topic payload`")];
                 };
                 match em::decode(topic, payload.trim().as_bytes()) {
-                    Ok(msg) => records_json(msg.to_records(received), msg.topic.as_str()),
-                    Err(e) => vec![error_json(&e)],
+                    Ok(msg) => {
+                        let recs = msg.to_records(received);
+                        self.summary
+                            .decoded(protocol, msg.topic.as_str(), recs.len());
+                        records_json(recs, msg.topic.as_str())
+                    }
+                    Err(e) => {
+                        self.summary.refuse(&e);
+                        vec![error_json(&e)]
+                    }
                 }
             }
         }
     }
 }
 
-/// Run a streaming codec over one line's bytes until it is used up.
-fn drain<C, F, T>(codec: &mut C, buf: &mut BytesMut, mut on_frame: F) -> Vec<Value>
+/// Run a streaming codec over `buf` until it is used up.
+fn drain<C, F, T>(
+    codec: &mut C,
+    buf: &mut BytesMut,
+    summary: &mut Summary,
+    mut on_frame: F,
+) -> Vec<Value>
 where
     C: Decoder<Item = Result<T, DecodeError>, Error = CodecError>,
-    F: FnMut(&C, T) -> Vec<Value>,
+    F: FnMut(&C, T, &mut Summary) -> Vec<Value>,
 {
     let mut out = Vec::new();
     loop {
         match codec.decode_eof(buf) {
             Ok(Some(Ok(frame))) => {
-                let values = on_frame(codec, frame);
+                let values = on_frame(codec, frame, summary);
                 out.extend(values);
             }
-            Ok(Some(Err(e))) => out.push(error_json(&e)),
+            Ok(Some(Err(e))) => {
+                summary.refuse(&e);
+                out.push(error_json(&e));
+            }
             Ok(None) => break,
             Err(CodecError::Fatal(e)) => {
+                summary.refuse(&e);
                 out.push(error_json(&e));
                 break;
             }
             Err(CodecError::Io(e)) => {
+                *summary.refused.entry("io".into()).or_default() += 1;
                 out.push(input_error(None, e.to_string()));
                 break;
             }

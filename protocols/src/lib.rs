@@ -38,7 +38,7 @@ pub use util::{crc16_arc, crc16_x25, hdop_to_accuracy_m};
 pub fn detect(first_bytes: &[u8]) -> Option<Protocol> {
     match first_bytes {
         [0x78, 0x78, ..] | [0x79, 0x79, ..] => return Some(Protocol::Gt06),
-        [b'*', ..] => return Some(Protocol::H02),
+        [b'*', ..] | [b'$', ..] => return Some(Protocol::H02),
         [0, 0, 0, 0, ..] => return Some(Protocol::Teltonika),
         [0, n, rest @ ..]
             if (1..=teltonika::MAX_IMEI_LEN).contains(&usize::from(*n))

@@ -4,12 +4,12 @@
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
-use em_model::{DeviceEventKind, FixSource};
+use em_model::{CellTower, DeviceEventKind, FixSource, WifiAccessPoint};
 use em_protocols::em::{self, EmMessage, EmPayload, EmPosition, EmTopic, TamperState};
 use em_protocols::gt06::{
     Gt06Cell, Gt06Codec, Gt06Frame, Gt06Gps, Gt06Message, Gt06Neighbour, Gt06Status, Imei,
 };
-use em_protocols::h02::{H02Codec, H02Frame, H02Location, H02Message};
+use em_protocols::h02::{H02Codec, H02Frame, H02Location, H02Message, H02Status};
 use em_protocols::osmand::{self, OsmandReport};
 use em_protocols::teltonika::{
     AvlCodec, AvlGps, AvlPacket, AvlRecord, IoElement, IoValue, TeltonikaCodec, TeltonikaFrame,
@@ -365,11 +365,40 @@ fn h02_location() -> impl Strategy<Value = H02Location> {
 fn h02_frame() -> impl Strategy<Value = H02Frame> {
     let msg = prop_oneof![
         h02_location().prop_map(H02Message::Location),
-        prop_oneof![Just("XT"), Just("HTBT"), Just("LINK")]
-            .prop_map(|c| H02Message::Heartbeat { command: c.into() }),
+        prop_oneof![Just("XT"), Just("HTBT"), Just("LINK"), Just("V0")].prop_map(|c| {
+            H02Message::Heartbeat {
+                command: c.into(),
+                battery_pct: None,
+            }
+        }),
+        (0u8..=98).prop_map(|b| H02Message::Heartbeat {
+            command: "HTBT".into(),
+            battery_pct: Some(b),
+        }),
         (any::<u8>(), option::of(h02_location()))
             .prop_map(|(kind, location)| H02Message::Alarm { kind, location }),
-        "[A-Z0-9]{1,5}".prop_map(|command| H02Message::CommandAck { command }),
+        (
+            "[A-Z][A-Z0-9]{0,4}(,[A-Z0-9]{1,5}){0,2}",
+            option::of(h02_location())
+        )
+            .prop_map(|(command, location)| H02Message::CommandAck { command, location }),
+        (
+            prop_oneof![
+                Just("V2"),
+                Just("V5"),
+                Just("V6"),
+                Just("V8"),
+                Just("V19"),
+                Just("VI1"),
+                Just("SMS")
+            ],
+            h02_location()
+        )
+            .prop_map(|(c, location)| H02Message::Report {
+                command: c.into(),
+                location
+            }),
+        h02_nbr().prop_map(H02Message::Status),
     ];
     ("[0-9]{10,15}", msg).prop_map(|(imei, message)| H02Frame {
         maker: "HQ".into(),
@@ -378,13 +407,105 @@ fn h02_frame() -> impl Strategy<Value = H02Frame> {
     })
 }
 
+fn h02_nbr() -> impl Strategy<Value = H02Status> {
+    (
+        secs_2000_2099(),
+        any::<u32>(),
+        0u16..1000,
+        0u16..1000,
+        vec((0u32..65_536, 0u64..268_435_456, 0i32..64), 1..7),
+    )
+        .prop_map(|(time, status, mcc, mnc, cells)| H02Status {
+            command: "NBR".into(),
+            time: Some(time),
+            status: Some(status),
+            battery_pct: None,
+            cells: cells
+                .into_iter()
+                .map(|(lac, cell_id, s)| CellTower {
+                    mcc,
+                    mnc,
+                    lac,
+                    cell_id,
+                    signal: Some(s),
+                })
+                .collect(),
+        })
+}
+
+/// Binary reports: 10-digit id, whole knots, battery absent or a percentage above 6.
+fn h02_binary() -> impl Strategy<Value = H02Frame> {
+    (
+        "[0-9]{10}",
+        h02_location(),
+        0u16..1000,
+        option::of(7u8..=100),
+    )
+        .prop_map(|(imei, mut loc, speed, battery)| {
+            loc.speed_knots = f64::from(speed);
+            loc.battery_pct = battery;
+            H02Frame {
+                maker: "$".into(),
+                imei,
+                message: H02Message::Binary(loc),
+            }
+        })
+}
+
 // ---------------------------------------------------------------- OsmAnd / EM
+
+/// Reports with cells / Wi-Fi, some without a position.
+fn osmand_report() -> impl Strategy<Value = OsmandReport> {
+    (
+        osmand_base(),
+        vec(
+            (
+                0u16..1000,
+                0u16..1000,
+                any::<u32>(),
+                any::<u64>(),
+                option::of(-120i32..0),
+            ),
+            0..3,
+        ),
+        vec((any::<[u8; 6]>(), -100i32..0), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(mut r, cells, wifi, drop_position)| {
+            r.cells = cells
+                .into_iter()
+                .map(|(mcc, mnc, lac, cell_id, signal)| CellTower {
+                    mcc,
+                    mnc,
+                    lac,
+                    cell_id,
+                    signal,
+                })
+                .collect();
+            r.wifi = wifi
+                .into_iter()
+                .map(|(m, s)| WifiAccessPoint {
+                    mac: m
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    signal_dbm: Some(s),
+                })
+                .collect();
+            if drop_position && !(r.cells.is_empty() && r.wifi.is_empty()) {
+                r.lat = None;
+                r.lon = None;
+            }
+            r
+        })
+}
 
 fn decimal(lo: i64, hi: i64, scale: f64) -> impl Strategy<Value = f64> {
     (lo..=hi).prop_map(move |v| v as f64 / scale)
 }
 
-fn osmand_report() -> impl Strategy<Value = OsmandReport> {
+fn osmand_base() -> impl Strategy<Value = OsmandReport> {
     (
         "[A-Za-z0-9_-]{1,20}",
         option::of(prop_oneof![
@@ -566,6 +687,56 @@ proptest! {
     }
 
     #[test]
+    fn h02_binary_round_trip(frame in h02_binary(), text in h02_frame()) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf).unwrap();
+        prop_assert_eq!(buf.len(), 32);
+        // Binary and text reports interleaved on one connection.
+        buf.extend_from_slice(text.to_text().unwrap().as_bytes());
+        frame.encode(&mut buf).unwrap();
+        let out = drive(&mut H02Codec::new(), &[&buf]);
+        prop_assert_eq!(oks(&out), vec![frame.clone(), text, frame]);
+    }
+
+    #[test]
+    fn h02_unpadded_degrees_read_as_padded(loc in h02_location()) {
+        // The same frame with the degree fields' leading zeros removed decodes the same.
+        let frame = H02Frame { maker: "HQ".into(), imei: "4209917123".into(), message: H02Message::Location(loc) };
+        let text = frame.to_text().unwrap();
+        let mut f: Vec<String> = text.split(',').map(str::to_owned).collect();
+        for i in [5, 7] {
+            let t = f[i].trim_start_matches('0');
+            f[i] = if t.starts_with('.') || t.len() < 7 { format!("0{t}") } else { t.to_owned() };
+        }
+        let unpadded = f.join(",");
+        let mut buf = BytesMut::from(unpadded.as_bytes());
+        let got = H02Codec::new().decode(&mut buf).unwrap().unwrap().unwrap();
+        prop_assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn osmand_json_position_matches_query(report in osmand_report()) {
+        // The same report as a Traccar Client JSON body gives the same record position.
+        let (Some(lat), Some(lon)) = (report.lat, report.lon) else { return Ok(()) };
+        let body = serde_json::json!({
+            "device_id": report.id,
+            "location": {
+                "timestamp": report.time.map(|t| t.to_rfc3339()),
+                "coords": {"latitude": lat, "longitude": lon, "accuracy": report.accuracy,
+                           "heading": report.bearing, "altitude": report.altitude},
+                "battery": {"level": report.battery.map(|b| b / 100.0), "is_charging": report.charge},
+            }
+        }).to_string();
+        let got = osmand::decode(&body).unwrap();
+        let (r1, r2) = (got.to_record(DateTime::UNIX_EPOCH), report.to_record(DateTime::UNIX_EPOCH));
+        prop_assert_eq!(r1.position.map(|p| (p.lat, p.lon, p.accuracy_m, p.course_deg)),
+                        r2.position.map(|p| (p.lat, p.lon, p.accuracy_m, p.course_deg)));
+        prop_assert_eq!(r1.device_time, r2.device_time);
+        prop_assert_eq!(r1.battery_pct, r2.battery_pct);
+        prop_assert_eq!(r1.charging, r2.charging);
+    }
+
+    #[test]
     fn osmand_round_trip(report in osmand_report()) {
         let q = report.to_query().unwrap();
         prop_assert_eq!(osmand::decode(&q).unwrap(), report.clone());
@@ -589,8 +760,12 @@ proptest! {
         drive(&mut TeltonikaCodec::new(), &chunks);
         drive(&mut TeltonikaCodec::with_imei("1"), &chunks);
         drive(&mut H02Codec::new().with_max_frame_len(128), &chunks);
+        drive(&mut H02Codec::new().with_binary_len(42), &chunks);
         let text = String::from_utf8_lossy(&data);
         let _ = osmand::decode(&text);
+        let _ = osmand::decode_all(&text);
+        let _ = osmand::decode_json(&data);
+        let _ = em_protocols::h02::parse_binary(&data);
         let _ = em::decode(&text, &data);
         let _ = em::decode("em/v1/x/telemetry", &data);
     }

@@ -262,7 +262,10 @@ fn h02_location_example() {
     let r = &frame.to_records(frame.device_id(), now())[0];
     assert!(r.events.is_empty());
     assert_eq!(r.battery_pct, Some(90));
-    assert_eq!(frame.response(), None);
+    // The document's server confirmation of V1.
+    let t = Utc.with_ymd_and_hms(2025, 3, 15, 10, 0, 0).unwrap();
+    let reply = frame.response_at(t).unwrap();
+    assert!(reply.ends_with(b",V4,V1,20250315100000#"), "{reply:?}");
 }
 
 #[test]
@@ -271,7 +274,8 @@ fn h02_heartbeat_and_alarm_examples() {
     assert_eq!(
         hb.message,
         H02Message::Heartbeat {
-            command: "XT".into()
+            command: "XT".into(),
+            battery_pct: None,
         }
     );
     assert_eq!(
@@ -295,19 +299,45 @@ fn h02_heartbeat_and_alarm_examples() {
 // backup battery) cleared → 0xFFF3FFFF.
 #[test]
 fn h02_status_bits() {
+    use em_protocols::h02::{H02Profile, SensorUse};
     assert_eq!(
         h02::status_events(0xFFF3_FFFF),
         vec![DeviceEventKind::Sos, DeviceEventKind::PowerCut]
     );
+    // Low-level sensor 1 (first byte bit 7) is a strap loop only on some models: without
+    // a device profile it is an unknown alarm, never a guessed tamper (the earlier mapping
+    // read it as StrapTamper and "storage battery removed" as CaseTamper).
     assert_eq!(
         h02::status_events(0x7FFF_FFFF),
-        vec![DeviceEventKind::StrapTamper]
+        vec![DeviceEventKind::UnknownAlarm { code: 31 }]
     );
+    let tag = H02Profile {
+        sensor1: SensorUse::Strap,
+        sensor2: SensorUse::Case,
+    };
+    assert_eq!(
+        h02::status_events_with(0x7F7F_FFFF, &tag),
+        vec![DeviceEventKind::CaseTamper, DeviceEventKind::StrapTamper]
+    );
+    // Second byte bit 4: storage battery removed = power removed.
     assert_eq!(
         h02::status_events(0xFFEF_FFFF),
-        vec![DeviceEventKind::CaseTamper]
+        vec![DeviceEventKind::PowerCut]
     );
+    // Theft (4.0) and robbery (4.1) are not read as vibration / SOS.
+    assert_eq!(
+        h02::status_events(0xFFFF_FFFC),
+        vec![
+            DeviceEventKind::UnknownAlarm { code: 0 },
+            DeviceEventKind::UnknownAlarm { code: 1 }
+        ]
+    );
+    // States (ACC on, door open, fortified, engine, oil cut, high-level sensors) are no alarms.
+    assert!(h02::status_events(0x97FF_C0FF).is_empty());
     assert!(h02::status_events(0xFFFF_FFFF).is_empty());
+    // Every one of the 32 bits is in the table exactly once.
+    let bits: Vec<u32> = h02::STATUS_TABLE.iter().map(|r| r.0).collect();
+    assert_eq!(bits, (0..32).collect::<Vec<_>>());
 }
 
 // Traccar Client style request.
@@ -336,7 +366,7 @@ fn osmand_request_example() {
     let ms = osmand::decode("id=a&lat=1&lon=2&timestamp=1706933106000").unwrap();
     assert_eq!(ms.time, iso.time);
     let loc = osmand::decode("deviceid=b&location=1.5,-2.25&hdop=2").unwrap();
-    assert_eq!((loc.lat, loc.lon), (1.5, -2.25));
+    assert_eq!((loc.lat, loc.lon), (Some(1.5), Some(-2.25)));
     assert_eq!(
         loc.to_record(now()).position.unwrap().accuracy_m,
         Some(10.0)

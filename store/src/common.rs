@@ -98,6 +98,10 @@ pub(crate) struct RecordExtra {
     /// Set only for a record whose device time is not trusted (see [`em_model::TimePolicy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_status: Option<TimeStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellTower>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wifi: Vec<WifiAccessPoint>,
 }
 
 /// The time flag a record is stored with: its [`TimeStatus`] when that is `Future` or
@@ -116,6 +120,8 @@ impl RecordExtra {
             gsm_signal: r.gsm_signal,
             events: r.events.clone(),
             time_status: stored_time_flag(r),
+            cells: r.cells.clone(),
+            wifi: r.wifi.clone(),
         }
     }
 }
@@ -211,6 +217,8 @@ pub(crate) fn record_from_parts(
         beacon_in_range,
         events: extra.events,
         time_status: extra.time_status.unwrap_or_default(),
+        cells: extra.cells,
+        wifi: extra.wifi,
     })
 }
 

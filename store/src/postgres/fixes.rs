@@ -216,12 +216,14 @@ fn encode_copy(records: &[StoredRecord]) -> Result<Vec<u8>> {
 /// time flag (same keys as [`crate::common::RecordExtra`]); None for the usual record.
 fn extra_json(r: &Record) -> Result<Option<String>> {
     let time_status = stored_time_flag(r);
-    if r.events.is_empty() && time_status.is_none() {
+    if r.events.is_empty() && time_status.is_none() && r.cells.is_empty() && r.wifi.is_empty() {
         return Ok(None);
     }
     serde_json::to_string(&EventsOnly {
         events: &r.events,
         time_status,
+        cells: &r.cells,
+        wifi: &r.wifi,
     })
     .map(Some)
     .map_err(|e| StoreError::Invalid(format!("cannot encode device events: {e}")))
@@ -342,6 +344,10 @@ struct EventsOnly<'a> {
     events: &'a [DeviceEventKind],
     #[serde(skip_serializing_if = "Option::is_none")]
     time_status: Option<TimeStatus>,
+    #[serde(skip_serializing_if = "<[CellTower]>::is_empty")]
+    cells: &'a [CellTower],
+    #[serde(skip_serializing_if = "<[WifiAccessPoint]>::is_empty")]
+    wifi: &'a [WifiAccessPoint],
 }
 
 /// The positions of one batch, one array per column.
