@@ -8,7 +8,7 @@
 //! | `em_connections_refused_total` | counter | protocol, reason (`per_ip_limit`, `total_limit`) |
 //! | `em_frames_total` | counter | protocol |
 //! | `em_decode_errors_total` | counter | protocol, reason |
-//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`) |
+//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `wrong_protocol`, `missing_credential`, `bad_credential`, `no_registered_secret`, `source_not_allowed`, `id_changed`, `no_login`; see `registry::Refusal`) |
 //! | `em_records_stored_total` | counter | protocol |
 //! | `em_queue_depth` | gauge | shard |
 //! | `em_alert_queue_depth` | gauge | lane |
