@@ -992,6 +992,12 @@ async function addDevice(ev) {
   const err = document.querySelector("[data-error-device]");
   const r = await api("POST", "/api/devices", { device_id: $("df-id").value, protocol: $("df-proto").value, secret: $("df-secret").value || null });
   err.textContent = r.ok ? "" : errorText(r);
+  const shown = $("df-generated");
+  shown.textContent = "";
+  if (r.ok && r.data && r.data.secret) {
+    // Generated for a new osmand/em device: shown once, never retrievable again.
+    shown.textContent = `Secret for ${r.data.device_id} (shown only now; give it to the device as its token / MQTT password): ${r.data.secret}`;
+  }
   if (r.ok) { $("df-id").value = ""; $("df-secret").value = ""; loadAdmin(); }
 }
 

@@ -233,13 +233,14 @@ async fn admin_only_endpoints() {
         assert!(errs[f].is_string(), "missing {f}: {errs}");
     }
     let mut changes = app.state.order_changes();
-    let dev = admin.post("/api/devices", Some(json!({"device_id": "864000000000001", "protocol": "gt06", "secret": "s3cret-token"}))).await;
+    let dev = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "864000000000001", "protocol": "gt06"})),
+        )
+        .await;
     assert_eq!(dev.status, StatusCode::OK, "{}", dev.text);
-    assert_eq!(dev.json()["has_secret"], true);
-    assert!(
-        !dev.text.contains("s3cret-token"),
-        "secret must not be echoed"
-    );
+    assert_eq!(dev.json()["has_secret"], false);
     let assign = admin
         .post(
             "/api/devices/864000000000001/assign",
@@ -1073,4 +1074,125 @@ async fn serve_https_sets_secure_cookie_and_shuts_down() {
     };
     let err = em_dashboard::serve(missing, state, tokio_util::sync::CancellationToken::new()).await;
     assert!(err.is_err());
+}
+
+/// Devices of protocols that carry a secret get one generated at creation, returned in that
+/// response only; the store keeps its hash; IMEI-only protocols refuse a secret.
+#[tokio::test]
+async fn device_secrets_are_generated_once_and_stored_hashed() {
+    let app = start(em_store::testing::sqlite_store().await, config()).await;
+    let admin = app.login("admin").await;
+
+    // GT06 cannot carry a secret: a given one is refused, not stored for show.
+    let gt = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "864000000000009", "protocol": "gt06", "secret": "0123456789abcdef-x"})),
+        )
+        .await;
+    assert_eq!(gt.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", gt.text);
+    assert!(gt.json()["errors"]["secret"].is_string());
+
+    // OsmAnd without a secret: one is generated and shown once.
+    let created = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "phone-7", "protocol": "osmand"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.text);
+    assert_eq!(created.json()["has_secret"], true);
+    let secret = created.json()["secret"]
+        .as_str()
+        .expect("generated secret returned at creation")
+        .to_owned();
+    assert!(secret.len() >= 32, "{secret}");
+    let row = app.store.get_device("phone-7").await.unwrap().unwrap();
+    let stored = row.secret.clone().expect("stored");
+    assert!(em_store::device_secret::verify(&stored, &secret));
+    assert!(
+        !stored.contains(&secret),
+        "the row never holds the plaintext"
+    );
+
+    // Never again: not on update, not in the list, not in the audit.
+    let updated = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "phone-7", "protocol": "osmand", "active": true})),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.text);
+    assert!(updated.json().get("secret").is_none(), "{}", updated.text);
+    assert_eq!(
+        app.store
+            .get_device("phone-7")
+            .await
+            .unwrap()
+            .unwrap()
+            .secret,
+        Some(stored.clone()),
+        "an update keeps the secret"
+    );
+    let list = admin.get("/api/devices").await;
+    assert!(!list.text.contains(&secret) && !list.text.contains(&stored));
+    let audit = admin.get("/api/audit").await;
+    assert!(!audit.text.contains(&secret) && !audit.text.contains(&stored));
+
+    // Rotation: a new secret, shown once; the old one no longer verifies.
+    let rotated = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "phone-7", "protocol": "osmand", "rotate_secret": true})),
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.text);
+    let new_secret = rotated.json()["secret"]
+        .as_str()
+        .expect("new secret")
+        .to_owned();
+    assert_ne!(new_secret, secret);
+    let stored = app
+        .store
+        .get_device("phone-7")
+        .await
+        .unwrap()
+        .unwrap()
+        .secret
+        .unwrap();
+    assert!(em_store::device_secret::verify(&stored, &new_secret));
+    assert!(!em_store::device_secret::verify(&stored, &secret));
+
+    // A secret given by the operator is stored hashed and not echoed.
+    let given = "operator-chosen-secret-0001";
+    let em = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "em-7", "protocol": "em", "secret": given})),
+        )
+        .await;
+    assert_eq!(em.status, StatusCode::OK, "{}", em.text);
+    assert!(!em.text.contains(given) && em.json().get("secret").is_none());
+    let stored = app
+        .store
+        .get_device("em-7")
+        .await
+        .unwrap()
+        .unwrap()
+        .secret
+        .unwrap();
+    assert_eq!(stored, em_store::device_secret::hash(given));
+    // Too short for a device secret.
+    let short = admin
+        .post(
+            "/api/devices",
+            Some(json!({"device_id": "em-8", "protocol": "em", "secret": "short-pw"})),
+        )
+        .await;
+    assert_eq!(
+        short.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        short.text
+    );
 }

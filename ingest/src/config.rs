@@ -101,6 +101,74 @@ pub struct ListenersConfig {
     /// host share a port and the kernel spreads new connections over them (more connections
     /// than one process's open-file limit, restarts without refusing devices). Linux / BSD.
     pub reuse_port: bool,
+    /// `[listeners.gt06]`: options of the GT06 listener.
+    pub gt06: ListenerAccess,
+    /// `[listeners.teltonika]`
+    pub teltonika: ListenerAccess,
+    /// `[listeners.h02]`
+    pub h02: ListenerAccess,
+    /// `[listeners.osmand]`
+    pub osmand: ListenerAccess,
+}
+
+/// `[listeners.<protocol>]`: who may connect to one device listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerAccess {
+    /// Source networks allowed to connect (`"10.0.0.0/8"`, `"192.168.1.0/24"`, a single
+    /// address); empty = any source. A connection from elsewhere is closed before anything is
+    /// read from it. GT06, Teltonika and H02 cannot carry a secret (the IMEI is their only
+    /// identity), so production puts them behind a private APN/VPN and lists its networks here.
+    pub allow: AllowList,
+}
+
+/// Source networks a listener accepts connections from (empty = any).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllowList(Vec<ipnet::IpNet>);
+
+impl AllowList {
+    /// Parses CIDR networks or single addresses (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`).
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<AllowList, String> {
+        items
+            .iter()
+            .map(|s| {
+                let s = s.as_ref().trim();
+                s.parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("{s:?} is not a network (a.b.c.d/len, an address, or IPv6)")
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(AllowList)
+    }
+
+    /// True when no list is set (every source allowed).
+    pub fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when a connection from `ip` is allowed. IPv4 peers seen on an IPv6 socket
+    /// (`::ffff:10.1.2.3`) are matched as IPv4.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn networks(&self) -> &[ipnet::IpNet] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let items = Vec::<String>::deserialize(d)?;
+        AllowList::parse(&items).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for ListenersConfig {
@@ -118,6 +186,10 @@ impl Default for ListenersConfig {
             max_connections: 50_000,
             shutdown_grace_secs: 5,
             reuse_port: false,
+            gt06: ListenerAccess::default(),
+            teltonika: ListenerAccess::default(),
+            h02: ListenerAccess::default(),
+            osmand: ListenerAccess::default(),
         }
     }
 }
@@ -369,6 +441,13 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("EM_TELTONIKA_PORT", "listeners.teltonika_port"),
     ("EM_H02_PORT", "listeners.h02_port"),
     ("EM_OSMAND_PORT", "listeners.osmand_port"),
+    (
+        "EM_GT06_ALLOW",
+        "listeners.gt06.allow (comma-separated networks)",
+    ),
+    ("EM_TELTONIKA_ALLOW", "listeners.teltonika.allow"),
+    ("EM_H02_ALLOW", "listeners.h02.allow"),
+    ("EM_OSMAND_ALLOW", "listeners.osmand.allow"),
     ("EM_LOG", "log.filter"),
     ("EM_LOG_JSON", "log.json"),
     ("EM_DEMO", "demo.enabled"),
@@ -457,6 +536,18 @@ impl Config {
         }
         if let Some(v) = get("EM_OSMAND_PORT") {
             self.listeners.osmand_port = parse_env("EM_OSMAND_PORT", &v)?;
+        }
+        for (var, access) in [
+            ("EM_GT06_ALLOW", &mut self.listeners.gt06),
+            ("EM_TELTONIKA_ALLOW", &mut self.listeners.teltonika),
+            ("EM_H02_ALLOW", &mut self.listeners.h02),
+            ("EM_OSMAND_ALLOW", &mut self.listeners.osmand),
+        ] {
+            if let Some(v) = get(var) {
+                let items: Vec<&str> = v.split(',').filter(|s| !s.trim().is_empty()).collect();
+                access.allow = AllowList::parse(&items)
+                    .map_err(|message| ConfigError::Env { var, message })?;
+            }
         }
         if let Some(v) = get("EM_LOG") {
             self.log.filter = v;
@@ -738,6 +829,44 @@ mod tests {
         let mut c = Config::default();
         c.log.filter = "info,[[".into();
         assert!(c.validate().unwrap_err().to_string().contains("log.filter"));
+    }
+
+    #[test]
+    fn listener_allow_lists() {
+        let c = Config::from_toml(
+            "[listeners.gt06]\nallow = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::/8\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        let a = &c.listeners.gt06.allow;
+        assert!(a.permits("10.1.2.3".parse().unwrap()));
+        assert!(a.permits("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(a.permits("192.168.1.7".parse().unwrap()));
+        assert!(!a.permits("192.168.1.8".parse().unwrap()));
+        assert!(!a.permits("127.0.0.1".parse().unwrap()));
+        assert!(a.permits("fd12::1".parse().unwrap()));
+        assert!(c.listeners.h02.allow.is_any());
+        assert!(c.listeners.h02.allow.permits("127.0.0.1".parse().unwrap()));
+
+        let err = Config::from_toml("[listeners.h02]\nallow = [\"10.0.0/8\"]\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow") && err.contains("10.0.0/8"), "{err}");
+
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "EM_OSMAND_ALLOW").then(|| "10.0.0.0/8, 127.0.0.1".into()))
+            .unwrap();
+        assert!(c
+            .listeners
+            .osmand
+            .allow
+            .permits("127.0.0.1".parse().unwrap()));
+        assert_eq!(c.listeners.osmand.allow.networks().len(), 2);
+        let err = Config::default()
+            .apply_env(|k| (k == "EM_GT06_ALLOW").then(|| "nope".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EM_GT06_ALLOW"), "{err}");
     }
 
     #[test]

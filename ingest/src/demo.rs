@@ -624,24 +624,18 @@ pub async fn seed(store: &dyn Store, opts: &DemoOptions) -> anyhow::Result<DemoP
     })
 }
 
-/// Register (or re-activate) a device; EM devices keep an existing secret or get a new one.
+/// Register (or re-activate) a device. EM devices get a fresh secret on every seed: the store
+/// keeps only its hash, so the plaintext of an earlier run cannot be read back, and the demo
+/// drives its simulated devices with the plaintext returned here.
 async fn register_device(
     store: &dyn Store,
     device_id: &str,
     protocol: Protocol,
     class: DeviceClass,
 ) -> anyhow::Result<Option<String>> {
-    let existing = store.get_device(device_id).await?;
-    let secret = if protocol == Protocol::Em {
-        Some(
-            existing
-                .as_ref()
-                .and_then(|d| d.secret.clone())
-                .unwrap_or_else(|| random_secret(24)),
-        )
-    } else {
-        None
-    };
+    let secret = protocol
+        .carries_secret()
+        .then(em_store::device_secret::generate);
     store
         .upsert_device(&Device {
             device_id: device_id.to_string(),
@@ -747,14 +741,18 @@ mod tests {
         let ids = |p: &DemoPlan| {
             p.devices
                 .iter()
-                .map(|d| (d.device_id.clone(), d.subject_id, d.secret.clone()))
+                .map(|d| (d.device_id.clone(), d.subject_id))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            ids(&plan),
-            ids(&plan2),
-            "same devices, subjects and secrets"
-        );
+        assert_eq!(ids(&plan), ids(&plan2), "same devices and subjects");
+        // Secrets are stored hashed, so each run provisions fresh ones; the stored hash is
+        // always that of the plaintext the simulator will use.
+        for d in plan2.devices.iter().filter(|d| d.secret.is_some()) {
+            let stored = store.get_device(&d.device_id).await.unwrap().unwrap();
+            let (hash, plain) = (stored.secret.unwrap(), d.secret.clone().unwrap());
+            assert!(em_store::device_secret::verify(&hash, &plain));
+            assert_ne!(hash, plain, "the row never holds the plaintext");
+        }
         for d in &plan2.devices {
             let n = store.assignments(&d.device_id).await.unwrap().len();
             assert!(n <= 1, "{} has {n} assignments", d.device_id);
@@ -779,7 +777,14 @@ mod tests {
             }
             let stored = store.get_device(&d.device_id).await.unwrap().unwrap();
             assert_eq!(stored.protocol, d.protocol);
-            assert_eq!(stored.secret, d.secret);
+            match (&stored.secret, &d.secret) {
+                (Some(hash), Some(plain)) => {
+                    assert!(em_store::device_secret::verify(hash, plain));
+                    assert!(!hash.contains(plain.as_str()));
+                }
+                (None, None) => {}
+                other => panic!("{}: secret mismatch {other:?}", d.device_id),
+            }
         }
         let names: Vec<&str> = plan.devices.iter().map(|d| d.behaviour.name()).collect();
         for b in [

@@ -8,7 +8,7 @@
 //! | `em_connections_refused_total` | counter | protocol, reason (`per_ip_limit`, `total_limit`) |
 //! | `em_frames_total` | counter | protocol |
 //! | `em_decode_errors_total` | counter | protocol, reason |
-//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `bad_secret`, `no_login`; embedded MQTT endpoint also `no_secret`, `no_credentials`, `protocol_version`, `bad_client_id`, `foreign_topic`, `registry_unavailable`) |
+//! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `wrong_protocol`, `missing_credential`, `bad_credential`, `no_registered_secret`, `source_not_allowed`, `id_changed`, `no_login`; see `registry::Refusal`; embedded MQTT endpoint also `no_credentials`, `protocol_version`, `bad_client_id`, `foreign_topic`, `registry_unavailable`) |
 //! | `em_records_stored_total` | counter | protocol |
 //! | `em_records_untrusted_time_total` | counter | protocol, status (`future`, `far_past`): stored flagged, moved no state |
 //! | `em_queue_depth` | gauge | shard |

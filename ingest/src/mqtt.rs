@@ -9,8 +9,11 @@
 //! devices between several ingest instances.
 //!
 //! Device authentication is the broker's job (per-device credentials and an ACL that lets
-//! device `<id>` publish only below `em/v1/<id>/`); here messages whose topic names an unknown
-//! or inactive device are dropped (acknowledged, counted, logged), as are malformed ones.
+//! device `<id>` publish only below `em/v1/<id>/`); here every message goes through the one
+//! admission check ([`Registry::admit`] with [`Credential::Broker`]): messages whose topic
+//! names an unknown or inactive device, or a device registered under another protocol (a GT06
+//! tag's IMEI on `em/v1/<imei>/...`), are dropped (acknowledged, counted, logged with the
+//! reason), as are malformed ones.
 //!
 //! The event loop is never blocked by storage: received publishes go to a handler task
 //! (bounded queue = `max_inflight`), which queues the records in the pipeline and hands the
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{MqttConfig, MqttUrl};
 use crate::metrics as m;
 use crate::pipeline::{Pipeline, Stored};
-use crate::registry::Registry;
+use crate::registry::{Credential, Registry};
 
 const P: Protocol = Protocol::Em;
 /// Topic kinds subscribed to.
@@ -280,7 +283,10 @@ async fn accept(
             return Err(Refuse::Acknowledge);
         }
     };
-    match registry.admit(&msg.device_id, None).await {
+    // The external broker authenticated the device (username = device id, password = its
+    // secret; ACL em/v1/%u/#): what is left to check here is that the topic's device is
+    // registered, active and registered as an EM device.
+    match registry.admit(&msg.device_id, P, Credential::Broker).await {
         Ok(Ok(_)) => {}
         Ok(Err(refusal)) => {
             m::device_rejected(P, refusal.as_str());

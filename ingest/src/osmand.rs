@@ -1,25 +1,31 @@
-//! OsmAnd over HTTP: `GET` or `POST /?id=<device>&lat=..&lon=..&timestamp=..` (the parameters
-//! may also come as a form body). The device must be registered and active; when it has a
-//! secret, the request must carry it as `token=`. The response is sent only after the report
-//! is durably stored: `200` stored, `400` malformed, `403` unknown/inactive device or bad
-//! token, `503` storage failure (the client retries).
+//! OsmAnd over HTTP: `GET` or `POST /?id=<device>&lat=..&lon=..&timestamp=..&token=<secret>`
+//! (the parameters may also come as a form body). The device must be registered and active,
+//! registered AS an OsmAnd device, and present its secret: as the `token` parameter (query
+//! string or form body) or as an `Authorization: Bearer <secret>` header (the header wins
+//! when both are given). The response is sent only after the report is durably stored: `200`
+//! stored, `400` malformed, `403` refused (unknown/inactive device, another protocol's device,
+//! missing or wrong token — the reason is logged and counted, never sent), `503` storage
+//! failure (the client retries). With `[listeners.osmand] allow`, connections from other
+//! networks are closed before the request is read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::routing::any;
 use axum::Router;
 use bytes::Bytes;
 use chrono::Utc;
 use em_model::Protocol;
 use em_protocols::osmand;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AllowList;
 use crate::metrics as m;
 use crate::pipeline::Pipeline;
-use crate::registry::Registry;
+use crate::registry::{Credential, Refusal, Registry};
 
 const P: Protocol = Protocol::Osmand;
 
@@ -37,24 +43,56 @@ pub fn router(pipeline: Pipeline, registry: Registry) -> Router {
         .with_state(OsmandState { pipeline, registry })
 }
 
-/// Serves the OsmAnd endpoint on `listener` until `shutdown`.
+/// Serves the OsmAnd endpoint on `listener` until `shutdown`; connections from sources not
+/// in `allow` (when set) are closed unread.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
+    allow: AllowList,
     pipeline: Pipeline,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(protocol = %P, addr = ?listener.local_addr().ok(), "device listener started");
-    let app = router(pipeline, registry).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
+    let app = router(pipeline, registry).into_make_service();
+    axum::serve(AllowedListener { listener, allow }, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// The OsmAnd TCP listener with the source allow list applied at accept.
+struct AllowedListener {
+    listener: TcpListener,
+    allow: AllowList,
+}
+
+impl axum::serve::Listener for AllowedListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let (io, peer) = axum::serve::Listener::accept(&mut self.listener).await;
+            if self.allow.permits(peer.ip()) {
+                return (io, peer);
+            }
+            let refusal = Refusal::SourceNotAllowed;
+            m::device_rejected(P, refusal.as_str());
+            tracing::warn!(protocol = %P, %peer, reason = %refusal,
+                "connection refused: source not in the listener's allow list");
+            drop(io);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
 }
 
 async fn report(
     State(st): State<OsmandState>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> (StatusCode, &'static str) {
@@ -74,6 +112,7 @@ async fn report(
             (text.to_owned(), token)
         }
     };
+    let token = bearer_token(&headers).or(token);
     // A query / form body is one report; a Traccar Client JSON body may hold several.
     let reports = match osmand::decode_all(&input) {
         Ok(r) => r,
@@ -86,11 +125,13 @@ async fn report(
     let Some(device) = reports.first().map(|r| r.device_id().to_owned()) else {
         return (StatusCode::BAD_REQUEST, "malformed report\n");
     };
-    match st
-        .registry
-        .admit_with_required_secret(&device, token.as_deref())
-        .await
-    {
+    // One request, one device: the credential admits that device only.
+    if reports.iter().any(|r| r.device_id() != device) {
+        m::decode_error(P, "mixed_devices");
+        return (StatusCode::BAD_REQUEST, "one request may carry reports of one device only\n");
+    }
+    let credential = Credential::from(token.as_deref().filter(|t| !t.is_empty()));
+    match st.registry.admit(&device, P, credential).await {
         Ok(Ok(_)) => {}
         Ok(Err(refusal)) => {
             m::device_rejected(P, refusal.as_str());
@@ -111,6 +152,14 @@ async fn report(
             (StatusCode::SERVICE_UNAVAILABLE, "not stored, try again\n")
         }
     }
+}
+
+/// The secret of an `Authorization: Bearer <secret>` header (scheme case-insensitive).
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
 }
 
 fn form_token(body: &str) -> Option<String> {
@@ -152,6 +201,18 @@ fn percent_decode(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_from_bearer_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc123".parse().unwrap());
+        assert_eq!(bearer_token(&h).as_deref(), Some("abc123"));
+        h.insert(header::AUTHORIZATION, "bearer  xyz ".parse().unwrap());
+        assert_eq!(bearer_token(&h).as_deref(), Some("xyz"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer_token(&h), None);
+    }
 
     #[test]
     fn token_from_form_body() {

@@ -1,7 +1,9 @@
-//! The device registry as ingest sees it: which devices are known and active (and their
-//! optional shared secret), and which subject wears each device. Both are cached from the
-//! store and refreshed periodically; a device missing from the cache is looked up in the store
-//! once (with a short negative cache, so a flood of unknown IMEIs does not hammer the database).
+//! The device registry as ingest sees it: which devices are known and active (their
+//! protocol and, for protocols that carry one, the hash of their secret), the one admission
+//! check every entry point uses ([`Registry::admit`]), and which subject wears each device.
+//! Both are cached from the store and refreshed periodically; a device missing from the cache
+//! is looked up in the store once (with a short negative cache, so a flood of unknown IMEIs
+//! does not hammer the database).
 //! Subjects are resolved through the assignment history: the cached current assignment for
 //! fresh data, `Store::subject_for_device_at` for device times before it (buffered uploads of a
 //! tag that was moved to another person are attributed to the right one).
@@ -11,18 +13,29 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use em_model::{Assignment, Device, DeviceId, SubjectId};
-use em_store::{Store, StoreError};
+use em_model::{Assignment, Device, DeviceId, Protocol, SubjectId};
+use em_store::{device_secret, Store, StoreError};
 
-/// Why a device is refused.
+/// Why a device (or a connection) is refused. The reason is what metrics count
+/// (`em_devices_rejected_total{protocol, reason}`) and logs name; it never carries the secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Not in the registry.
     Unknown,
     /// In the registry but deactivated.
     Inactive,
-    /// The device authenticates with a secret and the one presented is wrong or missing.
-    BadSecret,
+    /// Registered under another protocol (a device is admitted only on its own).
+    WrongProtocol,
+    /// The protocol carries a secret (OsmAnd token, MQTT password) and none was presented.
+    MissingCredential,
+    /// The secret presented is not the device's.
+    BadCredential,
+    /// The device's protocol needs a secret but none is registered for it: the operator must
+    /// set one (the dashboard generates it) before the device can connect.
+    NoRegisteredSecret,
+    /// The connection came from a network not in the listener's `allow` list (checked before
+    /// anything is read, see `config::AllowList`).
+    SourceNotAllowed,
 }
 
 impl Refusal {
@@ -30,7 +43,11 @@ impl Refusal {
         match self {
             Refusal::Unknown => "unknown_device",
             Refusal::Inactive => "inactive_device",
-            Refusal::BadSecret => "bad_secret",
+            Refusal::WrongProtocol => "wrong_protocol",
+            Refusal::MissingCredential => "missing_credential",
+            Refusal::BadCredential => "bad_credential",
+            Refusal::NoRegisteredSecret => "no_registered_secret",
+            Refusal::SourceNotAllowed => "source_not_allowed",
         }
     }
 }
@@ -38,6 +55,39 @@ impl Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What a device presented to prove who it is, besides its id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// Nothing: the protocol cannot carry a secret (GT06, Teltonika, H02: the IMEI is the only
+    /// identity, so the network is the control — private APN/VPN, listener allow lists), or
+    /// the device sent none.
+    None,
+    /// The secret the device presented: the OsmAnd token, the MQTT CONNECT password.
+    Secret(&'a str),
+    /// Already authenticated by the external MQTT broker this subscriber reads from: the
+    /// broker checked the device's username (= device id) and password, and its ACL lets the
+    /// device publish only below `em/v1/<its id>/` (see the README, "Production"). Valid only
+    /// for [`Protocol::Em`].
+    Broker,
+}
+
+impl<'a> From<Option<&'a str>> for Credential<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        v.map_or(Credential::None, Credential::Secret)
+    }
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::None => "None",
+            Credential::Secret(_) => "Secret(***)",
+            Credential::Broker => "Broker",
+        })
     }
 }
 
@@ -160,39 +210,30 @@ impl Registry {
         Ok(found)
     }
 
-    /// Admission check: the device must be registered and active; when `secret` is given
-    /// (protocols that carry one) and the device has a secret, they must match.
-    pub async fn admit(
+    /// THE admission check, used by every entry point (TCP listeners, OsmAnd, the MQTT
+    /// subscriber, the in-process MQTT endpoint with the CONNECT password):
+    ///
+    /// 1. the device is registered ([`Refusal::Unknown`]) and active ([`Refusal::Inactive`]);
+    /// 2. it arrives on the protocol it is registered for ([`Refusal::WrongProtocol`]) — a tag
+    ///    registered as EM is not accepted over GT06, a GT06 tag not over OsmAnd;
+    /// 3. for protocols that carry a secret (OsmAnd, EM) the device has one registered
+    ///    ([`Refusal::NoRegisteredSecret`]), presents it ([`Refusal::MissingCredential`]) and it
+    ///    matches the stored hash in constant time ([`Refusal::BadCredential`]); for EM,
+    ///    [`Credential::Broker`] stands for a check already made by the external broker.
+    ///    IMEI-only protocols (GT06, Teltonika, H02) carry none: identity is the IMEI.
+    ///
+    /// `credential` is a [`Credential`] or an `Option<&str>` (`Some(password)`).
+    /// The outer `Err` is a store failure (the caller lets the device retry).
+    pub async fn admit<'c>(
         &self,
         device_id: &str,
-        secret: Option<&str>,
+        protocol: Protocol,
+        credential: impl Into<Credential<'c>>,
     ) -> Result<Result<Device, Refusal>, StoreError> {
         let Some(dev) = self.device(device_id).await? else {
             return Ok(Err(Refusal::Unknown));
         };
-        if !dev.active {
-            return Ok(Err(Refusal::Inactive));
-        }
-        if let Some(expected) = dev.secret.as_deref() {
-            if let Some(given) = secret {
-                if !constant_time_eq(expected.as_bytes(), given.as_bytes()) {
-                    return Ok(Err(Refusal::BadSecret));
-                }
-            }
-        }
-        Ok(Ok(dev))
-    }
-
-    /// Like [`admit`](Self::admit) but a device with a secret MUST present it.
-    pub async fn admit_with_required_secret(
-        &self,
-        device_id: &str,
-        secret: Option<&str>,
-    ) -> Result<Result<Device, Refusal>, StoreError> {
-        match self.admit(device_id, secret).await? {
-            Ok(dev) if dev.secret.is_some() && secret.is_none() => Ok(Err(Refusal::BadSecret)),
-            other => Ok(other),
-        }
+        Ok(check(dev, protocol, credential.into()))
     }
 
     /// Current assignment of a device, from the cache.
@@ -257,21 +298,93 @@ impl Registry {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The admission rules of [`Registry::admit`] for a registered device (pure).
+fn check(dev: Device, protocol: Protocol, credential: Credential<'_>) -> Result<Device, Refusal> {
+    if !dev.active {
+        return Err(Refusal::Inactive);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    if dev.protocol != protocol {
+        return Err(Refusal::WrongProtocol);
+    }
+    if !protocol.carries_secret() {
+        return Ok(dev);
+    }
+    match credential {
+        Credential::Broker if protocol == Protocol::Em => Ok(dev),
+        Credential::Broker | Credential::None => Err(Refusal::MissingCredential),
+        Credential::Secret(given) => match dev.secret.as_deref() {
+            None => Err(Refusal::NoRegisteredSecret),
+            Some(stored) if device_secret::verify(stored, given) => Ok(dev),
+            Some(_) => Err(Refusal::BadCredential),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    fn dev(protocol: Protocol, secret: Option<&str>) -> Device {
+        Device {
+            device_id: "d1".into(),
+            protocol,
+            secret: secret.map(device_secret::hash),
+            active: true,
+        }
+    }
 
     #[test]
-    fn secret_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
+    fn admission_rules() {
+        use Credential as C;
+        use Protocol as P;
+        let em = dev(P::Em, Some("em-secret-0123456789"));
+        assert!(check(em.clone(), P::Em, C::Secret("em-secret-0123456789")).is_ok());
+        assert_eq!(
+            check(em.clone(), P::Em, C::Secret("em-secret-012345678X")),
+            Err(Refusal::BadCredential)
+        );
+        assert_eq!(
+            check(em.clone(), P::Em, C::None),
+            Err(Refusal::MissingCredential)
+        );
+        assert!(check(em.clone(), P::Em, C::Broker).is_ok());
+        for p in [P::Gt06, P::H02, P::Teltonika, P::Osmand] {
+            assert_eq!(
+                check(em.clone(), p, C::None),
+                Err(Refusal::WrongProtocol),
+                "{p}"
+            );
+        }
+        let gt06 = dev(P::Gt06, None);
+        assert!(check(gt06.clone(), P::Gt06, C::None).is_ok());
+        assert_eq!(
+            check(gt06.clone(), P::Osmand, C::None),
+            Err(Refusal::WrongProtocol)
+        );
+        assert_eq!(check(gt06, P::Em, C::Broker), Err(Refusal::WrongProtocol));
+        let osm = dev(P::Osmand, Some("osmand-token-0123456"));
+        assert_eq!(
+            check(osm.clone(), P::Osmand, C::Broker),
+            Err(Refusal::MissingCredential)
+        );
+        assert!(check(osm.clone(), P::Osmand, C::Secret("osmand-token-0123456")).is_ok());
+        assert_eq!(
+            check(dev(P::Osmand, None), P::Osmand, C::Secret("anything")),
+            Err(Refusal::NoRegisteredSecret)
+        );
+        let off = Device {
+            active: false,
+            ..osm
+        };
+        assert_eq!(
+            check(off, P::Osmand, C::Secret("osmand-token-0123456")),
+            Err(Refusal::Inactive)
+        );
+    }
+
+    #[test]
+    fn credential_debug_hides_the_secret() {
+        let s = format!("{:?}", Credential::from(Some("top-secret")));
+        assert!(!s.contains("top-secret"), "{s}");
     }
 }

@@ -226,6 +226,11 @@ impl Service {
             max_frame_bytes: l.max_frame_bytes,
             max_connections_per_ip: l.max_connections_per_ip,
             max_connections: l.max_connections,
+            allow: Default::default(),
+        };
+        let with_allow = |access: &crate::config::ListenerAccess| TcpSettings {
+            allow: access.allow.clone(),
+            ..settings.clone()
         };
         let addr = |port: u16| SocketAddr::new(l.bind, port);
         let reuse = l.reuse_port;
@@ -273,7 +278,7 @@ impl Service {
         if let Some(s) = gt06 {
             addrs.gt06 = s.local_addr().ok();
             listeners_tracker.spawn(s.serve(
-                settings.clone(),
+                with_allow(&l.gt06),
                 pipeline.clone(),
                 registry.clone(),
                 connections.clone(),
@@ -283,7 +288,7 @@ impl Service {
         if let Some(s) = telt {
             addrs.teltonika = s.local_addr().ok();
             listeners_tracker.spawn(s.serve(
-                settings.clone(),
+                with_allow(&l.teltonika),
                 pipeline.clone(),
                 registry.clone(),
                 connections.clone(),
@@ -293,7 +298,7 @@ impl Service {
         if let Some(s) = h02 {
             addrs.h02 = s.local_addr().ok();
             listeners_tracker.spawn(s.serve(
-                settings.clone(),
+                with_allow(&l.h02),
                 pipeline.clone(),
                 registry.clone(),
                 connections.clone(),
@@ -303,8 +308,9 @@ impl Service {
         if let Some(lst) = osmand {
             addrs.osmand = lst.local_addr().ok();
             let (p, r, s) = (pipeline.clone(), registry.clone(), shutdown.clone());
+            let allow = l.osmand.allow.clone();
             listeners_tracker.spawn(async move {
-                if let Err(e) = crate::osmand::serve(lst, p, r, s).await {
+                if let Err(e) = crate::osmand::serve(lst, allow, p, r, s).await {
                     tracing::error!(error = %e, "OsmAnd listener failed");
                 }
             });

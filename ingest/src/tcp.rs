@@ -2,8 +2,9 @@
 //!
 //! ONE task per connection, and no read buffer while the tag is quiet: an idle device costs
 //! one small task and its socket (see the README's load figures). The task reads frames
-//! through the protocol codec (`tokio_util::codec::FramedRead`), checks the device against the registry at
-//! its login / IMEI (nothing is accepted before), queues each frame's records in the pipeline
+//! through the protocol codec (`tokio_util::codec::FramedRead`), checks the device against the
+//! registry at its login / IMEI ([`Registry::admit`]: registered, active, and registered for
+//! THIS protocol; nothing is accepted before), queues each frame's records in the pipeline
 //! and keeps the frame's "stored" receiver, in order, in a small queue. It waits on the oldest
 //! receiver and the socket at the same time: when a frame's records are durably stored it
 //! writes that frame's protocol acknowledgement (GT06 response, Teltonika record count); a
@@ -29,10 +30,11 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::AllowList;
 use crate::limits::{ConnectionLimiter, ConnectionPermit};
 use crate::metrics as m;
 use crate::pipeline::{IngestError, Pipeline, Stored};
-use crate::registry::Registry;
+use crate::registry::{Credential, Refusal, Registry};
 
 /// Frames a connection may have queued (stored or not) ahead of their ACK.
 const MAX_PENDING_FRAMES: usize = 64;
@@ -55,6 +57,8 @@ pub struct TcpSettings {
     pub max_frame_bytes: usize,
     pub max_connections_per_ip: usize,
     pub max_connections: usize,
+    /// Source networks allowed to connect (empty = any); others are closed before any read.
+    pub allow: AllowList,
 }
 
 /// What the connection does with one decoded frame.
@@ -275,6 +279,15 @@ impl<P: TcpProtocol> TcpServer<P> {
                     continue;
                 }
             };
+            if !shared.settings.allow.permits(peer.ip()) {
+                // IMEI-only protocols: the network is the control. Nothing is read.
+                let refusal = Refusal::SourceNotAllowed;
+                m::device_rejected(proto, refusal.as_str());
+                tracing::warn!(protocol = %proto, %peer, reason = %refusal,
+                    "connection refused: source not in the listener's allow list");
+                drop(stream);
+                continue;
+            }
             let permit = match limiter.try_acquire(peer.ip()) {
                 Ok(p) => p,
                 Err(limit) => {
@@ -471,7 +484,12 @@ impl<P: TcpProtocol> Connection<P> {
                     return Err(Stop::Refused);
                 }
                 Some(_) => {}
-                None => match self.shared.registry.admit(id, None).await {
+                None => match self
+                    .shared
+                    .registry
+                    .admit(id, proto, Credential::None)
+                    .await
+                {
                     Ok(Ok(_)) => {
                         tracing::debug!(protocol = %proto, peer = %self.peer, device = id, "device logged in");
                         *device = Some(id.to_owned());
@@ -670,6 +688,7 @@ mod size_tests {
                 max_frame_bytes: 0,
                 max_connections_per_ip: 0,
                 max_connections: 0,
+                allow: AllowList::default(),
             },
             pipeline,
             registry,

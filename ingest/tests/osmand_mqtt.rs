@@ -34,7 +34,13 @@ async fn http(addr: std::net::SocketAddr, method: &str, target: &str, body: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn osmand_reports_need_a_known_device_and_its_token() {
     let db = sqlite_db().await;
-    register(&*db.store, "phone-1", Protocol::Osmand, None).await;
+    register(
+        &*db.store,
+        "phone-1",
+        Protocol::Osmand,
+        Some("tok-secret-1-0123456789"),
+    )
+    .await;
     register(
         &*db.store,
         "phone-2",
@@ -50,7 +56,7 @@ async fn osmand_reports_need_a_known_device_and_its_token() {
         http(
             addr,
             "GET",
-            &format!("/?id=phone-1&lat=55.1&lon=12.1&timestamp={ts}&batt=77"),
+            &format!("/?id=phone-1&lat=55.1&lon=12.1&timestamp={ts}&batt=77&token=tok-secret-1-0123456789"),
             ""
         )
         .await,
@@ -67,7 +73,10 @@ async fn osmand_reports_need_a_known_device_and_its_token() {
             addr,
             "POST",
             "/",
-            &format!("id=phone-1&lat=55.2&lon=12.2&timestamp={}", ts + 1)
+            &format!(
+                "id=phone-1&lat=55.2&lon=12.2&timestamp={}&token=tok-secret-1-0123456789",
+                ts + 1
+            )
         )
         .await,
         200

@@ -46,6 +46,16 @@ impl Protocol {
             Protocol::Em => "em",
         }
     }
+
+    /// True when the protocol can carry a per-device secret (OsmAnd token, EM/MQTT password),
+    /// so a device registered for it must have one and present it. GT06, Teltonika and H02
+    /// cannot: their only identity is the IMEI (private APN/VPN, listener allow lists).
+    pub fn carries_secret(self) -> bool {
+        match self {
+            Protocol::Osmand | Protocol::Em => true,
+            Protocol::Gt06 | Protocol::Teltonika | Protocol::H02 => false,
+        }
+    }
 }
 
 impl std::fmt::Display for Protocol {
@@ -445,6 +455,8 @@ pub struct Device {
     pub device_id: DeviceId,
     pub protocol: Protocol,
     /// Shared secret for protocols that authenticate (EM/MQTT password, OsmAnd token); None = IMEI allow-list only.
+    /// Written as plaintext or already hashed; the store keeps only its hash (`sha256$<hex>`,
+    /// see `em_store::device_secret`), so a device read back carries the hash, never the secret.
     pub secret: Option<String>,
     pub active: bool,
     /// Whose device it is: an offender's tag (the default) or a protected person's device.

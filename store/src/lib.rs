@@ -16,6 +16,7 @@ use em_model::*;
 use serde::{Deserialize, Serialize};
 
 mod common;
+pub mod device_secret;
 pub mod postgres;
 pub mod sqlite;
 pub mod testing;

@@ -341,6 +341,7 @@ impl PgStore {
 
     async fn init(pool: PgPool, request: LayoutRequest) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
+        hash_plaintext_secrets(&pool).await?;
         let layout = Self::prepare_positions(&pool, request).await?;
         let store = PgStore {
             pool,
@@ -626,6 +627,41 @@ impl PgStore {
     }
 }
 
+/// Replaces every device secret still stored as plaintext (rows written before secrets were
+/// hashed, or by an older instance during a rolling upgrade) by its stored form
+/// ([`device_secret`]), on every open. The same Rust code as SQLite's (one definition of the
+/// stored form); idempotent, and safe with several instances starting at once (a row is only
+/// replaced while it still holds the value read).
+async fn hash_plaintext_secrets(pool: &PgPool) -> Result<()> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT device_id, secret FROM devices
+         WHERE secret IS NOT NULL AND (length(secret) <> 71 OR secret NOT LIKE 'sha256$%')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut converted = 0u64;
+    for (device_id, secret) in rows {
+        if device_secret::is_hashed(&secret) {
+            continue;
+        }
+        converted +=
+            sqlx::query("UPDATE devices SET secret = $1 WHERE device_id = $2 AND secret = $3")
+                .bind(device_secret::hash(&secret))
+                .bind(&device_id)
+                .bind(&secret)
+                .execute(pool)
+                .await?
+                .rows_affected();
+    }
+    if converted > 0 {
+        tracing::info!(
+            devices = converted,
+            "plaintext device secrets replaced by their hashes"
+        );
+    }
+    Ok(())
+}
+
 fn device_from_row(r: &PgRow) -> Result<Device> {
     Ok(Device {
         device_id: r.try_get("device_id")?,
@@ -814,7 +850,7 @@ impl Store for PgStore {
         )
         .bind(&device.device_id)
         .bind(device.protocol.as_str())
-        .bind(&device.secret)
+        .bind(device.secret.as_deref().map(device_secret::stored_form))
         .bind(device.active)
         .bind(device.class.as_str())
         .execute(&self.pool)

@@ -93,6 +93,7 @@ impl SqliteStore {
         };
         let pool = pool_opts.connect_with(opts).await?;
         MIGRATOR.run(&pool).await?;
+        hash_plaintext_secrets(&pool).await?;
         Ok(SqliteStore { pool })
     }
 
@@ -164,6 +165,39 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Replaces every device secret still stored as plaintext (rows written before secrets were
+/// hashed) by its stored form ([`device_secret`]). SQLite has no SHA-256 in SQL, so this runs
+/// here on every open; idempotent, and a row changed meanwhile is left to the next open.
+async fn hash_plaintext_secrets(pool: &SqlitePool) -> Result<()> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT device_id, secret FROM devices
+         WHERE secret IS NOT NULL AND (length(secret) <> 71 OR secret NOT LIKE 'sha256$%')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut converted = 0u64;
+    for (device_id, secret) in rows {
+        if device_secret::is_hashed(&secret) {
+            continue;
+        }
+        converted +=
+            sqlx::query("UPDATE devices SET secret = ? WHERE device_id = ? AND secret = ?")
+                .bind(device_secret::hash(&secret))
+                .bind(&device_id)
+                .bind(&secret)
+                .execute(pool)
+                .await?
+                .rows_affected();
+    }
+    if converted > 0 {
+        tracing::info!(
+            devices = converted,
+            "plaintext device secrets replaced by their hashes"
+        );
+    }
+    Ok(())
 }
 
 fn device_from_row(r: &SqliteRow) -> Result<Device> {
@@ -323,7 +357,7 @@ impl Store for SqliteStore {
         )
         .bind(&device.device_id)
         .bind(device.protocol.as_str())
-        .bind(&device.secret)
+        .bind(device.secret.as_deref().map(device_secret::stored_form))
         .bind(device.active)
         .bind(device.class.as_str())
         .execute(&self.pool)

@@ -99,6 +99,22 @@ async fn registry(s: Arc<dyn Store>) {
         ..d.clone()
     };
     s.upsert_device(&d2).await.expect("device update");
+    // The secret is kept only as its hash, which verifies the secret.
+    let stored = s
+        .get_device(&d.device_id)
+        .await
+        .expect("get")
+        .expect("found");
+    let hashed = stored.secret.clone().expect("secret kept");
+    assert_eq!(hashed, em_store::device_secret::hash("s3cret"));
+    assert!(em_store::device_secret::verify(&hashed, "s3cret"));
+    let d2 = Device {
+        secret: Some(hashed.clone()),
+        ..d2
+    };
+    assert_eq!(stored, d2);
+    // Writing back what was read keeps the same hash (not a hash of the hash).
+    s.upsert_device(&stored).await.expect("device rewrite");
     assert_eq!(
         s.get_device(&d.device_id).await.expect("get"),
         Some(d2.clone())

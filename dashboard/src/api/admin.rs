@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use chrono::Utc;
 use em_model::{Device, Protocol, Role, SubjectId, User, UserId};
+use em_store::device_secret;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -255,7 +256,10 @@ pub(crate) async fn list_devices(
 }
 
 fn valid_device_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
+    // `alerts` is reserved: em/v1/alerts/# is the alert feed, and the broker ACL
+    // `em/v1/%u/#` would let a device of that name publish on it.
+    s != "alerts"
+        && (1..=64).contains(&s.len())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
@@ -298,12 +302,43 @@ pub(crate) async fn upsert_device(
     let secret = match input.get("secret") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) if s.len() >= 8 && s.len() <= 256 => Some(s.clone()),
+        Some(Value::String(s))
+            if (device_secret::MIN_LEN..=device_secret::MAX_LEN).contains(&s.chars().count())
+                && !s.starts_with(device_secret::PREFIX) =>
+        {
+            Some(s.clone())
+        }
         Some(_) => {
-            errors.insert("secret".into(), "must be 8..256 characters".into());
+            errors.insert(
+                "secret".into(),
+                format!(
+                    "must be {}..{} characters of random text (leave it out to have one generated)",
+                    device_secret::MIN_LEN,
+                    device_secret::MAX_LEN
+                ),
+            );
             None
         }
     };
+    let rotate = match input.get("rotate_secret") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.insert("rotate_secret".into(), "must be true or false".into());
+            false
+        }
+    };
+    if let Some(p) = protocol.filter(|p| !p.carries_secret()) {
+        if secret.is_some() || rotate {
+            errors.insert(
+                "secret".into(),
+                format!(
+                    "{p} devices cannot carry a secret (their identity is the IMEI): put their \
+                     listener behind a private APN/VPN and its allow list"
+                ),
+            );
+        }
+    }
     let active = match input.get("active") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -321,8 +356,23 @@ pub(crate) async fn upsert_device(
     let existing = st.inner.store.get_device(&device_id).await?;
     let created = existing.is_none();
     let class = existing.as_ref().map(|d| d.class).unwrap_or_default();
+    // Devices of protocols that carry a secret always have one: the one given, the current
+    // one, or a generated one that is returned in this response only (the store keeps its
+    // hash and nobody can read it back). IMEI-only devices keep none.
+    let mut generated = None;
+    let stored_secret = if !protocol.carries_secret() {
+        None
+    } else if let Some(s) = secret {
+        Some(s)
+    } else if let (false, Some(current)) = (rotate, existing.and_then(|d| d.secret)) {
+        Some(current)
+    } else {
+        let s = device_secret::generate();
+        generated = Some(s.clone());
+        Some(s)
+    };
     let device = Device {
-        secret: secret.or_else(|| existing.and_then(|d| d.secret)),
+        secret: stored_secret,
         device_id,
         protocol,
         active,
@@ -341,13 +391,19 @@ pub(crate) async fn upsert_device(
         Some(device.device_id.clone()),
         None,
         json!({ "protocol": device.protocol, "active": device.active,
-                "has_secret": device.secret.is_some() }),
+                "has_secret": device.secret.is_some(),
+                "secret_generated": generated.is_some() }),
     )
     .await?;
-    Ok(Json(json!({
+    let mut body = json!({
         "device_id": device.device_id, "protocol": device.protocol,
         "active": device.active, "has_secret": device.secret.is_some(),
-    })))
+    });
+    if let Some(s) = generated {
+        // Shown once: give it to the device (OsmAnd `token`, MQTT password) now.
+        body["secret"] = Value::String(s);
+    }
+    Ok(Json(body))
 }
 
 pub(crate) async fn assign_device(
