@@ -58,7 +58,7 @@ use tokio_util::task::TaskTracker;
 use crate::limits::ConnectionLimiter;
 use crate::metrics as m;
 use crate::pipeline::{IngestError, Pipeline, Stored};
-use crate::registry::Registry;
+use crate::registry::{Credential, Registry};
 
 const P: Protocol = Protocol::Em;
 /// Messages a connection may have queued for storage ahead of their acknowledgement; past
@@ -110,13 +110,13 @@ pub async fn admit_device(
     device_id: &str,
     password: &str,
 ) -> Result<Result<Device, &'static str>, StoreError> {
+    // The one admission rule of every device entry point: registered, active, registered for
+    // THIS protocol, and (EM devices always have one) presenting their secret.
     Ok(
         match registry
-            .admit_with_required_secret(device_id, Some(password))
+            .admit(device_id, Protocol::Em, Credential::Secret(password))
             .await?
         {
-            // A device without a provisioned secret would be admitted by anyone knowing its id.
-            Ok(dev) if dev.secret.is_none() => Err("no_secret"),
             Ok(dev) => Ok(dev),
             Err(refusal) => Err(refusal.as_str()),
         },

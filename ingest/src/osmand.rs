@@ -128,7 +128,10 @@ async fn report(
     // One request, one device: the credential admits that device only.
     if reports.iter().any(|r| r.device_id() != device) {
         m::decode_error(P, "mixed_devices");
-        return (StatusCode::BAD_REQUEST, "one request may carry reports of one device only\n");
+        return (
+            StatusCode::BAD_REQUEST,
+            "one request may carry reports of one device only\n",
+        );
     }
     let credential = Credential::from(token.as_deref().filter(|t| !t.is_empty()));
     match st.registry.admit(&device, P, credential).await {

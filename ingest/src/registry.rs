@@ -330,6 +330,7 @@ mod tests {
             protocol,
             secret: secret.map(device_secret::hash),
             active: true,
+            class: Default::default(),
         }
     }
 

@@ -75,6 +75,26 @@ impl Store for GatedStore {
         self.inner.list_devices().await
     }
 
+    async fn insert_victim_records(&self, records: &[Record]) -> Result<()> {
+        self.inner.insert_victim_records(records).await
+    }
+
+    async fn victim_positions(
+        &self,
+        device_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<em_store::TrailPoint>> {
+        self.inner
+            .victim_positions(device_id, from, to, limit)
+            .await
+    }
+
+    async fn count_victim_records(&self, device_id: &str) -> Result<i64> {
+        self.inner.count_victim_records(device_id).await
+    }
+
     async fn assign_device(
         &self,
         device_id: &str,
