@@ -98,7 +98,8 @@ pub fn parse_zone(input: &Value) -> Result<ZoneDraft, FieldErrors> {
         }
     };
     let geometry = parse_geometry(obj, &mut errors);
-    if matches!(geometry, Some(ZoneGeometry::Dynamic { .. })) {
+    // By the requested shape, so the kind is reported even when the geometry has errors too.
+    if obj.get("shape").and_then(Value::as_str) == Some("dynamic") {
         if kind == Some(ZoneKind::Inclusion) {
             errors.insert(
                 "kind".into(),

@@ -307,8 +307,8 @@ async fn victim_data_stays_apart(db: TestDb) {
     read_n(&mut v, 10, T).await.expect("victim ACK");
     assert_eq!(
         store.count_victim_records(&victim_imei).await.unwrap(),
-        1,
-        "ACKed => stored in the victim store"
+        2,
+        "ACKed => stored in the victim store (the login and the fix)"
     );
 
     // The offender walks up to ~150 m of the victim.

@@ -192,12 +192,18 @@ pub async fn read_n(s: &mut TcpStream, n: usize, t: Duration) -> std::io::Result
 }
 
 /// True when the server closes the connection within `t` (EOF or reset).
+/// Whether the server closes the connection within `t` (replies it sent before closing, e.g.
+/// H02 acknowledgements, are read and discarded).
 pub async fn closed_by_server(s: &mut TcpStream, t: Duration) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(t, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + t;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 pub fn gt06_login(imei: &str, serial: u16) -> Bytes {
