@@ -39,8 +39,9 @@ fn now() -> chrono::DateTime<Utc> {
 }
 
 /// An alarm with a 4-byte cell id (LBS length 10). Read at the old fixed offset, the status
-/// bytes were the cell id's last byte and the next ones: 0x9C as terminal info (SOS bits
-/// 100 → a false SOS) and the real terminal info 0x40 as battery (64 % instead of 93 %).
+/// bytes were the cell id's last byte and the next ones: 0x9C as terminal info (alarm bits
+/// 011 → a false low-battery alarm) and the real terminal info 0x40 as battery (unknown
+/// instead of 93 %).
 #[test]
 fn status_after_a_long_lbs_block_is_read_by_length() {
     let mut c = gps();
