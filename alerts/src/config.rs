@@ -111,6 +111,8 @@ pub fn default_rule(kind: AlertKind) -> (Severity, bool) {
         LostCommunication => (Severity::High, true),
         GpsJammingSuspected => (Severity::High, false),
         DeviceClockWrong => (Severity::Low, true),
+        // An alarm we cannot read may be a tamper or an SOS: a person looks at it.
+        UnknownAlarm => (Severity::High, false),
     }
 }
 

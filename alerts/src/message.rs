@@ -267,6 +267,17 @@ pub fn describe(ctx: &MessageContext<'_>) -> String {
             ),
             None => format!("The tag's clock is wrong (checked at {at}). Times it reports may be wrong."),
         },
+        UnknownAlarm => {
+            let proto = ev_str(ev, "protocol")
+                .map(|p| format!("{} ", p.to_uppercase()))
+                .unwrap_or_default();
+            let code = ev_f64(ev, "code")
+                .map(|c| format!(" ({proto}code {:#04x})", c as i64))
+                .unwrap_or_default();
+            format!(
+                "The tag sent an alarm this system does not recognise{code} at {at}. It may be a tamper or an SOS: check the tag and the subject."
+            )
+        }
     }
 }
 
@@ -292,6 +303,7 @@ pub fn auto_resolve_note(
         LostCommunication => "Tag back in contact",
         GpsJammingSuspected => "Satellite position back",
         DeviceClockWrong => "Tag clock correct again",
+        UnknownAlarm => "Unknown alarm cleared",
     };
     format!("{what} at {at}; resolved automatically.")
 }
@@ -421,6 +433,12 @@ mod tests {
             at,
         );
         assert!(m.contains("within 180 m") && m.contains("500 m"), "{m}");
+        let m = mk(
+            AlertKind::UnknownAlarm,
+            json!({"code": 0x37, "protocol": "gt06"}),
+            at,
+        );
+        assert!(m.contains("does not recognise (GT06 code 0x37)"), "{m}");
     }
 
     #[test]

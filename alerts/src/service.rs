@@ -24,8 +24,9 @@ pub fn condition_ongoing(alert: &Alert) -> bool {
 
 /// Why an officer may not resolve this alert now, if they may not.
 ///
-/// Every alert kind is a condition with an end (a strap open, a zone breached, a device
-/// silent). Resolving one while its condition persists would silence it: the rules raise once
+/// Alert kinds are conditions with an end (a strap open, a zone breached, a device silent),
+/// except device-reported alarms with no known meaning (`unknown_alarm`), which are events a
+/// person closes. Resolving a condition while it persists would silence it: the rules raise once
 /// per condition, so no new alert would come while the strap stays open. So a person cannot
 /// resolve a live condition; they acknowledge it (it stays in the queue, owned, not
 /// escalating) and it is resolved once the device's data shows the condition ended — by the
@@ -35,6 +36,8 @@ pub fn resolution_blocked(alert: &Alert) -> Option<String> {
         return None;
     }
     let what = match alert.kind {
+        // An event, not a condition: nothing ends it but a person.
+        AlertKind::UnknownAlarm => return None,
         AlertKind::InclusionZoneExit => "the subject is still outside the zone",
         AlertKind::ExclusionZoneEntry => "the subject is still inside the exclusion zone",
         AlertKind::VictimProximity => "the subject is still too close to the protected person",

@@ -34,6 +34,7 @@ const KIND_WORDS = {
   lost_communication: "Lost communication",
   gps_jamming_suspected: "GPS jamming suspected",
   device_clock_wrong: "Device clock wrong",
+  unknown_alarm: "Unknown device alarm",
 };
 
 // ---------------------------------------------------------------- helpers

@@ -234,6 +234,7 @@ impl DeviceHealth {
         }
 
         self.tamper_rules(rec, at, in_order, &mut out);
+        unknown_alarm_rule(rec, at, &mut out);
         if in_order {
             if let Some(g) = rec.gsm_signal {
                 self.last_gsm = Some(g);
@@ -549,6 +550,29 @@ fn secs(s: u64) -> Duration {
     Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))
 }
 
+/// An alarm the decoder could not map ("unknown alarm (code)") is raised every time it is
+/// reported: it may be a tamper or an SOS, so a person looks at it (repeats fold into the open
+/// alert). It has no end: the device sends no "alarm over" for a code we cannot read.
+/// An alarm with no exact meaning is raised every time, at `at` (the device time when the time
+/// policy trusts it, else the server's receive time): never dropped, never read as another.
+fn unknown_alarm_rule(rec: &Record, at: DateTime<Utc>, out: &mut Vec<HealthSignal>) {
+    for ev in &rec.events {
+        if let DeviceEventKind::UnknownAlarm { code } = ev {
+            out.push(signal(
+                AlertKind::UnknownAlarm,
+                HealthPhase::Started,
+                at,
+                json!({
+                    "code": code,
+                    "protocol": rec.protocol.as_str(),
+                    "device_time": rec.device_time,
+                    "position": rec.position,
+                }),
+            ));
+        }
+    }
+}
+
 fn signal(
     kind: AlertKind,
     phase: HealthPhase,
@@ -703,6 +727,26 @@ mod tests {
         assert_eq!(
             kinds(&h.on_record(&cfg, &r3)),
             vec![(AlertKind::ChargerNotConnected, HealthPhase::Ended)]
+        );
+    }
+
+    #[test]
+    fn unknown_alarm_raises_an_alert_with_its_code() {
+        let cfg = HealthConfig::default();
+        let mut h = DeviceHealth::new();
+        let mut r = rec_at(0);
+        r.events = vec![DeviceEventKind::UnknownAlarm { code: 0x37 }];
+        let out = h.on_record(&cfg, &r);
+        assert_eq!(
+            kinds(&out),
+            vec![(AlertKind::UnknownAlarm, HealthPhase::Started)]
+        );
+        assert_eq!(out[0].evidence["code"], 0x37);
+        assert_eq!(out[0].evidence["protocol"], "gt06");
+        // Reported again: raised again (the alert service folds it into the open alert).
+        assert_eq!(
+            kinds(&h.on_record(&cfg, &r)),
+            vec![(AlertKind::UnknownAlarm, HealthPhase::Started)]
         );
     }
 

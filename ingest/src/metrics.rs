@@ -8,6 +8,8 @@
 //! | `em_connections_refused_total` | counter | protocol, reason (`per_ip_limit`, `total_limit`) |
 //! | `em_frames_total` | counter | protocol |
 //! | `em_decode_errors_total` | counter | protocol, reason |
+//! | `em_unknown_message_types_total` | counter | protocol, type (e.g. `0x9c`, `codec 0x07`) |
+//! | `em_records_rejected_total` | counter | protocol, reason (records out of range dropped from an acknowledged packet) |
 //! | `em_devices_rejected_total` | counter | protocol, reason (`unknown_device`, `inactive_device`, `wrong_protocol`, `missing_credential`, `bad_credential`, `no_registered_secret`, `source_not_allowed`, `id_changed`, `no_login`; see `registry::Refusal`; embedded MQTT endpoint also `no_credentials`, `protocol_version`, `bad_client_id`, `foreign_topic`, `registry_unavailable`) |
 //! | `em_records_stored_total` | counter | protocol |
 //! | `em_records_untrusted_time_total` | counter | protocol, status (`future`, `far_past`): stored flagged, moved no state |
@@ -69,6 +71,19 @@ pub fn frame(p: Protocol) {
 pub fn decode_error(p: Protocol, reason: &str) {
     counter!("em_decode_errors_total", "protocol" => p.as_str(), "reason" => reason.to_owned())
         .increment(1);
+}
+
+/// A well-framed message of a type the decoder does not support (skipped, connection kept).
+/// The label is bounded: the decoders name types by one protocol byte.
+pub fn unknown_message_type(p: Protocol, kind: &str) {
+    counter!("em_unknown_message_types_total", "protocol" => p.as_str(), "type" => kind.to_owned())
+        .increment(1);
+}
+
+/// Records dropped from a packet because a value is out of range (the packet is still ACKed).
+pub fn records_rejected(p: Protocol, reason: &'static str, n: u64) {
+    counter!("em_records_rejected_total", "protocol" => p.as_str(), "reason" => reason)
+        .increment(n);
 }
 
 pub fn device_rejected(p: Protocol, reason: &'static str) {

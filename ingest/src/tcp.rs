@@ -152,6 +152,13 @@ impl TcpProtocol for Teltonika {
     fn step(frame: Self::Frame, device: Option<&str>) -> Step {
         let now = Utc::now();
         let kind = frame.kind();
+        if let teltonika::TeltonikaFrame::AvlPartial(p) = &frame {
+            // Out-of-range records are dropped and counted; the packet is ACKed in full so
+            // the device does not resend it forever.
+            m::records_rejected(Protocol::Teltonika, "out_of_range", p.rejected.len() as u64);
+            tracing::warn!(protocol = %Protocol::Teltonika, device = device, rejected = ?p.rejected,
+                "AVL records out of range dropped");
+        }
         match &frame {
             teltonika::TeltonikaFrame::Imei(imei) => Step {
                 records: frame.to_records(imei, now),
@@ -161,7 +168,7 @@ impl TcpProtocol for Teltonika {
                 reject_reply: Some(teltonika::imei_response(false)),
                 kind,
             },
-            teltonika::TeltonikaFrame::Avl(_) => Step {
+            _ => Step {
                 records: device.map_or_else(Vec::new, |d| frame.to_records(d, now)),
                 identifies: None,
                 is_login: false,
@@ -458,6 +465,9 @@ impl<P: TcpProtocol> Connection<P> {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
                 m::decode_error(proto, e.reason());
+                if let DecodeError::UnknownType { kind, .. } = &e {
+                    m::unknown_message_type(proto, kind);
+                }
                 log_decode(warn_logs, proto, self.peer, device.as_deref(), &e, false);
                 return Ok(());
             }

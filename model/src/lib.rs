@@ -135,9 +135,10 @@ pub enum DeviceEventKind {
     DeviceGeofence,
     Heartbeat,
     Login,
-    /// An alarm the device reported whose code has no exact meaning in the protocol's
-    /// alarm table (each decoder documents what `code` means for it). Never dropped and never
-    /// read as another alarm.
+    /// An alarm the device sent whose code the protocol's alarm table does not know (or knows
+    /// only as "reserved"): raised as "unknown alarm (code)", never dropped and never read as
+    /// another alarm. `code` is the protocol's own alarm code as its decoder documents it
+    /// (GT06: the alarm byte, or `0x100 | bits` for the terminal-information alarm bits).
     UnknownAlarm {
         code: u32,
     },
@@ -543,10 +544,12 @@ pub enum AlertKind {
     LostCommunication,
     GpsJammingSuspected,
     DeviceClockWrong,
+    /// The tag sent an alarm whose code is not in its protocol's alarm table.
+    UnknownAlarm,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 13] = [
+    pub const ALL: [AlertKind; 14] = [
         AlertKind::InclusionZoneExit,
         AlertKind::ExclusionZoneEntry,
         AlertKind::VictimProximity,
@@ -560,6 +563,7 @@ impl AlertKind {
         AlertKind::LostCommunication,
         AlertKind::GpsJammingSuspected,
         AlertKind::DeviceClockWrong,
+        AlertKind::UnknownAlarm,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -576,6 +580,7 @@ impl AlertKind {
             AlertKind::LostCommunication => "lost_communication",
             AlertKind::GpsJammingSuspected => "gps_jamming_suspected",
             AlertKind::DeviceClockWrong => "device_clock_wrong",
+            AlertKind::UnknownAlarm => "unknown_alarm",
         }
     }
 }

@@ -113,6 +113,12 @@ fn gt06_unknown_type_and_bad_terminator() {
     let n = bad_stop.len();
     bad_stop[n - 1] = 0x00;
     let mut buf = BytesMut::from(&bad_stop[..]);
+    // A wrong terminator may be a wrong length field: the codec waits for the bytes a
+    // longer frame could take before it gives up (at once at the end of the stream).
+    assert!(gt06().decode(&mut buf).unwrap().is_none());
+    let e = gt06().decode_eof(&mut buf).unwrap().unwrap().unwrap_err();
+    assert_eq!(e.reason(), "bad_terminator");
+    let mut buf = BytesMut::from(&[&bad_stop[..], &[0u8; 64][..]].concat()[..]);
     let e = gt06().decode(&mut buf).unwrap().unwrap().unwrap_err();
     assert_eq!(e.reason(), "bad_terminator");
 }
@@ -214,8 +220,18 @@ fn teltonika_errors() {
     );
     assert!(buf.is_empty());
 
-    // Unknown codec (Codec 12 command response) with a valid CRC: skipped.
+    // An empty Codec 12 command response decodes (no record, no answer).
     let data = [0x0C, 0x01, 0x06, 0, 0, 0, 0, 0x01];
+    let mut pkt = vec![0, 0, 0, 0, 0, 0, 0, data.len() as u8];
+    pkt.extend_from_slice(&data);
+    pkt.extend_from_slice(&u32::from(em_protocols::crc16_arc(&data)).to_be_bytes());
+    let mut buf = BytesMut::from(&pkt[..]);
+    let f = c.decode(&mut buf).unwrap().unwrap().unwrap();
+    assert_eq!((f.kind(), f.response()), ("command", None));
+    assert!(buf.is_empty());
+
+    // Unknown codec (0x07, GH3000) with a valid CRC: skipped, not fatal.
+    let data = [0x07, 0x00, 0x00];
     let mut pkt = vec![0, 0, 0, 0, 0, 0, 0, data.len() as u8];
     pkt.extend_from_slice(&data);
     pkt.extend_from_slice(&u32::from(em_protocols::crc16_arc(&data)).to_be_bytes());

@@ -1,4 +1,5 @@
-//! Runs every fixture under `protocols/fixtures/<protocol>/`: a frame file (`*.hex`: one
+//! Runs every fixture under `protocols/fixtures/<protocol>/` (GT06 and Teltonika have their
+//! own frame-level runner, `tests/fixtures_frames.rs`): a frame file (`*.hex`: one
 //! hex frame or byte stream per line; `*.txt`: one text frame per line) and a `*.json` of
 //! the same name with `source` (the document and section the frame was built from),
 //! optional `received` (RFC 3339, default 2025-03-15T10:00:00Z) and `output`: the values
@@ -52,6 +53,9 @@ fn matches(expected: &Value, actual: Option<&Value>, path: &str, errors: &mut Ve
     }
 }
 
+/// Protocol folders whose fixtures `tests/fixtures_frames.rs` runs (frame + response level).
+const FRAME_LEVEL: [&str; 2] = ["gt06", "teltonika"];
+
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
@@ -101,6 +105,10 @@ fn every_fixture_decodes_to_its_expected_output() {
     dirs.sort();
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        // GT06 and Teltonika fixtures are frame-level (`tests/fixtures_frames.rs`).
+        if FRAME_LEVEL.contains(&name.as_str()) {
+            continue;
+        }
         let protocol: Protocol = name
             .parse()
             .unwrap_or_else(|e| panic!("fixtures/{name}: {e}"));

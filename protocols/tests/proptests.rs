@@ -12,7 +12,8 @@ use em_protocols::gt06::{
 use em_protocols::h02::{H02Codec, H02Frame, H02Location, H02Message, H02Status};
 use em_protocols::osmand::{self, OsmandReport};
 use em_protocols::teltonika::{
-    AvlCodec, AvlGps, AvlPacket, AvlRecord, IoElement, IoValue, TeltonikaCodec, TeltonikaFrame,
+    self, udp, AvlCodec, AvlGps, AvlPacket, AvlRecord, IoElement, IoValue, TeltonikaCodec,
+    TeltonikaFrame,
 };
 use em_protocols::{CodecError, DecodeError, Decoder};
 use proptest::collection::vec;
@@ -129,7 +130,9 @@ fn gt06_gps() -> impl Strategy<Value = Gt06Gps> {
 }
 
 fn gt06_cell() -> impl Strategy<Value = Gt06Cell> {
-    (any::<u16>(), any::<u8>(), any::<u16>(), 0u32..=0xFF_FFFF).prop_map(
+    // MCC bit 15 flags a two-byte MNC in the Concox 4G sheets: the one-byte-MNC layout
+    // encoded here keeps it clear.
+    (0u16..0x8000, any::<u8>(), any::<u16>(), 0u32..=0xFF_FFFF).prop_map(
         |(mcc, mnc, lac, cell_id)| Gt06Cell {
             mcc,
             mnc,
@@ -188,7 +191,8 @@ fn gt06_message() -> impl Strategy<Value = Gt06Message> {
     let alarm = (
         prop_oneof![Just(0x16u8), Just(0x26u8)],
         gt06_gps(),
-        any::<u8>(),
+        // The LBS length byte drives the parse (it counts itself: 9 for the 8-byte cell).
+        Just(9u8),
         gt06_cell(),
         gt06_status(),
     )
@@ -768,6 +772,49 @@ proptest! {
         let _ = em_protocols::h02::parse_binary(&data);
         let _ = em::decode(&text, &data);
         let _ = em::decode("em/v1/x/telemetry", &data);
+    }
+
+    #[test]
+    fn gt06_any_type_and_content_never_panics(proto in any::<u8>(), content in vec(any::<u8>(), 0..160), ext in any::<bool>()) {
+        let now = DateTime::UNIX_EPOCH;
+        if let Ok(message) = em_protocols::gt06::parse_message_ext(proto, &content, ext) {
+            let frame = Gt06Frame::new(7, message);
+            let _ = frame.to_records("x", now);
+            let _ = frame.response_at(now);
+            let _ = frame.kind();
+        }
+    }
+
+    #[test]
+    fn gt06_wrong_length_byte_still_decodes(frame in gt06_frame(), wrong in 5u8..=255) {
+        let mut f = frame.to_bytes().unwrap().to_vec();
+        prop_assume!(f[0] == 0x78 && f[2] != wrong && usize::from(wrong) + 60 >= usize::from(f[2]));
+        f[2] = wrong;
+        let n = f.len();
+        let crc = em_protocols::crc16_x25(&f[2..n - 4]);
+        f[n - 4..n - 2].copy_from_slice(&crc.to_be_bytes());
+        let mut buf = BytesMut::from(&f[..]);
+        let got = gt06_codec().decode_eof(&mut buf).unwrap().unwrap().unwrap();
+        prop_assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn teltonika_data_and_udp_never_panic(data in vec(any::<u8>(), 0..400)) {
+        let _ = teltonika::parse_data(&data);
+        if let Ok(p) = udp::parse_udp(&data) {
+            let _ = p.response();
+            let _ = p.frame.to_records("x", DateTime::UNIX_EPOCH);
+        }
+    }
+
+    #[test]
+    fn teltonika_udp_round_trip(frame in teltonika_frame(), packet_id in any::<u16>(), avl_id in any::<u8>()) {
+        prop_assume!(matches!(frame, TeltonikaFrame::Avl(_)));
+        let p = udp::UdpPacket { packet_id, avl_packet_id: avl_id, imei: "356307042441013".into(), frame };
+        let bytes = p.encode().unwrap();
+        let got = udp::parse_udp(&bytes).unwrap();
+        prop_assert_eq!(got.response(), udp::udp_ack(packet_id, avl_id, p.accepted()));
+        prop_assert_eq!(got, p);
     }
 
     #[test]

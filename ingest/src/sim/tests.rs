@@ -103,6 +103,7 @@ async fn teltonika_server() -> (SocketAddr, Arc<ServerCounts>) {
                             }
                             frame.response()
                         }
+                        _ => frame.response(),
                     };
                     if let Some(resp) = resp {
                         if framed.get_mut().write_all(&resp).await.is_err() {

@@ -11,7 +11,9 @@ where
     C: Decoder<Item = Result<T, DecodeError>, Error = CodecError>,
     T: PartialEq + std::fmt::Debug,
 {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let whole = drive(&mut make(), &[rest]);
     let at = usize::from(split).min(rest.len());
     let parts = drive(&mut make(), &[&rest[..at], &rest[at..]]);
@@ -32,7 +34,11 @@ where
         let last = i + 1 == chunks.len();
         loop {
             let before = buf.len();
-            let step = if last { codec.decode_eof(&mut buf) } else { codec.decode(&mut buf) };
+            let step = if last {
+                codec.decode_eof(&mut buf)
+            } else {
+                codec.decode(&mut buf)
+            };
             assert!(buf.len() <= before, "codec grew the buffer contents");
             match step {
                 Ok(Some(item)) => {

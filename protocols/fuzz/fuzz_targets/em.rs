@@ -6,7 +6,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),
     };
-    let Ok(topic) = std::str::from_utf8(topic) else { return };
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return;
+    };
     if let Ok(msg) = em_protocols::em::decode(topic, payload) {
         let _ = msg.to_records(Default::default());
         let again = em_protocols::em::decode(&msg.topic().unwrap(), &msg.payload().unwrap())

@@ -1,4 +1,5 @@
-//! Teltonika Codec 8 and Codec 8 Extended over TCP.
+//! Teltonika Codec 8, 8 Extended and 16 over TCP and UDP, and the GPRS command codecs
+//! 12 / 13 / 14.
 //!
 //! A connection starts with the IMEI handshake (`len u16` + ASCII IMEI); the server
 //! answers `0x01` (accept) or `0x00` (reject) — see [`imei_response`]. The codec only
@@ -14,9 +15,17 @@
 //! field. Each record: timestamp (ms, u64), priority u8, GPS element (lon i32, lat i32
 //! in 1e-7°, altitude i16 m, angle u16°, satellites u8, speed u16 km/h), then the IO
 //! element: Codec 8 uses 1-byte ids and counts with groups of 1/2/4/8-byte values;
-//! Codec 8E uses 2-byte ids and counts and adds a group of variable-length (NX) values.
-//! The server acknowledges with the number of accepted records as u32
+//! Codec 8E uses 2-byte ids and counts and adds a group of variable-length (NX) values;
+//! Codec 16 uses 2-byte ids, 1-byte counts and a generation-type byte after the event id
+//! (Teltonika wiki, "Codec 16"). The server acknowledges with the number of records as u32
 //! ([`TeltonikaFrame::response`]).
+//!
+//! A record whose values are out of range (latitude beyond ±90°, a timestamp after 2100 or
+//! not representable) is dropped and listed in [`AvlPartial::rejected`]; the packet's good
+//! records are kept and the packet is acknowledged with its full count, so the device does
+//! not resend it forever. The one-byte `0xFF` keep-alive ([`TeltonikaFrame::KeepAlive`])
+//! needs no answer. Codec 12/13/14 messages (command responses) decode as
+//! [`TeltonikaFrame::Command`]. UDP datagrams: see [`udp`].
 //!
 //! Teltonika has no start marker: a bad preamble, IMEI length or oversized data length
 //! loses the framing and is reported as a fatal error. A bad CRC or an unknown codec
@@ -31,6 +40,11 @@ use crate::util::{crc16_arc, hdop_to_accuracy_m, Reader};
 use crate::{CodecError, DecodeError, EncodeError};
 
 const P: Protocol = Protocol::Teltonika;
+
+pub mod udp;
+
+/// Records timestamped at or after this instant (2100-01-01T00:00:00Z, ms) are out of range.
+pub const MAX_TIMESTAMP_MS: u64 = 4_102_444_800_000;
 
 /// Default limit on the AVL data length field.
 pub const DEFAULT_MAX_PACKET_LEN: usize = 64 * 1024;
@@ -68,6 +82,8 @@ pub mod io {
 pub enum AvlCodec {
     Codec8,
     Codec8Extended,
+    /// Codec 16: 2-byte IO ids, 1-byte counts, generation type (decoded only).
+    Codec16,
 }
 
 impl AvlCodec {
@@ -75,6 +91,7 @@ impl AvlCodec {
         match self {
             AvlCodec::Codec8 => 0x08,
             AvlCodec::Codec8Extended => 0x8E,
+            AvlCodec::Codec16 => 0x10,
         }
     }
 }
@@ -211,12 +228,57 @@ pub struct AvlPacket {
     pub records: Vec<AvlRecord>,
 }
 
+/// A record of an AVL packet that was dropped because a value is out of range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRecord {
+    /// Position of the record in its packet (0-based).
+    pub index: u8,
+    pub error: DecodeError,
+}
+
+/// An AVL packet some of whose records were out of range: the good ones are in `packet`,
+/// the packet is acknowledged with `declared` (the full count), the bad ones are listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AvlPartial {
+    pub packet: AvlPacket,
+    pub declared: u8,
+    pub rejected: Vec<RejectedRecord>,
+}
+
+/// A GPRS command-codec message (Codec 12, 13 or 14): in practice the device's answer to a
+/// command the server sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GprsMessage {
+    /// 0x0C, 0x0D or 0x0E.
+    pub codec: u8,
+    /// 0x05 command, 0x06 response, 0x11 not acknowledged (Codec 14).
+    pub kind: u8,
+    /// Codec 13's timestamp.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Codec 14's IMEI (hex digits of its 8 bytes).
+    pub imei: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+impl GprsMessage {
+    /// The payload as text (command responses are ASCII).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
 /// A decoded Teltonika message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TeltonikaFrame {
     /// The IMEI handshake; answer with [`imei_response`].
     Imei(String),
     Avl(AvlPacket),
+    /// An AVL packet with out-of-range records dropped (acknowledged in full).
+    AvlPartial(AvlPartial),
+    /// The one-byte `0xFF` keep-alive: no answer, no record.
+    KeepAlive,
+    /// A Codec 12/13/14 message (command response): no answer, no record.
+    Command(GprsMessage),
 }
 
 /// Server's answer to the IMEI handshake: `0x01` accept, `0x00` reject.
@@ -233,7 +295,9 @@ impl TeltonikaFrame {
     pub fn kind(&self) -> &'static str {
         match self {
             TeltonikaFrame::Imei(_) => "imei",
-            TeltonikaFrame::Avl(_) => "avl",
+            TeltonikaFrame::Avl(_) | TeltonikaFrame::AvlPartial(_) => "avl",
+            TeltonikaFrame::KeepAlive => "keep_alive",
+            TeltonikaFrame::Command(_) => "command",
         }
     }
 
@@ -245,11 +309,12 @@ impl TeltonikaFrame {
                 r.events.push(DeviceEventKind::Login);
                 vec![r]
             }
-            TeltonikaFrame::Avl(p) => p
+            TeltonikaFrame::Avl(p) | TeltonikaFrame::AvlPartial(AvlPartial { packet: p, .. }) => p
                 .records
                 .iter()
                 .map(|rec| rec.to_record(device_id, received))
                 .collect(),
+            TeltonikaFrame::KeepAlive | TeltonikaFrame::Command(_) => Vec::new(),
         }
     }
 
@@ -259,6 +324,8 @@ impl TeltonikaFrame {
         match self {
             TeltonikaFrame::Imei(_) => None,
             TeltonikaFrame::Avl(p) => Some(avl_ack(p.records.len() as u32)),
+            TeltonikaFrame::AvlPartial(p) => Some(avl_ack(u32::from(p.declared))),
+            TeltonikaFrame::KeepAlive | TeltonikaFrame::Command(_) => None,
         }
     }
 
@@ -272,7 +339,46 @@ impl TeltonikaFrame {
                 dst.put_u16(imei.len() as u16);
                 dst.put_slice(imei.as_bytes());
             }
+            TeltonikaFrame::KeepAlive => dst.put_u8(0xFF),
+            TeltonikaFrame::AvlPartial(_) => {
+                return Err(EncodeError::new(
+                    P,
+                    "frame",
+                    "partial packets are decoded only",
+                ))
+            }
+            TeltonikaFrame::Command(m) => {
+                let mut data = BytesMut::with_capacity(m.payload.len() + 12);
+                data.put_u8(m.codec);
+                data.put_u8(1);
+                data.put_u8(m.kind);
+                let extra = match m.codec {
+                    0x0D => 4,
+                    0x0E => 8,
+                    _ => 0,
+                };
+                data.put_u32((m.payload.len() + extra) as u32);
+                if m.codec == 0x0D {
+                    let secs = m.timestamp.map_or(0, |t| t.timestamp()) as u32;
+                    data.put_u32(secs);
+                }
+                if m.codec == 0x0E {
+                    let imei = m.imei.as_deref().unwrap_or("");
+                    let bytes = hex::decode(format!("{imei:0>16}"))
+                        .map_err(|_| EncodeError::new(P, "imei", "not 16 hex digits"))?;
+                    data.put_slice(&bytes);
+                }
+                data.put_slice(&m.payload);
+                data.put_u8(1);
+                dst.put_u32(0);
+                dst.put_u32(data.len() as u32);
+                dst.put_slice(&data);
+                dst.put_u32(u32::from(crc16_arc(&data)));
+            }
             TeltonikaFrame::Avl(p) => {
+                if p.codec == AvlCodec::Codec16 {
+                    return Err(EncodeError::new(P, "codec", "Codec 16 is decoded only"));
+                }
                 let n = u8::try_from(p.records.len()).map_err(|_| {
                     EncodeError::new(P, "records", format!("{} > 255", p.records.len()))
                 })?;
@@ -373,22 +479,30 @@ fn encode_record(codec: AvlCodec, rec: &AvlRecord, out: &mut BytesMut) -> Result
     Ok(())
 }
 
-fn decode_record(codec: AvlCodec, r: &mut Reader<'_>) -> Result<AvlRecord, DecodeError> {
+/// One record. The outer error is structural (the packet cannot be read further); the inner
+/// one is a value out of range (the record is dropped, the packet goes on).
+fn decode_record(
+    codec: AvlCodec,
+    r: &mut Reader<'_>,
+) -> Result<Result<AvlRecord, DecodeError>, DecodeError> {
     let ms = r.u64("timestamp")?;
     let timestamp = i64::try_from(ms)
         .ok()
+        .filter(|_| ms < MAX_TIMESTAMP_MS)
         .and_then(DateTime::from_timestamp_millis)
-        .ok_or_else(|| DecodeError::malformed(P, "timestamp", format!("{ms} ms out of range")))?;
+        .ok_or_else(|| DecodeError::malformed(P, "timestamp", format!("{ms} ms out of range")));
     let priority = r.u8("priority")?;
     let lon = f64::from(r.u32("longitude")? as i32) / 1e7;
     let lat = f64::from(r.u32("latitude")? as i32) / 1e7;
-    if lat.abs() > 90.0 || lon.abs() > 180.0 {
-        return Err(DecodeError::malformed(
+    let coords = if lat.abs() > 90.0 || lon.abs() > 180.0 {
+        Err(DecodeError::malformed(
             P,
             "coordinates",
             format!("lat {lat} / lon {lon} out of range"),
-        ));
-    }
+        ))
+    } else {
+        Ok(())
+    };
     let gps = AvlGps {
         lon,
         lat,
@@ -397,26 +511,32 @@ fn decode_record(codec: AvlCodec, r: &mut Reader<'_>) -> Result<AvlRecord, Decod
         satellites: r.u8("satellites")?,
         speed_kmh: r.u16("speed")?,
     };
-    let ext = codec == AvlCodec::Codec8Extended;
+    // Codec 8: 1-byte ids and counts. 8E: 2-byte ids and counts, NX group. 16: 2-byte ids,
+    // 1-byte counts, generation type after the event id.
+    let wide_ids = codec != AvlCodec::Codec8;
+    let wide_counts = codec == AvlCodec::Codec8Extended;
     let read_n = |r: &mut Reader<'_>, f| -> Result<usize, DecodeError> {
-        Ok(if ext {
+        Ok(if wide_counts {
             usize::from(r.u16(f)?)
         } else {
             usize::from(r.u8(f)?)
         })
     };
     let read_id = |r: &mut Reader<'_>| -> Result<u16, DecodeError> {
-        Ok(if ext {
+        Ok(if wide_ids {
             r.u16("io id")?
         } else {
             u16::from(r.u8("io id")?)
         })
     };
     let event_io = read_id(r)?;
+    if codec == AvlCodec::Codec16 {
+        let _generation_type = r.u8("generation type")?;
+    }
     let _total = read_n(r, "io total count")?;
     let mut io = Vec::new();
     for group in 0..5 {
-        if group == 4 && !ext {
+        if group == 4 && !wide_counts {
             break;
         }
         let n = read_n(r, "io group count")?;
@@ -445,21 +565,39 @@ fn decode_record(codec: AvlCodec, r: &mut Reader<'_>) -> Result<AvlRecord, Decod
             io.push(IoElement { id, value });
         }
     }
-    Ok(AvlRecord {
-        timestamp,
-        priority,
-        gps,
-        event_io,
-        io,
-    })
+    Ok(timestamp.and_then(|timestamp| {
+        coords.map(|()| AvlRecord {
+            timestamp,
+            priority,
+            gps,
+            event_io,
+            io,
+        })
+    }))
 }
 
-/// Parse the AVL data field (codec id … second record count).
+/// Parse the AVL data field (codec id … second record count) of an all-good packet: a
+/// record out of range is an error here (see [`parse_data`] for the tolerant form).
 pub fn parse_avl_data(data: &[u8]) -> Result<AvlPacket, DecodeError> {
+    match parse_data(data)? {
+        TeltonikaFrame::Avl(p) => Ok(p),
+        TeltonikaFrame::AvlPartial(p) => Err(p.rejected[0].error.clone()),
+        _ => Err(DecodeError::UnknownType {
+            protocol: P,
+            kind: format!("codec {:#04x}", data.first().copied().unwrap_or(0)),
+        }),
+    }
+}
+
+/// Parse the data field of a packet (codec id … second count): AVL (Codec 8, 8E, 16; records
+/// out of range dropped and listed) or a Codec 12/13/14 message.
+pub fn parse_data(data: &[u8]) -> Result<TeltonikaFrame, DecodeError> {
     let mut r = Reader::new(data, P);
     let codec = match r.u8("codec id")? {
         0x08 => AvlCodec::Codec8,
         0x8E => AvlCodec::Codec8Extended,
+        0x10 => AvlCodec::Codec16,
+        c @ (0x0C..=0x0E) => return parse_gprs(c, &mut r).map(TeltonikaFrame::Command),
         other => {
             return Err(DecodeError::UnknownType {
                 protocol: P,
@@ -470,8 +608,12 @@ pub fn parse_avl_data(data: &[u8]) -> Result<AvlPacket, DecodeError> {
     let n1 = r.u8("record count")?;
     // A record is at least 24 bytes: do not trust the count for allocation.
     let mut records = Vec::with_capacity(usize::from(n1).min(r.remaining() / 24));
-    for _ in 0..n1 {
-        records.push(decode_record(codec, &mut r)?);
+    let mut rejected = Vec::new();
+    for index in 0..n1 {
+        match decode_record(codec, &mut r)? {
+            Ok(rec) => records.push(rec),
+            Err(error) => rejected.push(RejectedRecord { index, error }),
+        }
     }
     let n2 = r.u8("second record count")?;
     if n1 != n2 {
@@ -488,7 +630,56 @@ pub fn parse_avl_data(data: &[u8]) -> Result<AvlPacket, DecodeError> {
             format!("{} bytes after the last record", r.remaining()),
         ));
     }
-    Ok(AvlPacket { codec, records })
+    let packet = AvlPacket { codec, records };
+    Ok(if rejected.is_empty() {
+        TeltonikaFrame::Avl(packet)
+    } else {
+        TeltonikaFrame::AvlPartial(AvlPartial {
+            packet,
+            declared: n1,
+            rejected,
+        })
+    })
+}
+
+/// Codec 12 / 13 / 14 (Teltonika wiki "Codec 12", "Codec 13", "Codec 14"): quantity 1,
+/// type, size u32, [timestamp u32 (13) | IMEI 8 bytes (14)], payload, quantity 2.
+fn parse_gprs(codec: u8, r: &mut Reader<'_>) -> Result<GprsMessage, DecodeError> {
+    let q1 = r.u8("quantity")?;
+    let kind = r.u8("type")?;
+    let size = r.u32("size")? as usize;
+    if size > r.remaining() {
+        return Err(DecodeError::malformed(
+            P,
+            "size",
+            format!("{size} bytes announced, {} left", r.remaining()),
+        ));
+    }
+    let mut body = Reader::new(r.bytes(size, "payload")?, P);
+    let (mut timestamp, mut imei) = (None, None);
+    if codec == 0x0D {
+        let secs = body.u32("timestamp")?;
+        timestamp = DateTime::from_timestamp(i64::from(secs), 0);
+    }
+    if codec == 0x0E {
+        imei = Some(hex::encode(body.array::<8>("imei")?));
+    }
+    let payload = body.bytes(body.remaining(), "payload")?.to_vec();
+    let q2 = r.u8("quantity 2")?;
+    if q1 != q2 || r.remaining() != 0 {
+        return Err(DecodeError::malformed(
+            P,
+            "quantity",
+            format!("first {q1}, second {q2}, {} bytes after", r.remaining()),
+        ));
+    }
+    Ok(GprsMessage {
+        codec,
+        kind,
+        timestamp,
+        imei,
+        payload,
+    })
 }
 
 /// Stateful per-connection Teltonika codec (IMEI handshake, then AVL packets).
@@ -538,6 +729,11 @@ impl TeltonikaCodec {
         &mut self,
         src: &mut BytesMut,
     ) -> Result<Option<Result<TeltonikaFrame, DecodeError>>, DecodeError> {
+        if src.first() == Some(&0xFF) {
+            // Keep-alive ping (one byte, no answer).
+            src.advance(1);
+            return Ok(Some(Ok(TeltonikaFrame::KeepAlive)));
+        }
         if src.len() < 2 {
             return Ok(None);
         }
@@ -596,9 +792,9 @@ impl TeltonikaCodec {
                 src.advance(total);
                 return Ok(Some(Err(DecodeError::NotLoggedIn { protocol: P })));
             }
-            let parsed = parse_avl_data(&src[8..8 + len]);
+            let parsed = parse_data(&src[8..8 + len]);
             src.advance(total);
-            Ok(Some(parsed.map(TeltonikaFrame::Avl)))
+            Ok(Some(parsed))
         } else {
             let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
             if len > MAX_IMEI_LEN {

@@ -8,12 +8,23 @@
 //! ```
 //!
 //! `len` counts the bytes from `proto` through `crc`; the CRC is CRC-16/X-25 ("CRC-ITU")
-//! over the bytes from `len` through `serial`.
+//! over the bytes from `len` through `serial`. Some devices send a wrong `len`: when the
+//! declared end is not `0D 0A`, the codec accepts the first `0D 0A` whose CRC matches.
 //!
-//! Supported messages: login `0x01` (IMEI as 8 bytes of BCD, optional type id and time
-//! zone), GPS location `0x12` and `0x22`, heartbeat/status `0x13`, alarm `0x16` and
-//! `0x26`, multi-cell LBS `0x28`, and the content-less acknowledgements the server
-//! sends (decoded as [`Gt06Message::Ack`], so the simulator can use this codec too).
+//! Messages (see the table in `protocols/README.md`): login `0x01`; positions `0x10`,
+//! `0x11`, `0x12`, `0x1E`, `0x22`, `0x2D`, `0x31`, `0x37`, `0xA0`; heartbeats `0x13`, `0x23`;
+//! alarms with status `0x16`, `0x26`, `0x27`, `0x19` (LBS + status); fence alarms `0xA3`,
+//! `0xA4`; alarm `0x95`; LBS `0x18`, `0x24`, `0x28`, `0x2E`, `0xA1`; Wi-Fi `0x17`, `0x69`,
+//! `0xF3`, `0x2C`, `0x33`, `0xA2`; command replies `0x15`, `0x21`; information transfer
+//! `0x94`; time request `0x8A` (answered with the server's UTC time); recognised types
+//! without EM content (OBD, photos, pass-through, …) are acknowledged and yield no record
+//! ([`Gt06Message::Other`]). The content-less acknowledgements the server sends decode as
+//! [`Gt06Message::Ack`], so the simulator can use this codec too.
+//!
+//! Alarm and status codes become EM events only through the tables of [`alarm`] (each row
+//! with its source); a code not in a table is `UnknownAlarm`. Status blocks are read after
+//! the LBS block by its length byte, never at a fixed offset. A frame whose GPS date is all
+//! zeros (no fix yet) keeps its alarm and status: a record with no position.
 //!
 //! Location frames carry no IMEI: [`Gt06Codec`] remembers the IMEI of the login on its
 //! connection and refuses data before it with [`DecodeError::NotLoggedIn`].
@@ -27,6 +38,12 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::util::{crc16_x25, utc_from_fields, Reader};
 use crate::{CodecError, DecodeError, EncodeError};
 
+pub mod alarm;
+mod report;
+
+pub use alarm::{BatteryScale, Gt06Profile, TerminalBits111};
+pub use report::{Gt06CellId, Gt06Report, Gt06Wifi};
+
 const P: Protocol = Protocol::Gt06;
 
 /// Protocol numbers.
@@ -38,6 +55,7 @@ pub mod proto {
     pub const LOCATION_4G: u8 = 0x22;
     pub const ALARM_MULTI_FENCE: u8 = 0x26;
     pub const LBS_MULTI: u8 = 0x28;
+    pub const TIME_REQUEST: u8 = 0x8A;
 }
 
 /// Default limit on the length field of a `79 79` frame.
@@ -143,13 +161,13 @@ pub struct Gt06Status {
     /// (100 SOS, 011 low battery, 010 power cut, 001 shock/tamper), bit 6 GPS tracking
     /// on, bit 7 oil and electricity disconnected.
     pub terminal_info: u8,
-    /// 0 no power (shut down), 1 extremely low, 2 very low (low-battery alarm), 3 low,
-    /// 4 medium, 5 high, 6 very high.
+    /// Battery byte: a 0–6 level in the GT06 document (0 no power, 1 extremely low, 2 very
+    /// low = low-battery alarm, 3 low, 4 medium, 5 high, 6 very high); many devices send a
+    /// percentage instead — see [`BatteryScale`].
     pub voltage_level: u8,
     /// 0 no signal, 1 extremely weak, 2 weak, 3 good, 4 strong.
     pub gsm_level: u8,
-    /// Alarm code: 0 normal, 1 SOS, 2 power cut, 3 vibration, 4 fence in, 5 fence out,
-    /// 6 over-speed; vendor extensions 0x0E/0x19 low battery, 0x13 tamper (removal).
+    /// Alarm code ("former byte" of Alarm/Language), mapped by [`alarm::ALARM_BYTE`].
     pub alarm: u8,
     pub language: u8,
 }
@@ -172,50 +190,34 @@ impl Gt06Status {
         self.terminal_info & 0x40 != 0
     }
 
-    /// Battery percentage from the 0..=6 voltage level.
+    /// Battery percentage of the voltage byte read with the default [`BatteryScale`]
+    /// (0–6 level per the GT06 document, above 6 a percentage).
     pub fn battery_pct(&self) -> Option<u8> {
-        (self.voltage_level <= 6).then(|| ((u16::from(self.voltage_level) * 100 + 3) / 6) as u8)
+        alarm::Battery::read(self.voltage_level, BatteryScale::Auto).pct()
     }
 
     /// GSM signal percentage from the 0..=4 level.
     pub fn gsm_pct(&self) -> Option<u8> {
-        (self.gsm_level <= 4).then_some(self.gsm_level * 25)
+        (self.gsm_level <= 4).then(|| self.gsm_level * 25)
     }
 
-    fn push_events(&self, events: &mut Vec<DeviceEventKind>) {
-        let mut add = |e: DeviceEventKind| {
-            if !events.contains(&e) {
-                events.push(e)
-            }
-        };
-        match self.terminal_alarm() {
-            0b100 => add(DeviceEventKind::Sos),
-            0b011 => add(DeviceEventKind::LowBattery),
-            0b010 => add(DeviceEventKind::PowerCut),
-            0b001 => add(DeviceEventKind::Vibration),
-            _ => {}
-        }
-        if let Some(e) = alarm_code_event(self.alarm) {
-            add(e);
-        }
-        match self.voltage_level {
-            0 => add(DeviceEventKind::BatteryDead),
-            1 | 2 => add(DeviceEventKind::LowBattery),
-            _ => {}
+    pub(crate) fn parts(&self) -> report::StatusParts {
+        report::StatusParts {
+            terminal_info: Some(self.terminal_info),
+            terminal_alarm_bits: true,
+            voltage: Some(self.voltage_level),
+            gsm_level: Some(self.gsm_level),
+            alarm: Some(self.alarm),
         }
     }
 }
 
-/// Event for an alarm code of the alarm/language field.
+/// EM event for an alarm-byte code (table [`alarm::ALARM_BYTE`]): `None` for documented
+/// codes without EM meaning ("normal", driving alarms), `UnknownAlarm` for codes not in the table.
 pub fn alarm_code_event(code: u8) -> Option<DeviceEventKind> {
-    match code {
-        0x01 => Some(DeviceEventKind::Sos),
-        0x02 => Some(DeviceEventKind::PowerCut),
-        0x03 => Some(DeviceEventKind::Vibration),
-        0x04 | 0x05 => Some(DeviceEventKind::DeviceGeofence),
-        0x0E | 0x19 => Some(DeviceEventKind::LowBattery),
-        0x13 => Some(DeviceEventKind::StrapTamper),
-        _ => None,
+    match alarm::alarm_byte(code) {
+        alarm::AlarmMeaning::Event(e) => Some(e),
+        alarm::AlarmMeaning::NoEvent(_) => None,
     }
 }
 
@@ -270,6 +272,14 @@ pub enum Gt06Message {
     },
     /// A content-less frame: the server's acknowledgement of `protocol`.
     Ack { protocol: u8 },
+    /// Every other decoded report (positions, alarms and heartbeats in non-base layouts,
+    /// zero-date frames, LBS, Wi-Fi, command replies, information transfer): see [`Gt06Report`].
+    Report(Box<Gt06Report>),
+    /// `0x8A`: the device asks for the time and waits for the answer ([`Gt06Frame::response`]).
+    TimeRequest,
+    /// A recognised message type without EM content (OBD, photos, pass-through, …):
+    /// acknowledged when the type expects it, no record.
+    Other { protocol: u8, extended: bool },
 }
 
 /// One GT06 frame: its serial number and message.
@@ -294,6 +304,9 @@ impl Gt06Frame {
             Gt06Message::Status(_) => proto::STATUS,
             Gt06Message::Lbs { .. } => proto::LBS_MULTI,
             Gt06Message::Ack { protocol } => *protocol,
+            Gt06Message::Report(r) => r.protocol,
+            Gt06Message::TimeRequest => proto::TIME_REQUEST,
+            Gt06Message::Other { protocol, .. } => *protocol,
         }
     }
 
@@ -306,16 +319,42 @@ impl Gt06Frame {
             Gt06Message::Alarm { .. } => "alarm",
             Gt06Message::Lbs { .. } => "lbs",
             Gt06Message::Ack { .. } => "ack",
+            Gt06Message::Report(r) => r.kind(),
+            Gt06Message::TimeRequest => "time_request",
+            Gt06Message::Other { .. } => "other",
         }
     }
 
-    /// The normalised record(s) of this frame (none for an `Ack`).
+    /// The normalised record(s) of this frame (none for an `Ack`), read with the default
+    /// [`Gt06Profile`].
     pub fn to_records(&self, device_id: &str, received: DateTime<Utc>) -> Vec<Record> {
         self.to_record(device_id, received).into_iter().collect()
     }
 
+    /// The normalised record(s) read with the device's [`Gt06Profile`] (registry setting).
+    pub fn to_records_with(
+        &self,
+        device_id: &str,
+        received: DateTime<Utc>,
+        profile: &Gt06Profile,
+    ) -> Vec<Record> {
+        self.to_record_with(device_id, received, profile)
+            .into_iter()
+            .collect()
+    }
+
     /// The normalised record of this frame (GT06 frames hold at most one).
     pub fn to_record(&self, device_id: &str, received: DateTime<Utc>) -> Option<Record> {
+        self.to_record_with(device_id, received, &Gt06Profile::default())
+    }
+
+    /// The normalised record of this frame, read with the device's [`Gt06Profile`].
+    pub fn to_record_with(
+        &self,
+        device_id: &str,
+        received: DateTime<Utc>,
+        profile: &Gt06Profile,
+    ) -> Option<Record> {
         let mut r = Record::new(device_id, P, received);
         r.received_time = received;
         r.seq = Some(u64::from(self.serial));
@@ -330,32 +369,50 @@ impl Gt06Frame {
                 r.seq = None;
             }
             Gt06Message::Status(status) => {
-                apply_status(&mut r, status);
+                status.parts().apply(&mut r, profile);
                 r.events.insert(0, DeviceEventKind::Heartbeat);
             }
             Gt06Message::Alarm { gps, status, .. } => {
                 r.device_time = gps.time;
                 r.position = gps_position(gps);
-                apply_status(&mut r, status);
+                status.parts().apply(&mut r, profile);
                 r.seq = None; // identity is (device, GPS time), as for locations
             }
             Gt06Message::Lbs { time, .. } => {
                 // A cell-only report: no coordinates without a cell database.
                 r.device_time = *time;
             }
-            Gt06Message::Ack { .. } => return None,
+            Gt06Message::Report(rep) => rep.fill(&mut r, profile),
+            Gt06Message::Ack { .. } | Gt06Message::TimeRequest | Gt06Message::Other { .. } => {
+                return None
+            }
         }
         Some(r)
     }
 
-    /// Bytes the server must send back for this frame, if any: login, heartbeat and
-    /// alarm are acknowledged with a content-less frame of the same protocol number
-    /// and serial.
+    /// Bytes the server must send back for this frame, if any: login, heartbeats and
+    /// alarms are acknowledged with a content-less frame of the same protocol number and
+    /// serial; a time request gets the server's current UTC time.
     pub fn response(&self) -> Option<Bytes> {
+        self.response_at(Utc::now())
+    }
+
+    /// [`Gt06Frame::response`] with the time to answer a time request with.
+    pub fn response_at(&self, now: DateTime<Utc>) -> Option<Bytes> {
         match &self.message {
             Gt06Message::Login { .. } | Gt06Message::Status(_) | Gt06Message::Alarm { .. } => {
                 Some(ack_frame(self.protocol_number(), self.serial))
             }
+            Gt06Message::TimeRequest => Some(time_response(self.serial, now)),
+            Gt06Message::Report(rep) => rep.response(self.serial),
+            Gt06Message::Other { protocol, extended } => report::other_acknowledged(*protocol)
+                .then(|| {
+                    if *extended {
+                        ack_frame_long(*protocol, self.serial)
+                    } else {
+                        ack_frame(*protocol, self.serial)
+                    }
+                }),
             _ => None,
         }
     }
@@ -550,7 +607,14 @@ impl Gt06Frame {
                     ));
                 }
             }
-            Gt06Message::Ack { .. } => {}
+            Gt06Message::Ack { .. } | Gt06Message::TimeRequest => {}
+            Gt06Message::Report(_) | Gt06Message::Other { .. } => {
+                return Err(EncodeError::new(
+                    P,
+                    "message",
+                    "reports of this layout are decoded only",
+                ))
+            }
         }
         Ok(())
     }
@@ -567,14 +631,38 @@ pub fn ack_frame(protocol: u8, serial: u16) -> Bytes {
     b.freeze()
 }
 
-fn apply_status(r: &mut Record, s: &Gt06Status) {
-    r.battery_pct = s.battery_pct();
-    r.gsm_signal = s.gsm_pct();
-    r.charging = Some(s.charging());
-    s.push_events(&mut r.events);
+/// A content-less acknowledgement in the `79 79` form (for messages that came that way).
+pub fn ack_frame_long(protocol: u8, serial: u16) -> Bytes {
+    let mut b = BytesMut::with_capacity(11);
+    b.put_slice(&[0x79, 0x79, 0x00, 0x05, protocol]);
+    b.put_u16(serial);
+    let crc = crc16_x25(&b[2..]);
+    b.put_u16(crc);
+    b.put_slice(&[0x0D, 0x0A]);
+    b.freeze()
 }
 
-fn gps_position(g: &Gt06Gps) -> Option<Position> {
+/// Answer to a time request (`0x8A`): the server's UTC time as YY MM DD hh mm ss, with the
+/// request's serial.
+pub fn time_response(serial: u16, now: DateTime<Utc>) -> Bytes {
+    let mut b = BytesMut::with_capacity(16);
+    b.put_slice(&[0x78, 0x78, 0x0B, proto::TIME_REQUEST]);
+    b.put_slice(&[
+        (now.year() - 2000).clamp(0, 255) as u8,
+        now.month() as u8,
+        now.day() as u8,
+        now.hour() as u8,
+        now.minute() as u8,
+        now.second() as u8,
+    ]);
+    b.put_u16(serial);
+    let crc = crc16_x25(&b[2..]);
+    b.put_u16(crc);
+    b.put_slice(&[0x0D, 0x0A]);
+    b.freeze()
+}
+
+pub(crate) fn gps_position(g: &Gt06Gps) -> Option<Position> {
     if !g.positioned && g.lat == 0.0 && g.lon == 0.0 {
         return None;
     }
@@ -677,8 +765,12 @@ fn encode_cell(c: &Gt06Cell, out: &mut BytesMut) {
     out.put_slice(&(c.cell_id & 0xFF_FFFF).to_be_bytes()[1..]);
 }
 
-fn decode_time(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
+/// Device time; `None` when all six bytes are zero (no fix and no clock yet).
+pub(crate) fn decode_time_opt(r: &mut Reader<'_>) -> Result<Option<DateTime<Utc>>, DecodeError> {
     let [y, mo, d, h, mi, s] = r.array::<6>("date-time")?;
+    if [y, mo, d, h, mi, s] == [0; 6] {
+        return Ok(None);
+    }
     utc_from_fields(
         2000 + i32::from(y),
         u32::from(mo),
@@ -687,6 +779,7 @@ fn decode_time(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
         u32::from(mi),
         u32::from(s),
     )
+    .map(Some)
     .ok_or_else(|| {
         DecodeError::malformed(
             P,
@@ -696,13 +789,22 @@ fn decode_time(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
     })
 }
 
-fn decode_gps(r: &mut Reader<'_>) -> Result<Gt06Gps, DecodeError> {
-    let time = decode_time(r)?;
+fn decode_time(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
+    decode_time_opt(r)?.ok_or_else(|| DecodeError::malformed(P, "date-time", "all zeros"))
+}
+
+/// The GPS block; `None` when its date is all zeros (the device has no fix yet: the
+/// coordinates are not a position).
+pub(crate) fn decode_gps_opt(r: &mut Reader<'_>) -> Result<Option<Gt06Gps>, DecodeError> {
+    let time = decode_time_opt(r)?;
     let info = r.u8("gps info")?;
     let lat_raw = r.u32("latitude")?;
     let lon_raw = r.u32("longitude")?;
     let speed = r.u8("speed")?;
     let cs = r.u16("course/status")?;
+    let Some(time) = time else {
+        return Ok(None);
+    };
     let mut lat = f64::from(lat_raw) / COORD_SCALE;
     let mut lon = f64::from(lon_raw) / COORD_SCALE;
     if lat > 90.0 || lon > 180.0 {
@@ -718,7 +820,7 @@ fn decode_gps(r: &mut Reader<'_>) -> Result<Gt06Gps, DecodeError> {
     if cs & 0x0800 != 0 {
         lon = -lon;
     }
-    Ok(Gt06Gps {
+    Ok(Some(Gt06Gps {
         time,
         info_len: info >> 4,
         satellites: info & 0x0F,
@@ -728,7 +830,7 @@ fn decode_gps(r: &mut Reader<'_>) -> Result<Gt06Gps, DecodeError> {
         course: cs & 0x03FF,
         positioned: cs & 0x1000 != 0,
         differential: cs & 0x2000 != 0,
-    })
+    }))
 }
 
 fn decode_cell(r: &mut Reader<'_>) -> Result<Gt06Cell, DecodeError> {
@@ -751,9 +853,25 @@ fn decode_status(r: &mut Reader<'_>) -> Result<Gt06Status, DecodeError> {
     })
 }
 
-/// Parse the content of one frame (between protocol number and serial).
+fn zero_date(content: &[u8]) -> bool {
+    content.len() >= 6 && content[..6] == [0; 6]
+}
+
+/// Parse the content of one frame (between protocol number and serial) of a `78 78` frame.
 pub fn parse_message(protocol: u8, content: &[u8]) -> Result<Gt06Message, DecodeError> {
+    parse_message_ext(protocol, content, false)
+}
+
+/// Parse the content of one frame; `extended` is true for a `79 79` frame.
+pub fn parse_message_ext(
+    protocol: u8,
+    content: &[u8],
+    extended: bool,
+) -> Result<Gt06Message, DecodeError> {
     if content.is_empty() {
+        if protocol == proto::TIME_REQUEST {
+            return Ok(Gt06Message::TimeRequest);
+        }
         return Ok(Gt06Message::Ack { protocol });
     }
     let mut r = Reader::new(content, P);
@@ -771,8 +889,12 @@ pub fn parse_message(protocol: u8, content: &[u8]) -> Result<Gt06Message, Decode
                 timezone,
             }
         }
-        proto::LOCATION | proto::LOCATION_4G => {
-            let gps = decode_gps(&mut r)?;
+        // Base layout (GT06 document): GPS with a date, the 8-byte cell with a one-byte MNC.
+        proto::LOCATION | proto::LOCATION_4G
+            if !zero_date(content) && (content.len() < 20 || content[18] & 0x80 == 0) =>
+        {
+            let gps = decode_gps_opt(&mut r)?
+                .ok_or_else(|| DecodeError::malformed(P, "date-time", "all zeros"))?;
             let cell = if r.remaining() >= 8 {
                 Some(decode_cell(&mut r)?)
             } else {
@@ -797,9 +919,18 @@ pub fn parse_message(protocol: u8, content: &[u8]) -> Result<Gt06Message, Decode
                 mileage,
             }
         }
-        proto::STATUS => Gt06Message::Status(decode_status(&mut r)?),
-        proto::ALARM | proto::ALARM_MULTI_FENCE => {
-            let gps = decode_gps(&mut r)?;
+        proto::STATUS if content.len() >= 5 => Gt06Message::Status(decode_status(&mut r)?),
+        // Base alarm layout (GT06 document "Alarm packet"): GPS with a date, LBS length 9
+        // with a one-byte MNC, then the 5-byte status. Any other LBS length, a two-byte MNC
+        // or a zero date is read by `report` (by the LBS length, never at a fixed offset).
+        proto::ALARM | proto::ALARM_MULTI_FENCE
+            if content.len() >= 32
+                && !zero_date(content)
+                && content[18] == 9
+                && content[19] & 0x80 == 0 =>
+        {
+            let gps = decode_gps_opt(&mut r)?
+                .ok_or_else(|| DecodeError::malformed(P, "date-time", "all zeros"))?;
             let lbs_len = r.u8("lbs length")?;
             let cell = decode_cell(&mut r)?;
             let status = decode_status(&mut r)?;
@@ -811,7 +942,7 @@ pub fn parse_message(protocol: u8, content: &[u8]) -> Result<Gt06Message, Decode
                 status,
             }
         }
-        proto::LBS_MULTI => {
+        proto::LBS_MULTI if !zero_date(content) => {
             let time = decode_time(&mut r)?;
             let cell = decode_cell(&mut r)?;
             let rssi = r.u8("rssi")?;
@@ -841,14 +972,33 @@ pub fn parse_message(protocol: u8, content: &[u8]) -> Result<Gt06Message, Decode
                 language,
             }
         }
-        other => {
-            return Err(DecodeError::UnknownType {
-                protocol: P,
-                kind: format!("{other:#04x}"),
-            })
-        }
+        other => return report::parse(other, content, extended),
     };
     Ok(msg)
+}
+
+/// How far past its declared end a frame with a wrong length field may end.
+const LENGTH_SLACK: usize = 64;
+
+/// End (exclusive) of the first `0D 0A` in `src[..limit]` whose preceding CRC matches —
+/// the frame as sent when its length field is wrong.
+fn find_valid_end(src: &[u8], header: usize, limit: usize) -> Option<usize> {
+    let mut from = header + 5; // protocol + serial + crc, at least
+    while from + 2 <= limit {
+        let at = from + memchr::memchr(0x0D, &src[from..limit])?;
+        if at + 2 > limit {
+            return None;
+        }
+        if src[at + 1] == 0x0A {
+            let end = at + 2;
+            let expected = u16::from_be_bytes([src[end - 4], src[end - 3]]);
+            if crc16_x25(&src[2..end - 4]) == expected {
+                return Some(end);
+            }
+        }
+        from = at + 1;
+    }
+    None
 }
 
 fn find_start(buf: &[u8]) -> Option<usize> {
@@ -921,7 +1071,11 @@ impl Gt06Codec {
         }
     }
 
-    fn decode_one(&mut self, src: &mut BytesMut) -> Option<Result<Gt06Frame, DecodeError>> {
+    fn decode_one(
+        &mut self,
+        src: &mut BytesMut,
+        eof: bool,
+    ) -> Option<Result<Gt06Frame, DecodeError>> {
         match find_start(src) {
             Some(0) => {}
             Some(skipped) => {
@@ -971,11 +1125,27 @@ impl Gt06Codec {
             }));
         }
         let total = header + len + 2;
+        // A frame whose length field is wrong still ends at a CRC-valid `0D 0A` within
+        // `LENGTH_SLACK` bytes of the declared end: the first such end is the frame. The
+        // search depends only on bytes up to `total + LENGTH_SLACK` (it waits for them), so a
+        // stream split anywhere decodes the same frames.
+        let window = total + LENGTH_SLACK;
         if src.len() < total {
+            if eof {
+                if let Some(end) = find_valid_end(src, header, src.len()) {
+                    return Some(self.take_frame(src, header, end));
+                }
+            }
             src.reserve(total - src.len());
             return None;
         }
         if src[total - 2..total] != [0x0D, 0x0A] {
+            if let Some(end) = find_valid_end(src, header, src.len().min(window)) {
+                return Some(self.take_frame(src, header, end));
+            }
+            if src.len() < window && !eof {
+                return None;
+            }
             src.advance(2);
             return Some(Err(DecodeError::BadTerminator { protocol: P }));
         }
@@ -989,21 +1159,29 @@ impl Gt06Codec {
                 computed: u32::from(computed),
             }));
         }
+        Some(self.take_frame(src, header, total))
+    }
+
+    /// Consume the CRC-checked frame `src[..end]` and parse it.
+    fn take_frame(
+        &mut self,
+        src: &mut BytesMut,
+        header: usize,
+        end: usize,
+    ) -> Result<Gt06Frame, DecodeError> {
+        let extended = src[0] == 0x79;
         let protocol = src[header];
-        let serial = u16::from_be_bytes([src[total - 6], src[total - 5]]);
-        let parsed = parse_message(protocol, &src[header + 1..total - 6]);
-        src.advance(total);
-        let message = match parsed {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e)),
-        };
+        let serial = u16::from_be_bytes([src[end - 6], src[end - 5]]);
+        let parsed = parse_message_ext(protocol, &src[header + 1..end - 6], extended);
+        src.advance(end);
+        let message = parsed?;
         match &message {
             Gt06Message::Login { imei, .. } => self.set_imei(*imei),
             Gt06Message::Ack { .. } => {}
-            _ if self.imei.is_none() => return Some(Err(DecodeError::NotLoggedIn { protocol: P })),
+            _ if self.imei.is_none() => return Err(DecodeError::NotLoggedIn { protocol: P }),
             _ => {}
         }
-        Some(Ok(Gt06Frame { serial, message }))
+        Ok(Gt06Frame { serial, message })
     }
 }
 
@@ -1012,11 +1190,11 @@ impl Decoder for Gt06Codec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        Ok(self.decode_one(src))
+        Ok(self.decode_one(src, false))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        let decoded = self.decode_one(src);
+        let decoded = self.decode_one(src, true);
         Ok(crate::util::at_eof(P, decoded, src))
     }
 }
