@@ -93,7 +93,7 @@ fn every_unknown_alarm_code_is_reported_as_unknown() {
         c.extend_from_slice(&[0x40, 5, 3, code, 0x02]);
         let r = decode(&frame(0x16, &c, 1)).to_record("x", now()).unwrap();
         let unknown = r.events.contains(&E::UnknownAlarm {
-            code: u16::from(code),
+            code: u32::from(code),
         });
         assert_eq!(unknown, !known, "code {code:#04x}: {:?}", r.events);
         if let AlarmMeaning::Event(e) = alarm_byte(code) {

@@ -86,7 +86,7 @@ pub fn alarm_byte(code: u8) -> AlarmMeaning {
         .find(|(c, _, _)| *c == code)
         .map(|(_, m, _)| *m)
         .unwrap_or(Event(E::UnknownAlarm {
-            code: u16::from(code),
+            code: u32::from(code),
         }))
 }
 
@@ -103,7 +103,7 @@ pub enum TerminalBits111 {
 
 /// Code reported in `UnknownAlarm` for terminal-information alarm bits: `0x100 | bits`, so it
 /// cannot be confused with an alarm-byte code.
-pub const TERMINAL_BITS_CODE: u16 = 0x100;
+pub const TERMINAL_BITS_CODE: u32 = 0x100;
 
 /// Bits 3–5 of the terminal-information byte ("GT06 Terminal Information Content": 100 SOS,
 /// 011 low battery, 010 power cut, 001 shock, 000 normal; 111 removal per issue 11 /
@@ -120,13 +120,13 @@ pub fn terminal_bits(bits: u8, bits111: TerminalBits111) -> AlarmMeaning {
             TerminalBits111::OverSpeed => NoEvent("over speed"),
         },
         other => Event(E::UnknownAlarm {
-            code: TERMINAL_BITS_CODE | u16::from(other),
+            code: TERMINAL_BITS_CODE | u32::from(other),
         }),
     }
 }
 
 /// Code prefix of `0x95` alarm types in `UnknownAlarm` (`0x9500 | type`).
-pub const MSG_95_CODE: u16 = 0x9500;
+pub const MSG_95_CODE: u32 = 0x9500;
 
 /// Alarm type of the `0x95` alarm message. `extended` is true when the message carries a
 /// position (the short form's `0x01` is a generic alarm, not an SOS).
@@ -137,7 +137,7 @@ pub fn msg95_alarm(code: u8, extended: bool) -> AlarmMeaning {
         (0x87, _) => NoEvent("over speed"),           // JC100
         (0x90..=0x93, _) => NoEvent("driving event"), // JC100 (acceleration, braking, turn, crash)
         _ => Event(E::UnknownAlarm {
-            code: MSG_95_CODE | u16::from(code),
+            code: MSG_95_CODE | u32::from(code),
         }),
     }
 }
@@ -220,7 +220,7 @@ mod tests {
                 assert_eq!(
                     m,
                     Event(E::UnknownAlarm {
-                        code: u16::from(code)
+                        code: u32::from(code)
                     })
                 );
             }
