@@ -234,7 +234,12 @@ fn gt06_message() -> impl Strategy<Value = Gt06Message> {
         gt06_status().prop_map(Gt06Message::Status),
         alarm,
         lbs,
-        any::<u8>().prop_map(|protocol| Gt06Message::Ack { protocol }),
+        // An empty 0x8A frame is a time request, not an acknowledgement.
+        any::<u8>()
+            .prop_filter("0x8A is a time request", |p| *p
+                != em_protocols::gt06::proto::TIME_REQUEST)
+            .prop_map(|protocol| Gt06Message::Ack { protocol }),
+        Just(Gt06Message::TimeRequest),
     ]
 }
 
@@ -709,8 +714,11 @@ proptest! {
         let text = frame.to_text().unwrap();
         let mut f: Vec<String> = text.split(',').map(str::to_owned).collect();
         for i in [5, 7] {
-            let t = f[i].trim_start_matches('0');
-            f[i] = if t.starts_with('.') || t.len() < 7 { format!("0{t}") } else { t.to_owned() };
+            // Drop the degrees' leading zeros only: the minutes keep their two digits.
+            let (int, frac) = f[i].split_once('.').unwrap();
+            let t = int.trim_start_matches('0');
+            let t = format!("{t:0>2}");
+            f[i] = format!("{t}.{frac}");
         }
         let unpadded = f.join(",");
         let mut buf = BytesMut::from(unpadded.as_bytes());
