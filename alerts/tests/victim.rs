@@ -70,15 +70,17 @@ async fn victim_proximity_alert_has_distance_and_bearing_only() {
         // The engine: the victim's position, then the offender's fixes ~150 m away.
         let t0 = (Utc::now() - Duration::minutes(2)).trunc_subsecs(0);
         let victim = fix("victim-phone", t0, VICTIM);
-        let idx = index.read();
-        idx.update_dynamic(&victim);
-        let mut mon = SubjectMonitor::new(&subject).unwrap();
-        let mut events = Vec::new();
-        for i in 1..=4 {
-            let r = fix("tag-1", t0 + Duration::seconds(10 * i), OFFENDER);
-            events.extend(mon.on_record(&idx, &subject, &r));
-        }
-        drop(idx);
+        let events = {
+            let idx = index.read();
+            idx.update_dynamic(&victim);
+            let mut mon = SubjectMonitor::new(&subject).unwrap();
+            let mut events = Vec::new();
+            for i in 1..=4 {
+                let r = fix("tag-1", t0 + Duration::seconds(10 * i), OFFENDER);
+                events.extend(mon.on_record(&idx, &subject, &r));
+            }
+            events
+        };
         let signals: Vec<Signal> = events.iter().flat_map(signals_from_compliance).collect();
         let signal = signals
             .into_iter()
