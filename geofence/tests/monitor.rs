@@ -468,23 +468,7 @@ fn exclusion_zone_from_group_and_zone_removal() {
 
 #[test]
 fn dynamic_exclusion_with_both_devices_moving() {
-    let shared = SharedZoneIndex::new(ZoneIndex::new());
-    shared
-        .write()
-        .upsert(&ZoneSpec {
-            id: 50,
-            subject_id: Some(1),
-            group: None,
-            name: "victim".into(),
-            kind: ZoneKind::Exclusion,
-            geometry: ZoneGeometry::Dynamic {
-                device_id: "victim-phone".into(),
-                radius_m: 500.0,
-            },
-            schedule: None,
-            is_curfew_home: false,
-        })
-        .unwrap();
+    let shared = victim_zone_index();
     let s = subject(1, "UTC");
     let mut m = SubjectMonitor::new(&s).unwrap();
     let t0 = utc(2024, 6, 3, 12, 0);
@@ -672,6 +656,7 @@ fn fix_received(
     r
 }
 
+/// Subject 1 with a 500 m dynamic exclusion zone (id 50) around device `victim-phone`.
 fn victim_zone_index() -> SharedZoneIndex {
     let shared = SharedZoneIndex::new(ZoneIndex::new());
     shared
