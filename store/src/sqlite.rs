@@ -25,6 +25,57 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 const RECORD_COLUMNS: usize = 15;
 const MAX_ROWS_PER_INSERT: usize = 2000;
 
+/// The two tables of device records: offender tags' `positions` and protected persons'
+/// `victim_positions` (same columns, without `subject_id`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PositionTable {
+    Positions,
+    Victim,
+}
+
+/// Inserts record rows into `table` in chunks (idempotent on device, device time, sequence).
+async fn insert_position_rows(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    table: PositionTable,
+    rows: &[RecordRow],
+) -> Result<()> {
+    let head = match table {
+        PositionTable::Positions => {
+            "INSERT INTO positions (device_id, device_time, seq, received_time, subject_id, protocol,
+               lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) "
+        }
+        PositionTable::Victim => {
+            "INSERT INTO victim_positions (device_id, device_time, seq, received_time, protocol,
+               lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) "
+        }
+    };
+    for chunk in rows.chunks(MAX_ROWS_PER_INSERT.min(30_000 / RECORD_COLUMNS)) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head);
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.device_id)
+                .push_bind(us(r.device_time))
+                .push_bind(r.seq)
+                .push_bind(us(r.received_time));
+            if table == PositionTable::Positions {
+                b.push_bind(r.subject_id);
+            }
+            b.push_bind(r.protocol)
+                .push_bind(r.lat)
+                .push_bind(r.lon)
+                .push_bind(r.accuracy_m)
+                .push_bind(r.speed_kmh)
+                .push_bind(r.valid)
+                .push_bind(r.battery_pct)
+                .push_bind(r.charging)
+                .push_bind(r.beacon_in_range)
+                .push_bind(&r.extra);
+        });
+        qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 fn us(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
@@ -674,31 +725,7 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>>>()?;
         let deltas = fold_latest(records);
         let mut tx = self.begin_write().await?;
-        for chunk in rows.chunks(MAX_ROWS_PER_INSERT.min(30_000 / RECORD_COLUMNS)) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO positions (device_id, device_time, seq, received_time, subject_id, protocol,
-                   lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.device_id)
-                    .push_bind(us(r.device_time))
-                    .push_bind(r.seq)
-                    .push_bind(us(r.received_time))
-                    .push_bind(r.subject_id)
-                    .push_bind(r.protocol)
-                    .push_bind(r.lat)
-                    .push_bind(r.lon)
-                    .push_bind(r.accuracy_m)
-                    .push_bind(r.speed_kmh)
-                    .push_bind(r.valid)
-                    .push_bind(r.battery_pct)
-                    .push_bind(r.charging)
-                    .push_bind(r.beacon_in_range)
-                    .push_bind(&r.extra);
-            });
-            qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
-            qb.build().execute(&mut *tx).await?;
-        }
+        insert_position_rows(&mut tx, PositionTable::Positions, &rows).await?;
         for d in &deltas {
             let pos_extra = d
                 .position
@@ -864,30 +891,7 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut tx = self.begin_write().await?;
-        for chunk in rows.chunks(MAX_ROWS_PER_INSERT.min(30_000 / RECORD_COLUMNS)) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO victim_positions (device_id, device_time, seq, received_time, protocol,
-                   lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.device_id)
-                    .push_bind(us(r.device_time))
-                    .push_bind(r.seq)
-                    .push_bind(us(r.received_time))
-                    .push_bind(r.protocol)
-                    .push_bind(r.lat)
-                    .push_bind(r.lon)
-                    .push_bind(r.accuracy_m)
-                    .push_bind(r.speed_kmh)
-                    .push_bind(r.valid)
-                    .push_bind(r.battery_pct)
-                    .push_bind(r.charging)
-                    .push_bind(r.beacon_in_range)
-                    .push_bind(&r.extra);
-            });
-            qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
-            qb.build().execute(&mut *tx).await?;
-        }
+        insert_position_rows(&mut tx, PositionTable::Victim, &rows).await?;
         tx.commit().await?;
         Ok(())
     }
