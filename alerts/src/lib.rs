@@ -10,6 +10,7 @@
 
 mod config;
 mod escalation;
+pub mod lifecycle;
 mod message;
 mod mqtt;
 mod outbox;
@@ -22,14 +23,19 @@ pub use config::{
     MIN_SECRET_LEN,
 };
 pub use escalation::run_escalation;
+pub use lifecycle::{
+    alert_idempotency_key, apply_update, subject_ordering_key, AlertUpdate, OutboxPayload,
+    Transition, TransitionError,
+};
 pub use message::{describe, duration_words, local_time, MessageContext};
-pub use mqtt::{alert_topic, MqttAlertPublisher};
+pub use mqtt::{alert_topic, MqttAlertPublisher, PUBLISHER_CURSOR, PUBLISHER_LEASE};
 pub use outbox::{
     backoff_delay, classify_status, sign_body, verify_signature, OutboxWorker, Outcome,
 };
 pub use payload::{OmsPayload, OmsSubject, OMS_SCHEMA_VERSION};
 pub use service::{
-    condition_ongoing, resolution_blocked, AlertError, AlertNotice, AlertService, SYSTEM_ACTOR,
+    condition_ongoing, resolution_blocked, AlertError, AlertNotice, AlertNotices, AlertService,
+    SYSTEM_ACTOR,
 };
 pub use signal::{signals_from_compliance, Phase, Signal};
 

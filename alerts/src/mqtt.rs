@@ -1,12 +1,19 @@
 //! Publication of the live alert feed on MQTT: `em/v1/alerts/{subject_id}/{kind}`, QoS 1.
 
+use std::sync::Arc;
+
 use em_model::{AlertKind, SubjectId};
+use em_store::{ChangeFeed, Store};
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::service::AlertNotice;
+use crate::service::{AlertNotice, AlertNotices};
+
+/// Lease under which one instance publishes the alert feed to the external broker.
+pub const PUBLISHER_LEASE: &str = "mqtt-alert-publisher";
+/// Where the publisher left off in the change log.
+pub const PUBLISHER_CURSOR: &str = "mqtt-alert-publisher";
 
 /// Topic of a subject's alerts of one kind.
 pub fn alert_topic(subject: SubjectId, kind: AlertKind) -> String {
@@ -49,17 +56,35 @@ impl MqttAlertPublisher {
             .await
     }
 
-    /// Forwards notices from `rx` until `shutdown` is cancelled or the sender is gone.
-    /// A lagging receiver logs how many notices were skipped and carries on.
-    pub async fn run(self, mut rx: broadcast::Receiver<AlertNotice>, shutdown: CancellationToken) {
-        info!("MQTT alert publisher started");
+    /// Publishes every alert change of the change log (whichever instance made it) from
+    /// where the publisher left off (cursor [`PUBLISHER_CURSOR`] in the store; the newest
+    /// change on first start), until `shutdown`. Run it under the lease [`PUBLISHER_LEASE`]
+    /// ([`em_store::run_leased`]) so that exactly one instance publishes each change; the
+    /// cursor moves after each publish, so a take-over goes on from there (a change published
+    /// just before the holder died may go out twice; QoS 1 is at-least-once anyway).
+    pub async fn run(
+        self,
+        store: Arc<dyn Store>,
+        feed: Arc<ChangeFeed>,
+        shutdown: CancellationToken,
+    ) {
+        let start = match store.read_cursor(PUBLISHER_CURSOR).await {
+            Ok(Some(id)) => id,
+            Ok(None) => feed.position(),
+            Err(e) => {
+                error!(error = %e, "MQTT alert publisher cannot read its cursor; not started");
+                return;
+            }
+        };
+        info!(from_change = start, "MQTT alert publisher started");
+        let mut notices = AlertNotices::new(feed.follow(start));
         loop {
-            let notice = tokio::select! {
+            let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = rx.recv() => r,
+                n = notices.next() => n,
             };
-            match notice {
-                Ok(n) => {
+            match next {
+                Ok((id, n)) => {
                     if let Err(e) = self.publish(&n).await {
                         // The request queue is closed: the event loop was dropped.
                         error!(error = %e, "MQTT alert publish failed; publisher stops");
@@ -70,14 +95,17 @@ impl MqttAlertPublisher {
                         event = n.event.as_str(),
                         "alert notice published"
                     );
+                    if let Err(e) = store.write_cursor(PUBLISHER_CURSOR, id).await {
+                        warn!(error = %e, "MQTT alert publisher cannot save its cursor");
+                    }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(
-                        skipped = n,
-                        "MQTT alert publisher fell behind; notices skipped"
-                    );
+                Err(e) => {
+                    warn!(error = %e, "MQTT alert publisher cannot read the change log; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
             }
         }
         info!("MQTT alert publisher stopped");

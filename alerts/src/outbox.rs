@@ -15,7 +15,8 @@ use tracing::{debug, error, info, warn};
 use em_store::{OutboxMessage, Store};
 
 use crate::config::{ConfigError, OmsConfig};
-use crate::payload::{OmsPayload, OmsSubject, StoredPayload, OMS_SCHEMA_VERSION};
+use crate::lifecycle::OutboxPayload;
+use crate::payload::{OmsPayload, OmsSubject, OMS_SCHEMA_VERSION};
 use crate::service::AlertError;
 use crate::OMS_CHANNEL;
 
@@ -154,8 +155,16 @@ impl OutboxWorker {
     /// Polls and delivers until `shutdown` is cancelled. A round in progress is finished
     /// (bounded by the request timeout) so no delivery is left half-recorded.
     pub async fn run(self, shutdown: CancellationToken) {
+        Arc::new(self).run_shared(shutdown).await
+    }
+
+    /// [`OutboxWorker::run`] on a shared worker (restarted under a lease without rebuilding it).
+    /// Woken at once by new changes in the store's change log (an alert change writes its
+    /// outbox rows in the same transaction), and every `poll_interval` for retries.
+    pub async fn run_shared(self: Arc<Self>, shutdown: CancellationToken) {
         info!(url = self.url.as_str(), "OMS outbox delivery started");
         let full = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
+        let mut wake = self.store.change_wakeups();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -173,14 +182,17 @@ impl OutboxWorker {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
+                    changed = wake.changed() => {
+                        if changed.is_err() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
                 }
             }
         }
         info!("OMS outbox delivery stopped");
     }
 
-    /// One polling round: delivers the due messages (at most one per subject, several subjects
-    /// in parallel) and records each outcome. Returns the number delivered.
     pub async fn run_once(&self) -> Result<usize, AlertError> {
         Ok(self.round().await?.delivered)
     }
@@ -220,7 +232,7 @@ impl OutboxWorker {
 
     /// Builds the signed body of a message (what is POSTed).
     pub async fn body(&self, m: &OutboxMessage) -> Result<Vec<u8>, Outcome> {
-        let stored: StoredPayload =
+        let stored: OutboxPayload =
             serde_json::from_value(m.payload.clone()).map_err(|e| Outcome::Permanent {
                 error: format!("outbox payload is not an alert change: {e}"),
             })?;
@@ -236,7 +248,7 @@ impl OutboxWorker {
             schema_version: OMS_SCHEMA_VERSION,
             id: m.idempotency_key.clone(),
             event: stored.event,
-            alert_version: stored.version.unwrap_or(0),
+            alert_version: stored.version,
             occurred_at: m.created_at,
             subject: OmsSubject {
                 id: stored.alert.subject_id,

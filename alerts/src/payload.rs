@@ -34,20 +34,10 @@ pub struct OmsPayload {
     pub alert: Alert,
 }
 
-/// The shape the store writes into the outbox row.
-#[derive(Debug, Deserialize)]
-pub(crate) struct StoredPayload {
-    pub event: String,
-    #[serde(default)]
-    pub version: Option<i64>,
-    #[serde(deserialize_with = "stored_alert")]
-    pub alert: Alert,
-}
-
 /// Reads the alert of an outbox row. Rows written before alerts had `created_at` (still pending
 /// when the store was upgraded) lack it; the store backfilled the column with `started_at`, so
 /// the payload gets the same value instead of failing delivery permanently.
-fn stored_alert<'de, D>(deserializer: D) -> Result<Alert, D::Error>
+pub(crate) fn stored_alert<'de, D>(deserializer: D) -> Result<Alert, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
@@ -65,7 +55,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::lifecycle::OutboxPayload;
     use serde_json::json;
 
     fn stored(alert_extra: serde_json::Value) -> serde_json::Value {
@@ -85,7 +75,7 @@ mod tests {
 
     #[test]
     fn stored_payload_keeps_created_at() {
-        let p: StoredPayload =
+        let p: OutboxPayload =
             serde_json::from_value(stored(json!({"created_at": "2025-01-15T23:00:00Z"})))
                 .expect("payload with created_at");
         assert_eq!(p.alert.created_at.to_rfc3339(), "2025-01-15T23:00:00+00:00");
@@ -94,7 +84,7 @@ mod tests {
 
     #[test]
     fn stored_payload_from_before_created_at_uses_started_at() {
-        let p: StoredPayload =
+        let p: OutboxPayload =
             serde_json::from_value(stored(json!({}))).expect("legacy payload still delivers");
         assert_eq!(p.alert.created_at, p.alert.started_at);
     }
@@ -102,6 +92,6 @@ mod tests {
     #[test]
     fn stored_payload_rejects_a_non_alert() {
         let v = json!({ "event": "alert.created", "alert": {"id": 1} });
-        assert!(serde_json::from_value::<StoredPayload>(v).is_err());
+        assert!(serde_json::from_value::<OutboxPayload>(v).is_err());
     }
 }

@@ -5,14 +5,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use em_model::{Alert, AlertId, AlertKind, Severity, SubjectId, TimePolicy, User};
-use em_store::{AlertUpdate, NewAlert, Store, StoreError};
+use em_model::{
+    Alert, AlertId, AlertKind, AlertState, Change, ChangeEntry, Severity, SubjectId, TimePolicy,
+    User, UserId,
+};
+use em_store::{
+    AlertEffects, AlertWrite, ChangeStream, NewAudit, NewOutbox, Store, StoreError, VersionedAlert,
+};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 use crate::config::{AlertConfig, ConfigError};
 use crate::events;
+use crate::lifecycle::{
+    actions, alert_idempotency_key, apply_update, fold_repeat, subject_ordering_key, AlertUpdate,
+    OutboxPayload, TransitionError,
+};
 use crate::message::{auto_resolve_note, describe, parse_tz, MessageContext};
 use crate::signal::{Phase, Signal};
 
@@ -68,6 +77,8 @@ const MAX_EVIDENCE_BYTES: usize = 64 * 1024;
 const MAX_NOTE_CHARS: usize = 4000;
 /// Number of subject lock stripes.
 const LOCK_STRIPES: usize = 64;
+/// Times a change is decided again when another instance changed the alert meanwhile.
+const WRITE_ATTEMPTS: usize = 8;
 
 /// Why an alert operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,15 +108,57 @@ pub struct AlertNotice {
     pub alert: Alert,
 }
 
+impl AlertNotice {
+    /// The notice of a change-log entry, when it is an alert change.
+    pub fn from_change(entry: &ChangeEntry) -> Option<AlertNotice> {
+        match &entry.change {
+            Change::Alert { event, alert, .. } => Some(AlertNotice {
+                event: event.clone(),
+                alert: alert.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The alert changes of a change-log stream (every instance's), as notices.
+#[derive(Debug)]
+pub struct AlertNotices {
+    stream: ChangeStream,
+}
+
+impl AlertNotices {
+    pub fn new(stream: ChangeStream) -> Self {
+        AlertNotices { stream }
+    }
+
+    /// Change id of the last notice returned.
+    pub fn last(&self) -> em_model::ChangeId {
+        self.stream.last()
+    }
+
+    /// The next alert notice with its change id.
+    pub async fn next(&mut self) -> Result<(em_model::ChangeId, AlertNotice), StoreError> {
+        loop {
+            let entry = self.stream.next().await?;
+            if let Some(n) = AlertNotice::from_change(&entry) {
+                return Ok((entry.id, n));
+            }
+        }
+    }
+}
+
 /// The alert engine. Cheap to share as `Arc<AlertService>`.
 ///
-/// Changes to one subject's alerts are serialised inside the service (striped locks), so a
-/// repeat and a concurrent resolution cannot interleave between the "is there an ongoing
-/// alert" check and the write. Run one `AlertService` per database.
+/// Every change is decided here from the alert as read, and written with the version it was
+/// read at ([`AlertWrite`]): when another instance changed the alert in between, the store
+/// refuses the write and the change is decided again on the fresh alert. At most one alert
+/// per condition is ongoing (the store refuses a second). Within one instance, changes to one
+/// subject's alerts also take a striped lock, so they rarely meet. Every change goes into the
+/// change log in the same transaction; the live feeds read it there ([`AlertNotices`]).
 pub struct AlertService {
     store: Arc<dyn Store>,
     config: AlertConfig,
-    notices: broadcast::Sender<AlertNotice>,
     locks: Vec<Mutex<()>>,
 }
 
@@ -118,25 +171,32 @@ impl std::fmt::Debug for AlertService {
     }
 }
 
-fn map_store(id: AlertId, e: StoreError) -> AlertError {
+fn map_transition(id: AlertId, e: TransitionError) -> AlertError {
     match e {
-        StoreError::NotFound(_) => AlertError::NotFound(id),
-        StoreError::Conflict(reason) | StoreError::Invalid(reason) => {
+        TransitionError::NotAllowed(reason) | TransitionError::Invalid(reason) => {
             AlertError::InvalidTransition { id, reason }
         }
-        other => AlertError::Store(other),
     }
 }
+
+/// Who makes a change, for the audit record.
+struct Actor<'a> {
+    name: &'a str,
+    id: Option<UserId>,
+}
+
+const SYSTEM: Actor<'static> = Actor {
+    name: SYSTEM_ACTOR,
+    id: None,
+};
 
 impl AlertService {
     /// Validates `config` and builds the service.
     pub fn new(store: Arc<dyn Store>, config: AlertConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        let (notices, _) = broadcast::channel(config.notice_buffer);
         Ok(AlertService {
             store,
             config,
-            notices,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -149,12 +209,6 @@ impl AlertService {
         &self.store
     }
 
-    /// Live feed of alert changes. Each receiver sees every notice sent after it subscribed;
-    /// one that falls more than `notice_buffer` behind gets `RecvError::Lagged`.
-    pub fn subscribe(&self) -> broadcast::Receiver<AlertNotice> {
-        self.notices.subscribe()
-    }
-
     async fn lock(&self, subject: SubjectId) -> MutexGuard<'_, ()> {
         let idx = usize::try_from(subject.rem_euclid(LOCK_STRIPES as i64)).unwrap_or(0);
         match self.locks.get(idx) {
@@ -164,13 +218,114 @@ impl AlertService {
         }
     }
 
-    fn notify(&self, event: &str, alert: &Alert) {
-        metrics::counter!("em_alerts_notices_total", "event" => event.to_string()).increment(1);
-        // No receiver is not an error: the feed is best-effort, the store is the record.
-        let _ = self.notices.send(AlertNotice {
-            event: event.to_string(),
-            alert: alert.clone(),
-        });
+    /// Writes one alert change with its audit record, change-log entry and (for `channels`)
+    /// outbox messages, in one store transaction.
+    async fn write(
+        &self,
+        expected_version: Option<i64>,
+        alert: Alert,
+        event: &'static str,
+        action: &'static str,
+        actor: &Actor<'_>,
+        details: serde_json::Value,
+        channels: &[&str],
+    ) -> Result<VersionedAlert, StoreError> {
+        let write = AlertWrite {
+            expected_version,
+            alert,
+        };
+        let effects = |stored: &VersionedAlert| -> Result<AlertEffects, StoreError> {
+            let a = &stored.alert;
+            let key = alert_idempotency_key(a.id, stored.version);
+            let payload = serde_json::to_value(OutboxPayload {
+                event: event.to_string(),
+                idempotency_key: key.clone(),
+                version: stored.version,
+                alert: a.clone(),
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot encode the outbox payload: {e}")))?;
+            Ok(AlertEffects {
+                audit: NewAudit {
+                    at: Some(Utc::now()),
+                    actor_id: actor.id,
+                    actor: actor.name.to_string(),
+                    action: action.to_string(),
+                    target_type: "alert".into(),
+                    target_id: Some(a.id.to_string()),
+                    subject_id: Some(a.subject_id),
+                    details: details.clone(),
+                },
+                change: Change::Alert {
+                    event: event.to_string(),
+                    alert: a.clone(),
+                    version: stored.version,
+                },
+                outbox: channels
+                    .iter()
+                    .map(|ch| NewOutbox {
+                        channel: ch.to_string(),
+                        ordering_key: subject_ordering_key(a.subject_id),
+                        idempotency_key: key.clone(),
+                        payload: payload.clone(),
+                    })
+                    .collect(),
+            })
+        };
+        let stored = self.store.write_alert(&write, &effects).await?;
+        metrics::counter!("em_alerts_notices_total", "event" => event).increment(1);
+        Ok(stored)
+    }
+
+    /// Applies `update` to alert `id` as it is now, retrying on the fresh alert when another
+    /// instance changed it meanwhile. `check` may refuse the change given the current alert.
+    async fn change(
+        &self,
+        id: AlertId,
+        update: &AlertUpdate,
+        actor: &Actor<'_>,
+        check: impl Fn(&Alert) -> Result<(), AlertError>,
+    ) -> Result<Alert, AlertError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self
+                .store
+                .get_alert(id)
+                .await?
+                .ok_or(AlertError::NotFound(id))?;
+            check(&current.alert)?;
+            let t = apply_update(&current.alert, update).map_err(|e| map_transition(id, e))?;
+            let details = serde_json::json!({
+                "previous": current.alert,
+                "update": update,
+            });
+            match self
+                .write(
+                    Some(current.version),
+                    t.alert,
+                    t.event,
+                    t.action,
+                    actor,
+                    details,
+                    self.config.outbox_channels(),
+                )
+                .await
+            {
+                Ok(stored) => return Ok(stored.alert),
+                Err(StoreError::Conflict(reason)) if attempt < WRITE_ATTEMPTS => {
+                    debug!(
+                        alert_id = id,
+                        reason, "alert changed meanwhile; deciding again"
+                    );
+                    metrics::counter!("em_alerts_write_retries_total").increment(1);
+                }
+                Err(StoreError::NotFound(_)) => return Err(AlertError::NotFound(id)),
+                Err(StoreError::Conflict(reason)) => {
+                    return Err(AlertError::InvalidTransition { id, reason })
+                }
+                Err(e) => return Err(AlertError::Store(e)),
+            }
+        }
     }
 
     /// Applies a signal: `Started`/`Ongoing` raise a new alert or fold a repeat into the
@@ -226,80 +381,138 @@ impl AlertService {
     }
 
     async fn raise(&self, signal: Signal, severity: Severity) -> Result<Alert, AlertError> {
-        let ongoing = self
-            .store
-            .ongoing_alert(signal.subject_id, signal.kind, signal.zone_id)
-            .await?;
-        let (message, channels) = match &ongoing {
-            // A repeat: one alert, and no OMS message per repeat (that would be a flood).
-            Some(a) => (a.message.clone(), &[][..]),
-            None => (self.compose(&signal).await?, self.config.outbox_channels()),
-        };
-        let raised = self
-            .store
-            .raise_alert(
-                &NewAlert {
-                    subject_id: signal.subject_id,
-                    device_id: signal.device_id.clone(),
-                    kind: signal.kind,
-                    severity,
-                    zone_id: signal.zone_id,
-                    message,
-                    at: signal.at,
-                    evidence: signal.evidence,
-                },
-                channels,
-            )
-            .await?;
-        if raised.created {
-            if ongoing.is_some() && self.config.oms.enabled {
-                // The ongoing alert was resolved by another process between our check and the
-                // write: the new alert has no OMS message. Make it visible.
-                warn!(
-                    alert_id = raised.alert.id,
-                    "alert created without OMS message (concurrent resolution elsewhere)"
-                );
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let written = match self
+                .store
+                .ongoing_alert(signal.subject_id, signal.kind, signal.zone_id)
+                .await?
+            {
+                // A repeat: one alert, and no OMS message per repeat (that would be a flood).
+                Some(current) => {
+                    let folded = fold_repeat(
+                        &current.alert,
+                        signal.at,
+                        severity,
+                        signal.device_id.as_deref(),
+                    );
+                    let details = serde_json::json!({
+                        "kind": folded.kind.as_str(),
+                        "occurrences": folded.occurrences,
+                        "at": signal.at,
+                        "message": folded.message,
+                    });
+                    self.write(
+                        Some(current.version),
+                        folded,
+                        events::UPDATED,
+                        actions::REPEAT,
+                        &SYSTEM,
+                        details,
+                        &[],
+                    )
+                    .await
+                    .map(|v| (v, false))
+                }
+                None => {
+                    let message = self.compose(&signal).await?;
+                    let alert = Alert {
+                        id: 0,
+                        subject_id: signal.subject_id,
+                        device_id: signal.device_id.clone(),
+                        kind: signal.kind,
+                        severity,
+                        state: AlertState::Open,
+                        zone_id: signal.zone_id,
+                        message,
+                        started_at: signal.at,
+                        created_at: Utc::now().trunc_subsecs(6),
+                        last_seen_at: signal.at,
+                        ended_at: None,
+                        escalated: false,
+                        acknowledged_by: None,
+                        acknowledged_at: None,
+                        resolved_by: None,
+                        resolved_at: None,
+                        resolution_code: None,
+                        resolution_note: None,
+                        evidence: signal.evidence.clone(),
+                        occurrences: 1,
+                    };
+                    let details = serde_json::json!({
+                        "kind": alert.kind.as_str(),
+                        "occurrences": 1,
+                        "at": signal.at,
+                        "message": alert.message,
+                    });
+                    self.write(
+                        None,
+                        alert,
+                        events::CREATED,
+                        actions::CREATE,
+                        &SYSTEM,
+                        details,
+                        self.config.outbox_channels(),
+                    )
+                    .await
+                    .map(|v| (v, true))
+                }
+            };
+            match written {
+                Ok((stored, created)) => {
+                    if created {
+                        info!(
+                            alert_id = stored.alert.id,
+                            subject_id = stored.alert.subject_id,
+                            kind = stored.alert.kind.as_str(),
+                            "alert raised"
+                        );
+                        metrics::counter!("em_alerts_raised_total", "kind" => stored.alert.kind.as_str())
+                            .increment(1);
+                    }
+                    return Ok(stored.alert);
+                }
+                // Another instance raised, repeated or resolved it between the read and the
+                // write: decide again on what is there now.
+                Err(StoreError::Conflict(reason)) if attempt < WRITE_ATTEMPTS => {
+                    debug!(
+                        subject_id = signal.subject_id,
+                        kind = signal.kind.as_str(),
+                        reason,
+                        "ongoing alert changed meanwhile; deciding again"
+                    );
+                    metrics::counter!("em_alerts_write_retries_total").increment(1);
+                }
+                Err(e) => return Err(AlertError::Store(e)),
             }
-            info!(
-                alert_id = raised.alert.id,
-                subject_id = raised.alert.subject_id,
-                kind = raised.alert.kind.as_str(),
-                "alert raised"
-            );
-            metrics::counter!("em_alerts_raised_total", "kind" => raised.alert.kind.as_str())
-                .increment(1);
-            self.notify(events::CREATED, &raised.alert);
-        } else {
-            self.notify(events::UPDATED, &raised.alert);
         }
-        Ok(raised.alert)
     }
 
     async fn end(&self, signal: Signal, auto_resolve: bool) -> Result<Option<Alert>, AlertError> {
-        let Some(mut alert) = self
+        let Some(ongoing) = self
             .store
             .ongoing_alert(signal.subject_id, signal.kind, signal.zone_id)
             .await?
         else {
             return Ok(None);
         };
-        let channels = self.config.outbox_channels();
+        let id = ongoing.alert.id;
         // A repeated end (same or older evidence) changes nothing.
-        let already = alert
-            .ended_at
-            .is_some_and(|e| e >= signal.at && e >= alert.last_seen_at);
-        if !already {
+        let already = |a: &Alert| {
+            a.ended_at
+                .is_some_and(|e| e >= signal.at && e >= a.last_seen_at)
+        };
+        let mut alert = ongoing.alert;
+        if !already(&alert) {
             alert = self
-                .store
-                .update_alert(
-                    alert.id,
+                .change(
+                    id,
                     &AlertUpdate::ConditionEnded { at: signal.at },
-                    SYSTEM_ACTOR,
-                    channels,
+                    &SYSTEM,
+                    |_| Ok(()),
                 )
-                .await
-                .map_err(|e| map_store(alert.id, e))?;
-            self.notify(events::UPDATED, &alert);
+                .await?;
         }
         if auto_resolve {
             let tz = match self.store.get_subject(signal.subject_id).await? {
@@ -308,22 +521,19 @@ impl AlertService {
             };
             let note = auto_resolve_note(alert.kind, signal.at, Utc::now(), tz);
             alert = self
-                .store
-                .update_alert(
-                    alert.id,
+                .change(
+                    id,
                     &AlertUpdate::Resolve {
                         by: None,
                         at: Utc::now(),
                         code: self.config.auto_resolve_code.clone(),
                         note: Some(note),
                     },
-                    SYSTEM_ACTOR,
-                    channels,
+                    &SYSTEM,
+                    |_| Ok(()),
                 )
-                .await
-                .map_err(|e| map_store(alert.id, e))?;
+                .await?;
             info!(alert_id = alert.id, "alert resolved automatically");
-            self.notify(events::RESOLVED, &alert);
         }
         Ok(Some(alert))
     }
@@ -365,6 +575,7 @@ impl AlertService {
         self.store
             .get_alert(id)
             .await?
+            .map(|v| v.alert)
             .ok_or(AlertError::NotFound(id))
     }
 
@@ -381,25 +592,26 @@ impl AlertService {
         Self::check_user(by)?;
         let current = self.existing(id).await?;
         let _guard = self.lock(current.subject_id).await;
+        let actor = Actor {
+            name: &by.username,
+            id: Some(by.id),
+        };
         let alert = self
-            .store
-            .update_alert(
+            .change(
                 id,
                 &AlertUpdate::Acknowledge {
                     by: by.id,
                     at: Utc::now(),
                 },
-                &by.username,
-                self.config.outbox_channels(),
+                &actor,
+                |_| Ok(()),
             )
-            .await
-            .map_err(|e| map_store(id, e))?;
+            .await?;
         info!(
             alert_id = id,
             user = by.username.as_str(),
             "alert acknowledged"
         );
-        self.notify(events::ACKNOWLEDGED, &alert);
         Ok(alert)
     }
 
@@ -429,14 +641,14 @@ impl AlertService {
         }
         let current = self.existing(id).await?;
         let _guard = self.lock(current.subject_id).await;
-        // Under the subject's lock: the condition may have ended or resumed meanwhile.
-        let current = self.existing(id).await?;
-        if let Some(reason) = resolution_blocked(&current) {
-            return Err(AlertError::InvalidTransition { id, reason });
-        }
+        let actor = Actor {
+            name: &by.username,
+            id: Some(by.id),
+        };
+        // Checked on the alert as written against (a repeat on another instance may have
+        // brought the condition back meanwhile: then the write conflicts and this runs again).
         let alert = self
-            .store
-            .update_alert(
+            .change(
                 id,
                 &AlertUpdate::Resolve {
                     by: Some(by.id),
@@ -444,18 +656,19 @@ impl AlertService {
                     code: code.to_string(),
                     note,
                 },
-                &by.username,
-                self.config.outbox_channels(),
+                &actor,
+                |current| match resolution_blocked(current) {
+                    Some(reason) => Err(AlertError::InvalidTransition { id, reason }),
+                    None => Ok(()),
+                },
             )
-            .await
-            .map_err(|e| map_store(id, e))?;
+            .await?;
         info!(
             alert_id = id,
             user = by.username.as_str(),
             code,
             "alert resolved"
         );
-        self.notify(events::RESOLVED, &alert);
         Ok(alert)
     }
 
@@ -498,12 +711,11 @@ impl AlertService {
                     continue;
                 }
                 match self
-                    .store
-                    .update_alert(
+                    .change(
                         alert.id,
                         &AlertUpdate::Escalate { at: now },
-                        SYSTEM_ACTOR,
-                        self.config.outbox_channels(),
+                        &SYSTEM,
+                        |_| Ok(()),
                     )
                     .await
                 {
@@ -515,14 +727,14 @@ impl AlertService {
                             "alert not acknowledged in time; escalated to supervisors"
                         );
                         metrics::counter!("em_alerts_escalated_total").increment(1);
-                        self.notify(events::ESCALATED, &a);
                         escalated.push(a);
                     }
-                    // Acknowledged or resolved meanwhile: nothing to escalate.
-                    Err(StoreError::Conflict(reason)) => {
+                    // Acknowledged, resolved or removed meanwhile: nothing to escalate.
+                    Err(AlertError::InvalidTransition { reason, .. }) => {
                         debug!(alert_id = alert.id, reason, "escalation skipped");
                     }
-                    Err(e) => return Err(AlertError::Store(e)),
+                    Err(AlertError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }

@@ -11,16 +11,15 @@ use em_alerts::*;
 use em_model::*;
 use em_store::{OutboxStatus, Store};
 use serde_json::json;
-use tokio::sync::broadcast;
 
 use common::*;
 
-fn drain(rx: &mut broadcast::Receiver<AlertNotice>) -> Vec<(String, AlertId)> {
-    let mut v = Vec::new();
-    while let Ok(n) = rx.try_recv() {
-        v.push((n.event, n.alert.id));
-    }
-    v
+async fn drain(rx: &mut NoticeLog) -> Vec<(String, AlertId)> {
+    rx.drain()
+        .await
+        .into_iter()
+        .map(|n| (n.event, n.alert.id))
+        .collect()
 }
 
 fn oms_config() -> AlertConfig {
@@ -34,7 +33,7 @@ fn oms_config() -> AlertConfig {
 async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
     let f = fixture(&store).await;
     let service = AlertService::new(store.clone(), oms_config()).unwrap();
-    let mut rx = service.subscribe();
+    let mut rx = NoticeLog::at(service.store()).await;
 
     // Started: one new alert with a plain-words message in the subject's time zone.
     let started = minutes_ago(3);
@@ -71,7 +70,7 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
         let r = service.handle(s).await.unwrap().unwrap();
         assert_eq!(r.id, a.id, "{name}: repeat opened a new alert");
     }
-    let folded = store.get_alert(a.id).await.unwrap().unwrap();
+    let folded = store.get_alert(a.id).await.unwrap().unwrap().alert;
     assert_eq!(folded.occurrences, 6, "{name}");
     assert_eq!(
         folded.last_seen_at,
@@ -85,7 +84,7 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
         1,
         "{name}: repeats must not flood the OMS"
     );
-    let notices = drain(&mut rx);
+    let notices = drain(&mut rx).await;
     assert_eq!(notices.first(), Some(&(events::CREATED.to_string(), a.id)));
     assert_eq!(notices.len(), 6);
     assert!(notices[1..].iter().all(|(e, _)| e == events::UPDATED));
@@ -166,7 +165,7 @@ async fn lifecycle_on(name: &str, store: Arc<dyn Store>) {
         service.acknowledge(a.id, &f.officer).await,
         Err(AlertError::InvalidTransition { .. })
     ));
-    let notices = drain(&mut rx);
+    let notices = drain(&mut rx).await;
     assert_eq!(
         notices,
         vec![
@@ -211,7 +210,7 @@ async fn lifecycle_raise_fold_acknowledge_resolve() {
 async fn auto_resolution_on(name: &str, store: Arc<dyn Store>) {
     let f = fixture(&store).await;
     let service = AlertService::new(store.clone(), AlertConfig::default()).unwrap();
-    let mut rx = service.subscribe();
+    let mut rx = NoticeLog::at(service.store()).await;
 
     // Low battery resolves itself when the condition ends; the history is kept.
     let t0 = minutes_ago(30);
@@ -247,7 +246,7 @@ async fn auto_resolution_on(name: &str, store: Arc<dyn Store>) {
     // An end without an ongoing alert is nothing.
     assert!(service.handle(end).await.unwrap().is_none());
     assert_eq!(
-        drain(&mut rx),
+        drain(&mut rx).await,
         vec![
             (events::CREATED.to_string(), a.id),
             (events::UPDATED.to_string(), a.id),
@@ -320,7 +319,7 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
     let acked = raise(AlertKind::CaseTamper, minutes_ago(120)).await; // high, but acknowledged
     service.acknowledge(acked.id, &f.officer).await.unwrap();
 
-    let mut rx = service.subscribe();
+    let mut rx = NoticeLog::at(service.store()).await;
     // Nothing is due right after the raise, although every condition started long ago.
     assert!(
         service.escalate_due(Utc::now()).await.unwrap().is_empty(),
@@ -339,7 +338,7 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
     want.sort();
     assert_eq!(got, want, "{name}");
     for id in [tamper.id, jam.id] {
-        let a = store.get_alert(id).await.unwrap().unwrap();
+        let a = store.get_alert(id).await.unwrap().unwrap().alert;
         assert!(a.escalated);
         assert_eq!(a.state, AlertState::Open);
         assert!(audit_of(&store, id)
@@ -348,11 +347,11 @@ async fn escalation_on(name: &str, store: Arc<dyn Store>) {
     }
     for id in [curfew.id, battery.id, silent.id, acked.id] {
         assert!(
-            !store.get_alert(id).await.unwrap().unwrap().escalated,
+            !store.get_alert(id).await.unwrap().unwrap().alert.escalated,
             "{name}: {id}"
         );
     }
-    let notices = drain(&mut rx);
+    let notices = drain(&mut rx).await;
     assert_eq!(notices.len(), 2);
     assert!(notices.iter().all(|(e, _)| e == events::ESCALATED));
     // Escalation happens once.
@@ -419,7 +418,15 @@ async fn late_data_escalation_on(name: &str, store: Arc<dyn Store>) {
         service.escalate_due(almost).await.unwrap().is_empty(),
         "{name}"
     );
-    assert!(!store.get_alert(a.id).await.unwrap().unwrap().escalated);
+    assert!(
+        !store
+            .get_alert(a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .alert
+            .escalated
+    );
     // Once created_at + limit has passed it is escalated.
     let due = a.created_at + limit + chrono::Duration::seconds(1);
     let got: Vec<AlertId> = service
@@ -430,7 +437,7 @@ async fn late_data_escalation_on(name: &str, store: Arc<dyn Store>) {
         .map(|a| a.id)
         .collect();
     assert_eq!(got, vec![a.id], "{name}");
-    let stored = store.get_alert(a.id).await.unwrap().unwrap();
+    let stored = store.get_alert(a.id).await.unwrap().unwrap().alert;
     assert!(stored.escalated, "{name}");
     assert_eq!(stored.created_at, a.created_at, "{name}");
 }
@@ -459,7 +466,7 @@ async fn escalation_task_runs_and_stops() {
         .await
         .unwrap()
         .unwrap();
-    let mut rx = service.subscribe();
+    let mut rx = NoticeLog::at(service.store()).await;
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(run_escalation(
         service.clone(),
@@ -575,7 +582,7 @@ async fn resolve_while_ongoing_on(name: &str, store: Arc<dyn Store>) {
             "{name} {kind:?}: {err}"
         );
         assert_eq!(
-            store.get_alert(a.id).await.unwrap().unwrap().state,
+            store.get_alert(a.id).await.unwrap().unwrap().alert.state,
             AlertState::Open,
             "{name} {kind:?}: a refused resolution changes nothing"
         );
@@ -653,7 +660,7 @@ async fn future_signal_on(name: &str, store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(ended.is_none(), "{name}");
-    let stored = store.get_alert(a.id).await.unwrap().unwrap();
+    let stored = store.get_alert(a.id).await.unwrap().unwrap().alert;
     assert_eq!(stored.ended_at, None, "{name}");
     assert_eq!(stored.state, AlertState::Open, "{name}");
     // Escalation counts from the raise.

@@ -111,8 +111,14 @@ async fn alert_notices_are_published_on_mqtt() {
             }
         }
     });
-    let publisher =
-        tokio::spawn(MqttAlertPublisher::new(client).run(service.subscribe(), token.clone()));
+    let feed = em_store::ChangeFeed::start(service.store().clone(), token.clone())
+        .await
+        .unwrap();
+    let publisher = tokio::spawn(MqttAlertPublisher::new(client).run(
+        service.store().clone(),
+        feed,
+        token.clone(),
+    ));
 
     let alert = service
         .handle(Signal::new(

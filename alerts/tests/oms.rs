@@ -181,7 +181,7 @@ async fn outage_on(name: &str, store: Arc<dyn Store>) {
         let reference = format!("CASE-2025-01{i:02}");
         subjects.push((subject(&store, &reference).await, reference));
     }
-    let mut feed = service.subscribe();
+    let mut feed = NoticeLog::at(service.store()).await;
 
     // The OMS is down for the first 1.5 s of delivery ("1 hour" with fast back-off).
     rx.lock().unwrap().outage_until = Some(Instant::now() + Duration::from_millis(1500));
@@ -217,7 +217,8 @@ async fn outage_on(name: &str, store: Arc<dyn Store>) {
                             .ongoing_alert(*s, AlertKind::StrapTamper, None)
                             .await
                             .unwrap()
-                            .unwrap();
+                            .unwrap()
+                            .alert;
                         service.acknowledge(a.id, &officer).await.unwrap();
                     }
                     3 => {
@@ -250,7 +251,8 @@ async fn outage_on(name: &str, store: Arc<dyn Store>) {
                             .ongoing_alert(*s, AlertKind::CurfewViolation, None)
                             .await
                             .unwrap()
-                            .unwrap();
+                            .unwrap()
+                            .alert;
                         service
                             .resolve(a.id, &officer, "subject_contacted", None)
                             .await
@@ -276,7 +278,7 @@ async fn outage_on(name: &str, store: Arc<dyn Store>) {
     // Expected order per subject = order of the changes that write an OMS message.
     let mut expected: BTreeMap<SubjectId, Vec<(AlertId, String)>> = BTreeMap::new();
     let mut folded = 0;
-    while let Ok(n) = feed.try_recv() {
+    for n in feed.drain().await {
         if n.event == events::UPDATED && n.alert.ended_at.is_none() {
             folded += 1; // a repeat: not sent to the OMS
             continue;

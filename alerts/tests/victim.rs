@@ -92,7 +92,7 @@ async fn victim_proximity_alert_has_distance_and_bearing_only() {
         cfg.oms.url = Some("http://127.0.0.1:9/unused".into());
         cfg.oms.secret = Some("test-secret-0123456789".into());
         let service = AlertService::new(store.clone(), cfg).unwrap();
-        let mut rx = service.subscribe();
+        let mut rx = NoticeLog::at(service.store()).await;
         let alert = service
             .handle(signal.with_device("tag-1"))
             .await
@@ -102,7 +102,7 @@ async fn victim_proximity_alert_has_distance_and_bearing_only() {
         assert_eq!(alert.evidence["distance_m"], 150.0, "{name}");
         assert_eq!(alert.evidence["bearing_deg"], 220.0, "{name}");
         assert_clean("stored alert", &serde_json::to_string(&alert).unwrap());
-        let notice = rx.try_recv().expect("notice");
+        let notice = rx.drain().await.pop().expect("notice");
         assert_clean("alert notice", &serde_json::to_string(&notice).unwrap());
         let due = store
             .due_outbox("oms", Utc::now() + Duration::minutes(1), 10)

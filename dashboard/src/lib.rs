@@ -2,8 +2,10 @@
 //! document at `/api/openapi.json`), login with argon2-hashed passwords and server-side sessions,
 //! role and caseload enforcement (officer: own caseload; supervisor: all; admin: users, devices,
 //! assignments), the audit trail of every read and change of a subject's data, live alerts over
-//! server-sent events, the zone/curfew editor with per-field validation (publishing
-//! [`OrderChange`]s to the ingest pipeline), the curfew-compliance report (JSON and CSV), and the
+//! server-sent events read from the store's change log (so an alert raised on any instance
+//! reaches every instance's feeds), the zone/curfew editor with per-field validation (each
+//! save writes its change-log entry in the same transaction; every instance's geofence engine
+//! reads it there), the curfew-compliance report (JSON and CSV), and the
 //! embedded single-page web UI (plain HTML/CSS/JS with an SVG map; no external resources).
 
 mod access;
@@ -27,10 +29,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
 use em_alerts::AlertService;
-use em_model::{DeviceId, Subject, ZoneId, ZoneSpec};
-use em_store::Store;
+use em_store::{ChangeFeed, Store};
 use serde::Deserialize;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{ensure_user, hash_password, verify_password, AuthError, CurrentUser};
@@ -71,19 +71,6 @@ impl Default for DashboardConfig {
     }
 }
 
-/// A change to a supervision order made in the dashboard. The ingest pipeline subscribes
-/// (via [`AppState::order_changes`]) to keep its geofence engine current.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OrderChange {
-    ZoneUpserted(ZoneSpec),
-    ZoneDeleted(ZoneId),
-    SubjectUpserted(Subject),
-    /// A device was created, changed (e.g. deactivated) or (un)assigned: the ingest registry
-    /// must re-read it at once, so that a tag moved to another person is never attributed
-    /// to the previous wearer, and a deactivated tag is refused.
-    RegistryChanged(DeviceId),
-}
-
 /// Settings applied from [`DashboardConfig`].
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -107,12 +94,22 @@ impl Settings {
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
     pub alerts: Arc<AlertService>,
-    pub changes: broadcast::Sender<OrderChange>,
+    /// The process's reader of the change log (live feeds); started on first use unless the
+    /// service hands its own over ([`AppState::with_feed`]).
+    pub feed: tokio::sync::OnceCell<Arc<ChangeFeed>>,
+    /// Stops a feed this state started itself.
+    pub feed_stop: CancellationToken,
     pub sessions: auth::Sessions,
     pub throttle: auth::Throttle,
 }
 
-/// Shared state of the dashboard: the store, the alert service, the order-change channel,
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.feed_stop.cancel();
+    }
+}
+
+/// Shared state of the dashboard: the store, the alert service, the change-log feed,
 /// sessions and settings. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -132,12 +129,12 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// State with the default [`DashboardConfig`] settings; [`serve`] applies its config.
     pub fn new(store: Arc<dyn Store>, alerts: Arc<AlertService>) -> Self {
-        let (changes, _) = broadcast::channel(1024);
         AppState {
             inner: Arc::new(Inner {
                 store,
                 alerts,
-                changes,
+                feed: tokio::sync::OnceCell::new(),
+                feed_stop: CancellationToken::new(),
                 sessions: auth::Sessions::new(),
                 throttle: auth::Throttle::new(),
             }),
@@ -151,9 +148,22 @@ impl AppState {
         self
     }
 
-    /// Zone and subject changes saved through the dashboard, for the ingest pipeline.
-    pub fn order_changes(&self) -> broadcast::Receiver<OrderChange> {
-        self.inner.changes.subscribe()
+    /// Use the process's change-log feed for the live feeds (instead of starting one).
+    pub fn with_feed(self, feed: Arc<ChangeFeed>) -> Self {
+        // A fresh state: the cell is empty, so this cannot fail.
+        let _ = self.inner.feed.set(feed);
+        self
+    }
+
+    /// The change-log feed (started on first use).
+    pub(crate) async fn feed(&self) -> Result<Arc<ChangeFeed>, em_store::StoreError> {
+        self.inner
+            .feed
+            .get_or_try_init(|| {
+                ChangeFeed::start(self.inner.store.clone(), self.inner.feed_stop.clone())
+            })
+            .await
+            .cloned()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -166,11 +176,6 @@ impl AppState {
 
     pub(crate) fn session_ttl(&self) -> Duration {
         self.settings.session_ttl
-    }
-
-    pub(crate) fn publish(&self, change: OrderChange) {
-        // No subscriber (ingest not running, tests) is not an error.
-        let _ = self.inner.changes.send(change);
     }
 }
 
@@ -328,15 +333,37 @@ async fn csrf_guard(req: Request<Body>, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Serve the dashboard until `shutdown` is cancelled. With `tls_cert` and `tls_key` set the
-/// dashboard is served over HTTPS (rustls) and the session cookie is marked `Secure`.
+/// Binds `config.bind` and serves the dashboard until `shutdown` (see [`serve_on`]).
 pub async fn serve(
+    config: DashboardConfig,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = bind(&config)?;
+    serve_on(listener, config, state, shutdown).await
+}
+
+/// Binds the dashboard's listen address (port 0: one the OS picks; read it back with
+/// `local_addr`). Binding before serving lets a service fail its start cleanly on a taken port
+/// and report the real address.
+pub fn bind(config: &DashboardConfig) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(config.bind)
+        .with_context(|| format!("binding the dashboard to {}", config.bind))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the dashboard on an already bound `listener` (HTTPS when `tls_cert` and `tls_key`
+/// are set) until `shutdown`, letting requests in flight finish.
+pub async fn serve_on(
+    listener: std::net::TcpListener,
     config: DashboardConfig,
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = state.with_config(&config);
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let local = listener.local_addr()?;
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             // Use ring as the process-wide rustls provider unless the binary chose one already.
@@ -356,18 +383,18 @@ pub async fn serve(
                 shutdown.cancelled().await;
                 h2.graceful_shutdown(Some(Duration::from_secs(10)));
             });
-            tracing::info!(bind = %config.bind, "dashboard listening (HTTPS)");
-            axum_server::bind_rustls(config.bind, tls)
+            tracing::info!(bind = %local, "dashboard listening (HTTPS)");
+            axum_server::from_tcp_rustls(listener, tls)
+                .with_context(|| format!("dashboard HTTPS server on {local}"))?
                 .handle(handle)
                 .serve(app)
                 .await
-                .with_context(|| format!("dashboard HTTPS server on {}", config.bind))?;
+                .with_context(|| format!("dashboard HTTPS server on {local}"))?;
         }
         (None, None) => {
-            let listener = tokio::net::TcpListener::bind(config.bind)
-                .await
-                .with_context(|| format!("binding dashboard to {}", config.bind))?;
-            tracing::info!(bind = %listener.local_addr()?, "dashboard listening (HTTP)");
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .with_context(|| format!("dashboard listener on {local}"))?;
+            tracing::info!(bind = %local, "dashboard listening (HTTP)");
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })
                 .await

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use em_alerts::{Phase, Signal};
-use em_dashboard::{DashboardConfig, OrderChange};
+use em_dashboard::DashboardConfig;
+use em_model::Change;
 use em_model::{
-    AlertKind, AlertState, Role, ScheduleSpec, Severity, WeeklyWindow, ZoneGeometry, ZoneKind,
+    Alert, AlertKind, AlertState, Role, ScheduleSpec, WeeklyWindow, ZoneGeometry, ZoneKind,
     ZoneSpec,
 };
-use em_store::{AlertUpdate, NewAlert, Store};
+use em_store::Store;
 use reqwest::header::{RETRY_AFTER, SET_COOKIE};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -79,25 +80,16 @@ async fn scenario_roles_and_caseload(store: Arc<dyn Store>) {
     assert!(audit.iter().any(|e| e.action == "subject.list"));
 
     // An alert on B's subject cannot be acknowledged by officer A.
-    let raised = app
-        .store
-        .raise_alert(
-            &NewAlert {
-                subject_id: b_subject,
-                device_id: None,
-                kind: AlertKind::StrapTamper,
-                severity: Severity::Critical,
-                zone_id: None,
-                message: "Strap opened".into(),
-                at: chrono::Utc::now(),
-                evidence: json!({}),
-            },
-            &[],
-        )
-        .await
-        .expect("raise");
+    let raised = raise(
+        &app,
+        b_subject,
+        AlertKind::StrapTamper,
+        None,
+        chrono::Utc::now(),
+    )
+    .await;
     let ack = a
-        .post(&format!("/api/alerts/{}/ack", raised.alert.id), None)
+        .post(&format!("/api/alerts/{}/ack", raised.id), None)
         .await;
     assert_eq!(ack.status, StatusCode::FORBIDDEN);
     // And it is not in A's queue.
@@ -134,7 +126,7 @@ async fn scenario_roles_and_caseload(store: Arc<dyn Store>) {
     // Officer B can acknowledge their own subject's alert; the store audits it.
     let bo = app.login("officer.b").await;
     let ack = bo
-        .post(&format!("/api/alerts/{}/ack", raised.alert.id), None)
+        .post(&format!("/api/alerts/{}/ack", raised.id), None)
         .await;
     assert_eq!(ack.status, StatusCode::OK, "{}", ack.text);
     assert_eq!(ack.json()["state"], "acknowledged");
@@ -232,7 +224,7 @@ async fn admin_only_endpoints() {
     for f in ["username", "display_name", "role", "password"] {
         assert!(errs[f].is_string(), "missing {f}: {errs}");
     }
-    let mut changes = app.state.order_changes();
+    let mut changes = ChangeLog::new(&app.store).await;
     let dev = admin
         .post(
             "/api/devices",
@@ -257,7 +249,7 @@ async fn admin_only_endpoints() {
     // Create, assign and unassign each tell the ingest registry to re-read the device at once.
     for step in ["create", "assign", "unassign"] {
         assert!(
-            matches!(changes.try_recv(), Ok(OrderChange::RegistryChanged(d)) if d == "864000000000001"),
+            matches!(changes.next().await, Some(Change::Device { device_id: d }) if d == "864000000000001"),
             "no registry change after {step}"
         );
     }
@@ -497,7 +489,7 @@ async fn page_and_headers() {
 
 async fn scenario_zone_editor(store: Arc<dyn Store>) {
     let app = start(store, config()).await;
-    let mut changes = app.state.order_changes();
+    let mut changes = ChangeLog::new(&app.store).await;
     let a = app.login("officer.a").await;
     let path = format!("/api/subjects/{}/zones", app.subject_a);
 
@@ -518,7 +510,7 @@ async fn scenario_zone_editor(store: Arc<dyn Store>) {
     }
     assert!(errs.get("windows[0].end").is_none());
     assert!(
-        changes.try_recv().is_err(),
+        changes.next().await.is_none(),
         "invalid input sends no order change"
     );
 
@@ -532,8 +524,8 @@ async fn scenario_zone_editor(store: Arc<dyn Store>) {
     let zone: ZoneSpec = serde_json::from_str(&ok.text).expect("zone");
     assert!(zone.id > 0);
     assert_eq!(zone.subject_id, Some(app.subject_a));
-    match changes.try_recv() {
-        Ok(OrderChange::ZoneUpserted(z)) => assert_eq!(z, zone),
+    match changes.next().await {
+        Some(Change::Zone { zone: z }) => assert_eq!(z, zone),
         other => panic!("expected ZoneUpserted, got {other:?}"),
     }
     let stored = app
@@ -550,7 +542,7 @@ async fn scenario_zone_editor(store: Arc<dyn Store>) {
     })).await;
     assert_eq!(upd.status, StatusCode::OK, "{}", upd.text);
     assert!(
-        matches!(changes.try_recv(), Ok(OrderChange::ZoneUpserted(z)) if z.name == "Home (circle)")
+        matches!(changes.next().await, Some(Change::Zone { zone: z }) if z.name == "Home (circle)")
     );
 
     // Officer B cannot change or delete it.
@@ -566,7 +558,9 @@ async fn scenario_zone_editor(store: Arc<dyn Store>) {
 
     let del = a.delete(&format!("/api/zones/{}", zone.id)).await;
     assert_eq!(del.status, StatusCode::OK, "{}", del.text);
-    assert!(matches!(changes.try_recv(), Ok(OrderChange::ZoneDeleted(id)) if id == zone.id));
+    assert!(
+        matches!(changes.next().await, Some(Change::ZoneDeleted { zone_id: id, .. }) if id == zone.id)
+    );
     assert!(app.store.get_zone(zone.id).await.expect("get").is_none());
 
     let audit = app.audit_actions(app.officer_a).await;
@@ -595,7 +589,7 @@ async fn scenario_zone_editor(store: Arc<dyn Store>) {
     })).await;
     assert_eq!(moved.status, StatusCode::OK, "{}", moved.text);
     assert!(
-        matches!(changes.try_recv(), Ok(OrderChange::SubjectUpserted(s)) if s.officer_id == Some(app.officer_b))
+        matches!(changes.next().await, Some(Change::Subject { subject: s }) if s.officer_id == Some(app.officer_b))
     );
     // The caseload change applies at once.
     assert_eq!(
@@ -692,7 +686,8 @@ async fn resolve_requires_code_and_note_for_other() {
         .get_alert(alert.id)
         .await
         .expect("get")
-        .expect("alert");
+        .expect("alert")
+        .alert;
     assert_eq!(stored.state, AlertState::Resolved);
     assert_eq!(stored.resolved_by, Some(app.officer_a));
 }
@@ -821,32 +816,24 @@ async fn scenario_curfew_report(store: Arc<dyn Store>) {
     };
     let zone_id = app.store.upsert_zone(&zone).await.expect("zone");
     // A 2-hour violation on the first night (21:00-23:00), ended by evidence.
-    let raised = app
-        .store
-        .raise_alert(
-            &NewAlert {
-                subject_id: app.subject_a,
-                device_id: None,
-                kind: AlertKind::CurfewViolation,
-                severity: Severity::High,
-                zone_id: Some(zone_id),
-                message: "Not at home during curfew".into(),
-                at: ts("2024-01-01T21:00:00Z"),
-                evidence: json!({}),
-            },
-            &[],
-        )
-        .await
-        .expect("raise");
-    app.store
-        .update_alert(
-            raised.alert.id,
-            &AlertUpdate::ConditionEnded {
-                at: ts("2024-01-01T23:00:00Z"),
-            },
-            "test",
-            &[],
-        )
+    let raised = raise(
+        &app,
+        app.subject_a,
+        AlertKind::CurfewViolation,
+        Some(zone_id),
+        ts("2024-01-01T21:00:00Z"),
+    )
+    .await;
+    app.alerts
+        .handle(Signal {
+            kind: AlertKind::CurfewViolation,
+            phase: Phase::Ended,
+            subject_id: app.subject_a,
+            device_id: None,
+            zone_id: Some(zone_id),
+            at: ts("2024-01-01T23:00:00Z"),
+            evidence: json!({}),
+        })
         .await
         .expect("end");
 
@@ -891,7 +878,7 @@ async fn scenario_curfew_report(store: Arc<dyn Store>) {
     assert!(lines.contains(&subject_line.as_str()), "{}", csv.text);
     let violation_line = format!(
         "violation,{},CASE-A,Alex Andersen,Anna Officer,,,2.00,,,{},curfew_violation,2024-01-01T21:00:00+00:00,2024-01-01T23:00:00+00:00,",
-        app.subject_a, raised.alert.id);
+        app.subject_a, raised.id);
     assert!(lines.contains(&violation_line.as_str()), "{}", csv.text);
     assert!(
         lines
@@ -1195,4 +1182,58 @@ async fn device_secrets_are_generated_once_and_stored_hashed() {
         "{}",
         short.text
     );
+}
+
+/// Reads the store's change log from where the test started: the changes an API call wrote.
+struct ChangeLog {
+    store: Arc<dyn Store>,
+    last: em_model::ChangeId,
+}
+
+impl ChangeLog {
+    async fn new(store: &Arc<dyn Store>) -> Self {
+        ChangeLog {
+            store: store.clone(),
+            last: store.last_change_id().await.expect("last change id"),
+        }
+    }
+
+    /// The next order or registry change (alert changes are skipped), if there is one.
+    async fn next(&mut self) -> Option<Change> {
+        loop {
+            let e = self
+                .store
+                .changes_after(self.last, 1)
+                .await
+                .expect("read the change log")
+                .pop()?;
+            self.last = e.id;
+            if !matches!(e.change, Change::Alert { .. }) {
+                return Some(e.change);
+            }
+        }
+    }
+}
+
+/// Raises an alert through the alert engine (as ingest does) and returns it.
+async fn raise(
+    app: &App,
+    subject: em_model::SubjectId,
+    kind: AlertKind,
+    zone_id: Option<em_model::ZoneId>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Alert {
+    app.alerts
+        .handle(Signal {
+            kind,
+            phase: Phase::Started,
+            subject_id: subject,
+            device_id: None,
+            zone_id,
+            at,
+            evidence: json!({}),
+        })
+        .await
+        .expect("raise")
+        .expect("kind enabled")
 }

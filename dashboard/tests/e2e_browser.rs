@@ -411,7 +411,8 @@ async fn drive(page: &mut Page, app: &App) -> Result<(), String> {
         .get_alert(alert.id)
         .await
         .map_err(|e| e.to_string())?
-        .ok_or("alert vanished")?;
+        .ok_or("alert vanished")?
+        .alert;
     if stored.state != AlertState::Acknowledged || stored.acknowledged_by != Some(app.officer_a) {
         return Err(format!(
             "stored alert: {:?} by {:?}",

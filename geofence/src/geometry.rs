@@ -33,7 +33,7 @@ pub const M_PER_DEG: f64 = EARTH_RADIUS_M * std::f64::consts::PI / 180.0;
 
 /// Great-circle distance between two `[lon, lat]` points, metres (haversine).
 pub fn haversine_m(a: LonLat, b: LonLat) -> f64 {
-    Haversine::distance(Point::new(a[0], a[1]), Point::new(b[0], b[1]))
+    Haversine.distance(Point::new(a[0], a[1]), Point::new(b[0], b[1]))
 }
 
 /// Initial great-circle bearing from `from` to `to` (`[lon, lat]`), degrees clockwise from true

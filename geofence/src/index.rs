@@ -423,7 +423,7 @@ impl ZoneIndex {
         let mut n_seen = 0usize;
         let mut overflow: Vec<ZoneId> = Vec::new();
         for env in envelopes(&q) {
-            for entry in self.tree.locate_in_envelope_intersecting(&env) {
+            for entry in self.tree.locate_in_envelope_intersecting(env) {
                 let Some(zone) = self.zones.get(&entry.zone_id) else {
                     continue;
                 };

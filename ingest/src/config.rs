@@ -101,6 +101,15 @@ pub struct ListenersConfig {
     /// host share a port and the kernel spreads new connections over them (more connections
     /// than one process's open-file limit, restarts without refusing devices). Linux / BSD.
     pub reuse_port: bool,
+    /// Bind every enabled listener (device listeners, the embedded MQTT endpoint and the
+    /// dashboard) to a port the operating system picks, and report the ports bound: in the
+    /// log, and in `addr_file` when set. For tests and for several instances on one host
+    /// without port planning. A port of 0 still means "disabled".
+    pub ephemeral_ports: bool,
+    /// Write the bound addresses as JSON (`{"gt06": "127.0.0.1:40123", …, "dashboard": …}`)
+    /// to this file once every listener is bound (written to a temporary file and renamed,
+    /// so a reader never sees half of it).
+    pub addr_file: Option<std::path::PathBuf>,
     /// `[listeners.gt06]`: options of the GT06 listener.
     pub gt06: ListenerAccess,
     /// `[listeners.teltonika]`
@@ -186,6 +195,8 @@ impl Default for ListenersConfig {
             max_connections: 50_000,
             shutdown_grace_secs: 5,
             reuse_port: false,
+            ephemeral_ports: false,
+            addr_file: None,
             gt06: ListenerAccess::default(),
             teltonika: ListenerAccess::default(),
             h02: ListenerAccess::default(),

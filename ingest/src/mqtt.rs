@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use em_alerts::{AlertService, MqttAlertPublisher};
+use em_alerts::MqttAlertPublisher;
 use em_model::Protocol;
 use em_protocols::em;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
@@ -66,6 +66,35 @@ pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, String> {
     Ok(o)
 }
 
+/// Where the alert publisher reads alert changes: the store's change log, through this
+/// process's feed.
+#[derive(Clone)]
+pub struct AlertFeedSource {
+    pub store: std::sync::Arc<dyn em_store::Store>,
+    pub feed: std::sync::Arc<em_store::ChangeFeed>,
+}
+
+/// The alert publisher on `client`, run under its lease: one instance publishes each change.
+fn spawn_publisher(
+    client: AsyncClient,
+    src: AlertFeedSource,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let publisher = MqttAlertPublisher::new(client);
+    let store = src.store.clone();
+    tokio::spawn(em_store::run_leased(
+        store,
+        em_alerts::PUBLISHER_LEASE,
+        em_store::lease::holder_id(),
+        stop,
+        move |token| {
+            publisher
+                .clone()
+                .run(src.store.clone(), src.feed.clone(), token)
+        },
+    ))
+}
+
 struct Acked {
     publish: Publish,
     stored: Stored,
@@ -77,7 +106,7 @@ pub async fn run(
     cfg: MqttConfig,
     pipeline: Pipeline,
     registry: Registry,
-    alerts: Option<std::sync::Arc<AlertService>>,
+    alerts: Option<AlertFeedSource>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let opts = options(&cfg)?;
@@ -96,10 +125,9 @@ pub async fn run(
     ));
     let acker = tokio::spawn(ack_messages(ack_rx, client.clone()));
     let publisher_stop = CancellationToken::new();
-    let publisher = alerts.filter(|_| cfg.publish_alerts).map(|svc| {
-        let p = MqttAlertPublisher::new(client.clone());
-        tokio::spawn(p.run(svc.subscribe(), publisher_stop.clone()))
-    });
+    let publisher = alerts
+        .filter(|_| cfg.publish_alerts)
+        .map(|src| spawn_publisher(client.clone(), src, publisher_stop.clone()));
 
     let mut backoff = Duration::from_millis(500);
     let mut msg_tx = Some(msg_tx);
@@ -187,15 +215,14 @@ pub async fn run(
 /// running until `shutdown`.
 pub async fn run_publisher_only(
     cfg: MqttConfig,
-    alerts: std::sync::Arc<AlertService>,
+    alerts: AlertFeedSource,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let mut opts = options(&cfg)?;
     opts.set_clean_session(true).set_manual_acks(false);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let stop = CancellationToken::new();
-    let publisher =
-        tokio::spawn(MqttAlertPublisher::new(client.clone()).run(alerts.subscribe(), stop.clone()));
+    let publisher = spawn_publisher(client.clone(), alerts, stop.clone());
     let mut backoff = Duration::from_millis(500);
     loop {
         let ev = tokio::select! {

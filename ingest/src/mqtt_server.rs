@@ -43,14 +43,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::Utc;
-use em_alerts::AlertNotice;
 use em_model::{Device, Protocol};
 use em_protocols::em;
 use em_store::StoreError;
 use rumqttc::mqttbytes::{self, v4, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -215,20 +214,22 @@ impl Router {
     }
 }
 
-/// Publishes every alert notice on `em/v1/alerts/{subject}/{kind}` (QoS 1) to the endpoint's
-/// subscribers, until `shutdown` or until the alert service is gone.
+/// Publishes every alert change of the change log (made on any instance) on
+/// `em/v1/alerts/{subject}/{kind}` (QoS 1) to this endpoint's subscribers, from now on, until
+/// `shutdown`. Each instance serves its own subscribers, so each reads the log itself.
 pub async fn forward_alerts(
     router: Router,
-    mut rx: broadcast::Receiver<AlertNotice>,
+    feed: std::sync::Arc<em_store::ChangeFeed>,
     shutdown: CancellationToken,
 ) {
+    let mut notices = em_alerts::AlertNotices::new(feed.follow_live());
     loop {
-        let notice = tokio::select! {
+        let next = tokio::select! {
             _ = shutdown.cancelled() => break,
-            n = rx.recv() => n,
+            n = notices.next() => n,
         };
-        match notice {
-            Ok(n) => {
+        match next {
+            Ok((_, n)) => {
                 let topic = em_alerts::alert_topic(n.alert.subject_id, n.alert.kind);
                 match serde_json::to_vec(&n) {
                     Ok(payload) => {
@@ -237,13 +238,13 @@ pub async fn forward_alerts(
                     Err(e) => tracing::error!(error = %e, "cannot serialise alert notice"),
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    skipped = n,
-                    "embedded MQTT alert feed fell behind; notices skipped"
-                );
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded MQTT alert feed cannot read the change log; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
-            Err(broadcast::error::RecvError::Closed) => break,
         }
     }
 }
@@ -462,7 +463,7 @@ async fn read_packet(
     max: usize,
 ) -> Result<v4::Packet, ReadError> {
     fill_packet(stream, buf, max).await?;
-    v4::read(buf, max).map_err(ReadError::Malformed)
+    v4::Packet::read(buf, max).map_err(ReadError::Malformed)
 }
 
 /// The protocol level of a CONNECT packet buffered at the start of `buf` (4 = MQTT 3.1.1,
@@ -580,7 +581,7 @@ async fn login(
             }
         }
     }
-    let connect = match v4::read(buf, shared.max_packet) {
+    let connect = match v4::Packet::read(buf, shared.max_packet) {
         Ok(v4::Packet::Connect(c)) => c,
         Ok(other) => {
             m::decode_error(P, "not_connect");
@@ -1070,7 +1071,7 @@ mod tests {
             }
             let mut buf = BytesMut::from(&bytes[..]);
             let _ = connect_protocol_level(&buf);
-            let _ = v4::read(&mut buf, 1024);
+            let _ = v4::Packet::read(&mut buf, 1024);
         }
     }
 }

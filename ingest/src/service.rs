@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use em_alerts::{run_escalation, AlertService, OutboxWorker};
-use em_dashboard::{AppState, OrderChange};
+use em_dashboard::AppState;
 use em_geofence::{SharedZoneIndex, ZoneIndex};
-use em_store::Store;
+use em_model::Change;
+use em_store::{run_leased, ChangeFeed, ChangeStream, Store};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +35,8 @@ pub struct BoundAddrs {
     pub osmand: Option<SocketAddr>,
     /// The embedded MQTT endpoint.
     pub mqtt: Option<SocketAddr>,
+    /// The dashboard (HTTP or HTTPS).
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// A started service; [`Service::wait`] runs it until the shutdown token is cancelled.
@@ -136,20 +139,13 @@ pub async fn load_orders(
     Ok(bindings)
 }
 
-/// Re-reads one subject's zone groups and applies the difference to the index.
-async fn rebind_subject(
-    store: &dyn Store,
+/// Applies a subject's new zone groups (from the change log) to the index.
+fn rebind_subject(
     zones: &SharedZoneIndex,
     bindings: &mut GroupBindings,
     subject: em_model::SubjectId,
+    groups: Vec<String>,
 ) {
-    let groups = match store.subject_zone_groups(subject).await {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::error!(subject, error = %e, "reading zone groups failed");
-            return;
-        }
-    };
     let old = bindings.remove(&subject).unwrap_or_default();
     {
         let mut idx = zones.write();
@@ -164,6 +160,13 @@ async fn rebind_subject(
         bindings.insert(subject, groups);
     }
 }
+
+/// Lease of the escalation job.
+pub const ESCALATION_LEASE: &str = "alert-escalation";
+/// Lease of the OMS outbox delivery.
+pub const OMS_LEASE: &str = "oms-outbox";
+/// Lease of the retention job.
+pub const RETENTION_LEASE: &str = "retention";
 
 impl Service {
     /// Starts everything the configuration asks for. Errors (port taken, database
@@ -182,6 +185,13 @@ impl Service {
             None
         };
 
+        let background = CancellationToken::new();
+        // The change log is read from here on; what the loads below read may appear again in
+        // it, and applying it twice is harmless. Nothing committed after this point is missed.
+        let changes = ChangeFeed::start(store.clone(), background.clone())
+            .await
+            .context("reading the change log")?;
+        let orders_from = changes.position();
         let registry = Registry::load(store.clone()).await?;
         let zones = SharedZoneIndex::new(ZoneIndex::new());
         let subjects = SubjectCache::default();
@@ -213,7 +223,6 @@ impl Service {
             });
         tracing::info!(workers = pipeline.shards(), "pipeline started");
 
-        let background = CancellationToken::new();
         let listeners_tracker = TaskTracker::new();
         let connections = TaskTracker::new();
         let mut bg: Vec<JoinHandle<()>> = Vec::new();
@@ -232,7 +241,8 @@ impl Service {
             allow: access.allow.clone(),
             ..settings.clone()
         };
-        let addr = |port: u16| SocketAddr::new(l.bind, port);
+        // With ephemeral ports every enabled listener binds port 0 (the OS picks one).
+        let addr = |port: u16| SocketAddr::new(l.bind, if l.ephemeral_ports { 0 } else { port });
         let reuse = l.reuse_port;
         let gt06 = bind_opt::<Gt06>(l.gt06_port, addr(l.gt06_port), reuse).await?;
         let telt = bind_opt::<Teltonika>(l.teltonika_port, addr(l.teltonika_port), reuse).await?;
@@ -248,13 +258,16 @@ impl Service {
         } else {
             None
         };
-        let dashboard_listener_check = std::net::TcpListener::bind(cfg.dashboard.bind)
-            .with_context(|| {
-                format!("dashboard address {} is not available", cfg.dashboard.bind)
-            })?;
-        drop(dashboard_listener_check);
+        let mut dashboard_cfg = cfg.dashboard.clone();
+        if l.ephemeral_ports {
+            dashboard_cfg.bind.set_port(0);
+        }
+        let dashboard_listener = em_dashboard::bind(&dashboard_cfg)?;
         let mqtt_endpoint = if cfg.mqtt.broker.enabled {
-            let bind = cfg.mqtt.broker.bind;
+            let mut bind = cfg.mqtt.broker.bind;
+            if l.ephemeral_ports {
+                bind.set_port(0);
+            }
             Some(
                 crate::mqtt_server::MqttEndpoint::bind(bind)
                     .await
@@ -330,7 +343,7 @@ impl Service {
             }
             bg.push(tokio::spawn(crate::mqtt_server::forward_alerts(
                 ep.router(),
-                alerts.subscribe(),
+                changes.clone(),
                 background.clone(),
             )));
             listeners_tracker.spawn(ep.serve(
@@ -346,7 +359,10 @@ impl Service {
                 cfg.mqtt.clone(),
                 pipeline.clone(),
                 registry.clone(),
-                alerts.clone(),
+                crate::mqtt::AlertFeedSource {
+                    store: store.clone(),
+                    feed: changes.clone(),
+                },
                 shutdown.clone(),
             );
             let subscribe = cfg.mqtt.enabled;
@@ -362,11 +378,16 @@ impl Service {
             });
         }
 
-        // Dashboard, with order changes applied to the geofence engine.
-        let state = AppState::new(store.clone(), alerts.clone());
-        let changes = state.order_changes();
+        addrs.dashboard = dashboard_listener.local_addr().ok();
+        tracing::info!(addrs = ?addrs, "listening");
+        if let Some(path) = &l.addr_file {
+            write_addr_file(path, &addrs)
+                .with_context(|| format!("writing the bound addresses to {}", path.display()))?;
+        }
+        // Orders edited on any instance reach this one's geofence engine and registry
+        // through the change log.
         bg.push(tokio::spawn(apply_order_changes(
-            changes,
+            changes.follow(orders_from),
             bindings,
             store.clone(),
             zones.clone(),
@@ -375,22 +396,40 @@ impl Service {
             background.clone(),
         )));
         {
-            let (dcfg, b) = (cfg.dashboard.clone(), background.clone());
+            let state = AppState::new(store.clone(), alerts.clone()).with_feed(changes.clone());
+            let b = background.clone();
             bg.push(tokio::spawn(async move {
-                if let Err(e) = em_dashboard::serve(dcfg, state, b).await {
+                if let Err(e) =
+                    em_dashboard::serve_on(dashboard_listener, dashboard_cfg, state, b).await
+                {
                     tracing::error!(error = %e, "dashboard failed");
                 }
             }));
         }
-        bg.push(tokio::spawn(run_escalation(
-            alerts.clone(),
-            cfg.alerts.escalation.check_interval(),
-            background.clone(),
-        )));
+        // Single-runner jobs: each runs on exactly one instance at a time, under its lease.
+        let holder = em_store::lease::holder_id();
+        {
+            let (a, every) = (alerts.clone(), cfg.alerts.escalation.check_interval());
+            bg.push(tokio::spawn(run_leased(
+                store.clone(),
+                ESCALATION_LEASE,
+                holder.clone(),
+                background.clone(),
+                move |token| run_escalation(a.clone(), every, token),
+            )));
+        }
         if cfg.alerts.oms.enabled {
-            let worker = OutboxWorker::new(store.clone(), cfg.alerts.oms.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            bg.push(tokio::spawn(worker.run(background.clone())));
+            let worker = Arc::new(
+                OutboxWorker::new(store.clone(), cfg.alerts.oms.clone())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            bg.push(tokio::spawn(run_leased(
+                store.clone(),
+                OMS_LEASE,
+                holder.clone(),
+                background.clone(),
+                move |token| worker.clone().run_shared(token),
+            )));
         }
         bg.push(tokio::spawn(refresh_registry(
             registry.clone(),
@@ -398,10 +437,13 @@ impl Service {
             background.clone(),
         )));
         if cfg.retention.enabled {
-            bg.push(tokio::spawn(run_retention(
+            let (st, rc) = (store.clone(), cfg.retention.clone());
+            bg.push(tokio::spawn(run_leased(
                 store.clone(),
-                cfg.retention.clone(),
+                RETENTION_LEASE,
+                holder.clone(),
                 background.clone(),
+                move |token| run_retention(st.clone(), rc.clone(), token),
             )));
         }
 
@@ -450,7 +492,7 @@ impl Service {
         if cfg.demo.enabled {
             println!(
                 "EM is running: dashboard http://{}  (Ctrl-C to stop)",
-                cfg.dashboard.bind
+                addrs.dashboard.map(loopback).unwrap_or(cfg.dashboard.bind)
             );
         }
 
@@ -514,6 +556,22 @@ impl Service {
     }
 }
 
+/// Writes the bound addresses as JSON, atomically (temporary file, then rename).
+fn write_addr_file(path: &std::path::Path, a: &BoundAddrs) -> std::io::Result<()> {
+    let show = |x: Option<SocketAddr>| x.map(|a| loopback(a).to_string());
+    let json = serde_json::json!({
+        "gt06": show(a.gt06),
+        "teltonika": show(a.teltonika),
+        "h02": show(a.h02),
+        "osmand": show(a.osmand),
+        "mqtt": show(a.mqtt),
+        "dashboard": show(a.dashboard),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).unwrap_or_default())?;
+    std::fs::rename(tmp, path)
+}
+
 fn random_password(len: usize) -> String {
     use rand::{distributions::Alphanumeric, Rng};
     rand::thread_rng()
@@ -532,11 +590,11 @@ fn loopback(a: SocketAddr) -> SocketAddr {
 }
 
 async fn bind_opt<P: crate::tcp::TcpProtocol>(
-    port: u16,
+    configured_port: u16,
     addr: SocketAddr,
     reuse_port: bool,
 ) -> anyhow::Result<Option<TcpServer<P>>> {
-    if port == 0 {
+    if configured_port == 0 {
         return Ok(None);
     }
     let s = TcpServer::<P>::bind_with(addr, reuse_port)
@@ -545,8 +603,10 @@ async fn bind_opt<P: crate::tcp::TcpProtocol>(
     Ok(Some(s))
 }
 
+/// Applies order and registry changes from the change log (made on any instance) to this
+/// instance's geofence index, subject cache and device registry, until `shutdown`.
 async fn apply_order_changes(
-    mut rx: tokio::sync::broadcast::Receiver<OrderChange>,
+    mut changes: ChangeStream,
     mut bindings: GroupBindings,
     store: Arc<dyn Store>,
     zones: SharedZoneIndex,
@@ -554,58 +614,56 @@ async fn apply_order_changes(
     registry: Registry,
     shutdown: CancellationToken,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
+    let _ = &store;
     loop {
-        let change = tokio::select! {
+        let entry = tokio::select! {
             _ = shutdown.cancelled() => break,
-            c = rx.recv() => c,
+            c = changes.next() => c,
         };
-        match change {
-            Ok(OrderChange::ZoneUpserted(z)) => {
-                let res = zones.write().upsert(&z);
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading order changes failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        };
+        metrics::gauge!("em_change_log_applied_id").set(entry.id as f64);
+        match entry.change {
+            Change::Zone { zone } => {
+                let res = zones.write().upsert(&zone);
                 match res {
-                    Ok(()) => tracing::info!(zone = z.id, "zone updated"),
+                    Ok(()) => tracing::info!(zone = zone.id, change = entry.id, "zone updated"),
                     Err(e) => {
-                        tracing::error!(zone = z.id, error = %e, "zone rejected by the geofence engine")
+                        tracing::error!(zone = zone.id, error = %e, "zone rejected by the geofence engine")
                     }
                 }
             }
-            Ok(OrderChange::ZoneDeleted(id)) => {
-                zones.write().remove(id);
-                tracing::info!(zone = id, "zone removed");
+            Change::ZoneDeleted { zone_id, .. } => {
+                zones.write().remove(zone_id);
+                tracing::info!(zone = zone_id, change = entry.id, "zone removed");
             }
-            Ok(OrderChange::SubjectUpserted(s)) => {
-                tracing::info!(subject = s.id, "subject updated");
-                rebind_subject(&*store, &zones, &mut bindings, s.id).await;
-                subjects.insert(s);
+            Change::Subject { subject } => {
+                tracing::info!(subject = subject.id, change = entry.id, "subject updated");
+                subjects.insert(subject);
             }
-            Ok(OrderChange::RegistryChanged(device)) => {
+            Change::SubjectZoneGroups { subject_id, groups } => {
+                rebind_subject(&zones, &mut bindings, subject_id, groups);
+            }
+            Change::Device { device_id } => {
                 // Rare (an admin action): re-read the whole registry rather than patch it.
                 match registry.refresh().await {
-                    Ok(()) => tracing::info!(device = %device, "device registry reloaded"),
-                    Err(e) => tracing::error!(device = %device, error = %e,
+                    Ok(()) => {
+                        tracing::info!(device = %device_id, change = entry.id, "device registry reloaded")
+                    }
+                    Err(e) => tracing::error!(device = %device_id, error = %e,
                         "reloading the device registry failed; the periodic refresh will retry"),
                 }
             }
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "order changes lagged; reloading all orders");
-                {
-                    let mut idx = zones.write();
-                    for (subject, groups) in bindings.drain() {
-                        for g in groups {
-                            idx.unbind_group(subject, &g);
-                        }
-                    }
-                }
-                match load_orders(&*store, &zones, &subjects).await {
-                    Ok(b) => bindings = b,
-                    Err(e) => tracing::error!(error = %e, "reloading orders failed"),
-                }
-                if let Err(e) = registry.refresh().await {
-                    tracing::error!(error = %e, "reloading the device registry failed");
-                }
-            }
-            Err(RecvError::Closed) => break,
+            Change::Alert { .. } => {}
         }
     }
 }

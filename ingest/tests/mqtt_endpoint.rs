@@ -244,9 +244,9 @@ async fn no_puback_before_the_record_is_stored() {
 
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
     let mut lock = pool.begin().await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "LOCK TABLE \"{schema}\".positions IN EXCLUSIVE MODE"
-    ))
+    )))
     .execute(&mut *lock)
     .await
     .unwrap();

@@ -187,23 +187,15 @@ impl Store for GatedStore {
         self.inner.device_records(device_id, limit).await
     }
 
-    async fn raise_alert(&self, alert: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
-        self.inner.raise_alert(alert, outbox_channels).await
-    }
-
-    async fn update_alert(
+    async fn write_alert(
         &self,
-        id: AlertId,
-        update: &AlertUpdate,
-        actor: &str,
-        outbox_channels: &[&str],
-    ) -> Result<Alert> {
-        self.inner
-            .update_alert(id, update, actor, outbox_channels)
-            .await
+        write: &AlertWrite,
+        effects: AlertEffectsFn<'_>,
+    ) -> Result<VersionedAlert> {
+        self.inner.write_alert(write, effects).await
     }
 
-    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>> {
+    async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>> {
         self.inner.get_alert(id).await
     }
 
@@ -216,8 +208,36 @@ impl Store for GatedStore {
         subject: SubjectId,
         kind: AlertKind,
         zone: Option<ZoneId>,
-    ) -> Result<Option<Alert>> {
+    ) -> Result<Option<VersionedAlert>> {
         self.inner.ongoing_alert(subject, kind, zone).await
+    }
+
+    async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>> {
+        self.inner.changes_after(after, limit).await
+    }
+
+    async fn last_change_id(&self) -> Result<ChangeId> {
+        self.inner.last_change_id().await
+    }
+
+    fn change_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.change_wakeups()
+    }
+
+    fn change_poll_interval(&self) -> std::time::Duration {
+        self.inner.change_poll_interval()
+    }
+
+    async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>> {
+        self.inner.read_cursor(consumer).await
+    }
+
+    async fn write_cursor(&self, consumer: &str, id: ChangeId) -> Result<()> {
+        self.inner.write_cursor(consumer, id).await
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
+        self.inner.acquire_lease(name, holder).await
     }
 
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {

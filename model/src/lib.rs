@@ -7,6 +7,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub mod change;
+pub use change::{Change, ChangeEntry, ChangeId};
+
 /// Device identifier as the device reports it (IMEI for GT06/Teltonika/H02, vendor id for EM).
 pub type DeviceId = String;
 /// Database id of a supervised person.

@@ -195,9 +195,11 @@ async fn run(args: &Args, mode: Mode) -> Result<f64, Box<dyn std::error::Error>>
 async fn drop_schema(store: Arc<PgStore>, schema: &str) -> Result<(), Box<dyn std::error::Error>> {
     let pool = store.pool().clone();
     drop(store);
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&pool)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
     pool.close().await;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! Backend-independent pieces: enum ↔ column encodings, the alert lifecycle state machine,
-//! outbox payloads, the per-subject latest-state fold and input validation.
+//! Backend-independent pieces: enum ↔ column encodings, the per-subject latest-state fold and
+//! input validation. No alert rules: those are `em-alerts`'.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use em_model::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{AlertUpdate, Result, StoreError, StoredRecord};
+use crate::{Result, StoreError, StoredRecord};
 
 /// `seq` column value for records whose protocol has no sequence number (keeps the
 /// (device_id, device_time, seq) uniqueness meaningful: NULLs would never conflict).
@@ -346,113 +346,6 @@ pub(crate) fn fold_latest(records: &[StoredRecord]) -> Vec<LatestDelta> {
     by_subject.into_values().collect()
 }
 
-/// Result of applying an [`AlertUpdate`] to an alert: the new alert, the outbox event type and
-/// the audit action.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Transition {
-    pub alert: Alert,
-    pub event: &'static str,
-    pub action: &'static str,
-}
-
-/// The alert lifecycle: open → acknowledged → resolved, open → resolved; resolved is final.
-/// Escalation applies to open, not yet escalated alerts; `ConditionEnded` records the end of
-/// the condition on an alert that is not resolved.
-pub(crate) fn apply_alert_update(current: &Alert, update: &AlertUpdate) -> Result<Transition> {
-    let mut a = current.clone();
-    if current.state == AlertState::Resolved {
-        return Err(StoreError::Conflict(format!(
-            "alert {} is resolved; resolved alerts are final",
-            current.id
-        )));
-    }
-    match update {
-        AlertUpdate::Acknowledge { by, at } => {
-            if current.state != AlertState::Open {
-                return Err(StoreError::Conflict(format!(
-                    "alert {} is already {}",
-                    current.id,
-                    current.state.as_str()
-                )));
-            }
-            a.state = AlertState::Acknowledged;
-            a.acknowledged_by = Some(*by);
-            a.acknowledged_at = Some(*at);
-            Ok(Transition {
-                alert: a,
-                event: "alert.acknowledged",
-                action: "alert.acknowledge",
-            })
-        }
-        AlertUpdate::Resolve { by, at, code, note } => {
-            if code.trim().is_empty() {
-                return Err(StoreError::Invalid(
-                    "a resolution code is required to resolve an alert".into(),
-                ));
-            }
-            a.state = AlertState::Resolved;
-            a.resolved_by = *by;
-            a.resolved_at = Some(*at);
-            a.resolution_code = Some(code.clone());
-            a.resolution_note = note.clone();
-            Ok(Transition {
-                alert: a,
-                event: "alert.resolved",
-                action: "alert.resolve",
-            })
-        }
-        AlertUpdate::ConditionEnded { at } => {
-            a.ended_at = Some(*at);
-            Ok(Transition {
-                alert: a,
-                event: "alert.updated",
-                action: "alert.condition_ended",
-            })
-        }
-        AlertUpdate::Escalate { .. } => {
-            if current.state != AlertState::Open {
-                return Err(StoreError::Conflict(format!(
-                    "alert {} is {}; only open alerts escalate",
-                    current.id,
-                    current.state.as_str()
-                )));
-            }
-            if current.escalated {
-                return Err(StoreError::Conflict(format!(
-                    "alert {} is already escalated",
-                    current.id
-                )));
-            }
-            a.escalated = true;
-            Ok(Transition {
-                alert: a,
-                event: "alert.escalated",
-                action: "alert.escalate",
-            })
-        }
-    }
-}
-
-/// Ordering key of everything concerning one subject (outbox per-subject ordering).
-pub fn subject_ordering_key(subject: SubjectId) -> String {
-    format!("subject:{subject}")
-}
-
-/// Stable idempotency key of one version of an alert.
-pub fn alert_idempotency_key(id: AlertId, version: i64) -> String {
-    format!("alert-{id}-v{version}")
-}
-
-/// Outbox payload of an alert change: `{"event", "idempotency_key", "alert"}`.
-pub(crate) fn alert_payload(event: &str, alert: &Alert, version: i64) -> Result<serde_json::Value> {
-    Ok(serde_json::json!({
-        "event": event,
-        "idempotency_key": alert_idempotency_key(alert.id, version),
-        "version": version,
-        "alert": to_json("alert", alert)?,
-    }))
-}
-
 /// Maps unique-constraint violations to [`StoreError::Conflict`].
 pub(crate) fn map_unique(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
     match e.as_database_error() {
@@ -474,15 +367,6 @@ pub(crate) fn validate_zone(z: &ZoneSpec) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// The user behind an alert update, for the audit record.
-pub(crate) fn update_actor_id(u: &AlertUpdate) -> Option<UserId> {
-    match u {
-        AlertUpdate::Acknowledge { by, .. } => Some(*by),
-        AlertUpdate::Resolve { by, .. } => *by,
-        AlertUpdate::ConditionEnded { .. } | AlertUpdate::Escalate { .. } => None,
-    }
 }
 
 pub(crate) fn outbox_status_str(s: crate::OutboxStatus) -> &'static str {
@@ -544,85 +428,6 @@ mod tests {
         Utc.timestamp_opt(1_700_000_000 + s, 0)
             .single()
             .expect("valid time")
-    }
-
-    fn alert(state: AlertState) -> Alert {
-        Alert {
-            id: 7,
-            subject_id: 1,
-            device_id: None,
-            kind: AlertKind::StrapTamper,
-            severity: Severity::High,
-            state,
-            zone_id: None,
-            message: "m".into(),
-            started_at: t(0),
-            created_at: t(0),
-            last_seen_at: t(0),
-            ended_at: None,
-            escalated: false,
-            acknowledged_by: None,
-            acknowledged_at: None,
-            resolved_by: None,
-            resolved_at: None,
-            resolution_code: None,
-            resolution_note: None,
-            evidence: serde_json::json!({}),
-            occurrences: 1,
-        }
-    }
-
-    #[test]
-    fn lifecycle_transitions() {
-        let ack = AlertUpdate::Acknowledge { by: 3, at: t(5) };
-        let res = AlertUpdate::Resolve {
-            by: Some(3),
-            at: t(9),
-            code: "false_alarm".into(),
-            note: None,
-        };
-        let open = alert(AlertState::Open);
-        let acked = apply_alert_update(&open, &ack).expect("open→ack");
-        assert_eq!(acked.alert.state, AlertState::Acknowledged);
-        assert_eq!(acked.event, "alert.acknowledged");
-        assert!(matches!(
-            apply_alert_update(&acked.alert, &ack),
-            Err(StoreError::Conflict(_))
-        ));
-        let resolved = apply_alert_update(&acked.alert, &res).expect("ack→resolved");
-        assert_eq!(resolved.alert.state, AlertState::Resolved);
-        for u in [
-            ack.clone(),
-            res.clone(),
-            AlertUpdate::ConditionEnded { at: t(1) },
-            AlertUpdate::Escalate { at: t(1) },
-        ] {
-            assert!(matches!(
-                apply_alert_update(&resolved.alert, &u),
-                Err(StoreError::Conflict(_))
-            ));
-        }
-        assert_eq!(
-            apply_alert_update(&open, &res)
-                .expect("open→resolved")
-                .alert
-                .state,
-            AlertState::Resolved
-        );
-        let esc = apply_alert_update(&open, &AlertUpdate::Escalate { at: t(2) }).expect("esc");
-        assert!(esc.alert.escalated);
-        assert!(apply_alert_update(&esc.alert, &AlertUpdate::Escalate { at: t(3) }).is_err());
-        assert!(apply_alert_update(&acked.alert, &AlertUpdate::Escalate { at: t(3) }).is_err());
-        let blank = AlertUpdate::Resolve {
-            by: None,
-            at: t(1),
-            code: " ".into(),
-            note: None,
-        };
-        assert!(matches!(
-            apply_alert_update(&open, &blank),
-            Err(StoreError::Invalid(_))
-        ));
     }
 
     #[test]

@@ -13,15 +13,19 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use em_model::*;
+pub use em_model::{Change, ChangeEntry, ChangeId};
 use serde::{Deserialize, Serialize};
 
+pub mod changes;
 mod common;
 pub mod device_secret;
+pub mod lease;
 pub mod postgres;
 pub mod sqlite;
 pub mod testing;
 
-pub use common::{alert_idempotency_key, subject_ordering_key};
+pub use changes::{ChangeFeed, ChangeStream};
+pub use lease::{run_leased, Lease, LeaseHold};
 pub use postgres::{LayoutRequest, PgStore, PositionsLayout};
 pub use sqlite::SqliteStore;
 
@@ -61,6 +65,10 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// Days the change log keeps its entries (retention deletes older ones). The log is the bus
+/// between instances, not evidence: the audit log and the alerts are the record.
+pub const CHANGE_LOG_DAYS: i64 = 7;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -111,48 +119,48 @@ pub struct LatestState {
     pub case_ok: Option<bool>,
 }
 
-/// A new alert, or a repeat of an ongoing one (same subject + kind + zone while not resolved).
+/// An alert as stored, with its version (1 when raised, one more with every change).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NewAlert {
-    pub subject_id: SubjectId,
-    pub device_id: Option<DeviceId>,
-    pub kind: AlertKind,
-    pub severity: Severity,
-    pub zone_id: Option<ZoneId>,
-    pub message: String,
-    pub at: DateTime<Utc>,
-    pub evidence: serde_json::Value,
-}
-
-/// A change to an existing alert.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum AlertUpdate {
-    Acknowledge {
-        by: UserId,
-        at: DateTime<Utc>,
-    },
-    Resolve {
-        by: Option<UserId>,
-        at: DateTime<Utc>,
-        code: String,
-        note: Option<String>,
-    },
-    /// The condition ended on its own (evidence time); the alert stays open for a human
-    /// unless the rules resolve it automatically (then `Resolve` follows with `by: None`).
-    ConditionEnded {
-        at: DateTime<Utc>,
-    },
-    Escalate {
-        at: DateTime<Utc>,
-    },
-}
-
-/// Result of [`Store::raise_alert`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RaisedAlert {
+pub struct VersionedAlert {
     pub alert: Alert,
-    /// False when the raise was folded into an existing ongoing alert (a repeat).
-    pub created: bool,
+    pub version: i64,
+}
+
+/// One write of the alert engine: the whole alert row after the change. The store applies it
+/// as given and knows no alert rules; the engine (`em-alerts`) decides what the row becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertWrite {
+    /// `None`: a new alert (the store assigns the id; version 1). `Some(v)`: replace alert
+    /// `alert.id` only while its stored version is still `v` — otherwise
+    /// [`StoreError::Conflict`] (someone else changed it: read again and decide again).
+    /// A new alert that meets an ongoing one of the same subject, kind and zone is also a
+    /// `Conflict`: at most one alert per condition is ongoing, across every instance.
+    pub expected_version: Option<i64>,
+    pub alert: Alert,
+}
+
+/// What the alert engine writes in the same transaction as an [`AlertWrite`], built from the
+/// alert as stored (its id and new version known).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertEffects {
+    pub audit: NewAudit,
+    /// The change-log entry (always a [`Change::Alert`]).
+    pub change: Change,
+    pub outbox: Vec<NewOutbox>,
+}
+
+/// Builds the [`AlertEffects`] of a write from the stored alert and its new version.
+pub type AlertEffectsFn<'a> = &'a (dyn Fn(&VersionedAlert) -> Result<AlertEffects> + Send + Sync);
+
+/// A message for the transactional outbox (channel, ordering and payload are the writer's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewOutbox {
+    pub channel: String,
+    /// Deliveries with the same ordering key go out in id order.
+    pub ordering_key: String,
+    /// Unique per channel; a second message with the same key is not written.
+    pub idempotency_key: String,
+    pub payload: serde_json::Value,
 }
 
 /// One message waiting in the transactional outbox (OMS delivery, MQTT publication).
@@ -220,6 +228,7 @@ pub struct RetentionReport {
     pub positions_deleted: u64,
     pub alerts_deleted: u64,
     pub audit_deleted: u64,
+    pub changes_deleted: u64,
 }
 
 /// The storage contract. Every method is durable when it returns `Ok` (the ingest pipeline
@@ -308,21 +317,16 @@ pub trait Store: Send + Sync + 'static {
     async fn count_victim_records(&self, device_id: &str) -> Result<i64>;
 
     // --- alerts + outbox (one transaction each) -------------------------------------------
-    /// Opens a new alert, or folds a repeat into the ongoing one (same subject, kind, zone,
-    /// not resolved): bumps `occurrences` and `last_seen_at`. A new alert gets `created_at` from
-    /// the server clock; a repeat leaves it unchanged. Writes the audit record and,
-    /// when `outbox_channels` is non-empty, one outbox message per channel — all in one transaction.
-    async fn raise_alert(&self, alert: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert>;
-    /// Applies a lifecycle change, writes the audit record (with the previous state) and the
-    /// outbox messages in the same transaction. Errors with `Conflict` on an invalid transition.
-    async fn update_alert(
+    /// Writes an alert as the engine decided it (see [`AlertWrite`]), and in the same
+    /// transaction the audit record, the change-log entry and the outbox messages that
+    /// `effects` builds from the stored alert. `Conflict` when the alert changed meanwhile
+    /// (version) or a new alert meets an ongoing one; `NotFound` when an updated alert is gone.
+    async fn write_alert(
         &self,
-        id: AlertId,
-        update: &AlertUpdate,
-        actor: &str,
-        outbox_channels: &[&str],
-    ) -> Result<Alert>;
-    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>>;
+        write: &AlertWrite,
+        effects: AlertEffectsFn<'_>,
+    ) -> Result<VersionedAlert>;
+    async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>>;
     /// Newest and most severe first.
     async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>>;
     /// The ongoing (not resolved) alert of this subject/kind/zone, if any.
@@ -331,7 +335,7 @@ pub trait Store: Send + Sync + 'static {
         subject: SubjectId,
         kind: AlertKind,
         zone: Option<ZoneId>,
-    ) -> Result<Option<Alert>>;
+    ) -> Result<Option<VersionedAlert>>;
     /// Open (unacknowledged, not escalated) alerts whose `created_at` (server time of the raise,
     /// not the device time `started_at`) is before `before` — escalation input, oldest first.
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>>;
@@ -355,6 +359,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn outbox_status(&self, id: i64) -> Result<Option<OutboxStatus>>;
     async fn count_outbox(&self, channel: &str, status: OutboxStatus) -> Result<i64>;
+
+    // --- change log, cursors, leases -------------------------------------------------------
+    /// Up to `limit` changes with an id above `after`, in id order. Every change is written in
+    /// the transaction of what it describes, and change rows commit in id order, so a reader
+    /// that goes on from the last id it saw misses nothing.
+    async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>>;
+    /// Id of the newest change (0 when the log is empty).
+    async fn last_change_id(&self) -> Result<ChangeId>;
+    /// Ticks when a change may have been committed: PostgreSQL `LISTEN/NOTIFY` (any instance's
+    /// commits); on SQLite, this process's commits. Readers also poll every
+    /// [`Store::change_poll_interval`], so a missed wake-up only delays.
+    fn change_wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// How often readers look at the log without a wake-up.
+    fn change_poll_interval(&self) -> std::time::Duration;
+    /// Where a named consumer (one per system, under a lease) left off.
+    async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>>;
+    async fn write_cursor(&self, consumer: &str, id: ChangeId) -> Result<()>;
+    /// Tries to take the lease `name` for `holder`: PostgreSQL session advisory lock on a
+    /// connection of its own (released when the holder's process or connection dies);
+    /// SQLite: a row with an expiry renewed by [`Lease::still_held`]. `None` when another
+    /// holder has it.
+    async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>>;
 
     // --- users + audit --------------------------------------------------------------------
     /// Insert (id = 0) or update a user; returns its id.

@@ -291,6 +291,8 @@ pub struct PgStore {
     ensured_months: Mutex<HashSet<i32>>,
     /// When a batch last met an already stored record (selects the insert form).
     duplicates: fixes::DuplicateWindow,
+    /// Ticks on every `NOTIFY` of the change log (any instance), from [`listen_for_changes`].
+    wakeups: tokio::sync::watch::Receiver<u64>,
 }
 
 impl PgStore {
@@ -325,9 +327,12 @@ impl PgStore {
                 .max_connections(1)
                 .connect_with(base.clone())
                 .await?;
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-                .execute(&admin)
-                .await?;
+            // `schema` passed validate_schema_name: [a-z_][a-z0-9_]*.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+            )))
+            .execute(&admin)
+            .await?;
             admin.close().await;
         }
         let opts = base.options([("search_path", format!("{schema},public"))]);
@@ -343,11 +348,13 @@ impl PgStore {
         MIGRATOR.run(&pool).await?;
         hash_plaintext_secrets(&pool).await?;
         let layout = Self::prepare_positions(&pool, request).await?;
+        let wakeups = listen_for_changes(&pool).await?;
         let store = PgStore {
             pool,
             layout,
             ensured_months: Mutex::new(HashSet::new()),
             duplicates: fixes::DuplicateWindow::new(),
+            wakeups,
         };
         if layout == PositionsLayout::NativePartitions {
             // Last month through two months ahead.
@@ -414,7 +421,9 @@ impl PgStore {
                 let compress = existing == ExistingPositions::Missing
                     || !Self::compression_enabled(conn).await?;
                 for step in timescale_steps(compress) {
-                    sqlx::raw_sql(&step).execute(&mut *conn).await?;
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(step.as_str()))
+                        .execute(&mut *conn)
+                        .await?;
                 }
             }
             PositionsLayout::NativePartitions => {
@@ -590,31 +599,44 @@ impl PgStore {
         .await?)
     }
 
-    async fn insert_outbox(
-        conn: &mut PgConnection,
-        channels: &[&str],
-        alert: &Alert,
-        version: i64,
-        event: &str,
-    ) -> Result<()> {
-        if channels.is_empty() {
-            return Ok(());
+    async fn insert_outbox(conn: &mut PgConnection, messages: &[NewOutbox]) -> Result<()> {
+        for m in messages {
+            sqlx::query(
+                "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, next_attempt_at, created_at)
+                 VALUES ($1, $2, $3, $4, now(), now())
+                 ON CONFLICT (channel, idempotency_key) DO NOTHING",
+            )
+            .bind(&m.channel)
+            .bind(&m.ordering_key)
+            .bind(&m.idempotency_key)
+            .bind(&m.payload)
+            .execute(&mut *conn)
+            .await?;
         }
-        let payload = alert_payload(event, alert, version)?;
-        let key = alert_idempotency_key(alert.id, version);
-        let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+        Ok(())
+    }
+
+    /// Appends `change` to the log inside the caller's transaction. The transaction advisory
+    /// lock makes change rows commit in id order (a later id cannot commit before an earlier
+    /// one), so readers that go on from the last id they saw miss nothing; `pg_notify` wakes
+    /// every instance's readers at commit.
+    async fn append_change(conn: &mut PgConnection, change: &Change) -> Result<ChangeId> {
         sqlx::query(
-            "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, next_attempt_at, created_at)
-             SELECT ch, $2, $3, $4, now(), now() FROM UNNEST($1::text[]) AS ch
-             ON CONFLICT (channel, idempotency_key) DO NOTHING",
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.em_changes', 0))",
         )
-        .bind(&channels)
-        .bind(subject_ordering_key(alert.subject_id))
-        .bind(&key)
-        .bind(&payload)
         .execute(&mut *conn)
         .await?;
-        Ok(())
+        let payload = to_json("change", change)?;
+        let id: i64 = sqlx::query_scalar(
+            "WITH ins AS (INSERT INTO changes (topic, subject_id, payload) VALUES ($1, $2, $3) RETURNING id)
+             SELECT id FROM ins, LATERAL (SELECT pg_notify('em_changes.' || current_schema(), ins.id::text)) n",
+        )
+        .bind(change.topic())
+        .bind(change.subject_id())
+        .bind(payload)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(id)
     }
 
     async fn outbox_status_locked(conn: &mut PgConnection, id: i64) -> Result<Option<String>> {
@@ -843,6 +865,7 @@ impl Store for PgStore {
         if device.device_id.is_empty() {
             return Err(StoreError::Invalid("device id must not be empty".into()));
         }
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO devices (device_id, protocol, secret, active, class) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (device_id) DO UPDATE SET protocol = EXCLUDED.protocol,
@@ -853,8 +876,16 @@ impl Store for PgStore {
         .bind(device.secret.as_deref().map(device_secret::stored_form))
         .bind(device.active)
         .bind(device.class.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device.device_id.clone(),
+            },
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -919,6 +950,13 @@ impl Store for PgStore {
         .bind(from)
         .execute(&mut *tx)
         .await?;
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device_id.to_string(),
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -948,6 +986,13 @@ impl Store for PgStore {
         .bind(at)
         .bind(device_id)
         .execute(&mut *tx)
+        .await?;
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device_id.to_string(),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -989,8 +1034,9 @@ impl Store for PgStore {
 
     async fn upsert_subject(&self, s: &Subject) -> Result<SubjectId> {
         let rules = to_json("breach rules", &s.rules)?;
-        if s.id == 0 {
-            Ok(sqlx::query_scalar(
+        let mut tx = self.pool.begin().await?;
+        let id: SubjectId = if s.id == 0 {
+            sqlx::query_scalar(
                 "INSERT INTO subjects (reference, display_name, officer_id, timezone, order_start, order_end, rules)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             )
@@ -1001,8 +1047,8 @@ impl Store for PgStore {
             .bind(s.order_start)
             .bind(s.order_end)
             .bind(rules)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(&mut *tx)
+            .await?
         } else {
             sqlx::query_scalar(
                 "UPDATE subjects SET reference = $1, display_name = $2, officer_id = $3, timezone = $4,
@@ -1016,10 +1062,14 @@ impl Store for PgStore {
             .bind(s.order_end)
             .bind(rules)
             .bind(s.id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))
-        }
+            .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))?
+        };
+        let subject = Subject { id, ..s.clone() };
+        Self::append_change(&mut tx, &Change::Subject { subject }).await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>> {
@@ -1057,6 +1107,20 @@ impl Store for PgStore {
         .bind(groups)
         .execute(&mut *tx)
         .await?;
+        let groups: Vec<String> = sqlx::query_scalar(
+            "SELECT group_name FROM subject_zone_groups WHERE subject_id = $1 ORDER BY group_name",
+        )
+        .bind(subject)
+        .fetch_all(&mut *tx)
+        .await?;
+        Self::append_change(
+            &mut tx,
+            &Change::SubjectZoneGroups {
+                subject_id: subject,
+                groups,
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1078,8 +1142,9 @@ impl Store for PgStore {
             .as_ref()
             .map(|s| to_json("zone schedule", s))
             .transpose()?;
-        if z.id == 0 {
-            Ok(sqlx::query_scalar(
+        let mut tx = self.pool.begin().await?;
+        let id: ZoneId = if z.id == 0 {
+            sqlx::query_scalar(
                 "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule, is_curfew_home)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             )
@@ -1090,8 +1155,8 @@ impl Store for PgStore {
             .bind(geometry)
             .bind(schedule)
             .bind(z.is_curfew_home)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(&mut *tx)
+            .await?
         } else {
             sqlx::query_scalar(
                 "UPDATE zones SET subject_id = $1, group_name = $2, name = $3, kind = $4, geometry = $5,
@@ -1105,21 +1170,35 @@ impl Store for PgStore {
             .bind(schedule)
             .bind(z.is_curfew_home)
             .bind(z.id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))
-        }
+            .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))?
+        };
+        let zone = ZoneSpec { id, ..z.clone() };
+        Self::append_change(&mut tx, &Change::Zone { zone }).await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn delete_zone(&self, id: ZoneId) -> Result<()> {
-        let n = sqlx::query("DELETE FROM zones WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if n == 0 {
+        let mut tx = self.pool.begin().await?;
+        let subject_id: Option<Option<SubjectId>> =
+            sqlx::query_scalar("DELETE FROM zones WHERE id = $1 RETURNING subject_id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(subject_id) = subject_id else {
             return Err(StoreError::NotFound(format!("zone {id}")));
-        }
+        };
+        Self::append_change(
+            &mut tx,
+            &Change::ZoneDeleted {
+                zone_id: id,
+                subject_id,
+            },
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1356,120 +1435,118 @@ impl Store for PgStore {
         )
     }
 
-    async fn raise_alert(&self, a: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key, message,
-                 started_at, last_seen_at, created_at, evidence, occurrences, version)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $8, $10, $9, 1, 1)
-             ON CONFLICT (subject_id, kind, zone_key) WHERE state <> 'resolved' DO UPDATE SET
-                 occurrences = alerts.occurrences + 1,
-                 last_seen_at = GREATEST(alerts.last_seen_at, EXCLUDED.last_seen_at),
-                 severity = GREATEST(alerts.severity, EXCLUDED.severity),
-                 device_id = COALESCE(alerts.device_id, EXCLUDED.device_id),
-                 version = alerts.version + 1
-             RETURNING *",
-        )
-        .bind(a.subject_id)
-        .bind(&a.device_id)
-        .bind(a.kind.as_str())
-        .bind(severity_to_db(a.severity))
-        .bind(a.zone_id)
-        .bind(a.zone_id.unwrap_or(0))
-        .bind(&a.message)
-        .bind(a.at)
-        .bind(&a.evidence)
-        .bind(Utc::now())
-        .fetch_one(&mut *tx)
-        .await?;
-        let (alert, version) = alert_from_row(&row)?;
-        let created = alert.occurrences == 1;
-        let (event, action) = if created {
-            ("alert.created", "alert.create")
-        } else {
-            ("alert.updated", "alert.repeat")
-        };
-        Self::insert_audit(
-            &mut tx,
-            &NewAudit {
-                at: Some(Utc::now()),
-                actor_id: None,
-                actor: "system:alerts".into(),
-                action: action.into(),
-                target_type: "alert".into(),
-                target_id: Some(alert.id.to_string()),
-                subject_id: Some(alert.subject_id),
-                details: serde_json::json!({
-                    "kind": alert.kind.as_str(),
-                    "occurrences": alert.occurrences,
-                    "at": a.at,
-                    "message": a.message,
-                }),
-            },
-        )
-        .await?;
-        Self::insert_outbox(&mut tx, outbox_channels, &alert, version, event).await?;
-        tx.commit().await?;
-        Ok(RaisedAlert { alert, created })
-    }
-
-    async fn update_alert(
+    async fn write_alert(
         &self,
-        id: AlertId,
-        update: &AlertUpdate,
-        actor: &str,
-        outbox_channels: &[&str],
-    ) -> Result<Alert> {
+        w: &AlertWrite,
+        effects: AlertEffectsFn<'_>,
+    ) -> Result<VersionedAlert> {
+        let a = &w.alert;
         let mut tx = self.pool.begin().await?;
-        let (current, _) = Self::alert_row(&mut tx, id, true)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("alert {id}")))?;
-        let t = apply_alert_update(&current, update)?;
-        let a = &t.alert;
-        let row = sqlx::query(
-            "UPDATE alerts SET state = $1, ended_at = $2, escalated = $3, acknowledged_by = $4,
-                 acknowledged_at = $5, resolved_by = $6, resolved_at = $7, resolution_code = $8,
-                 resolution_note = $9, version = version + 1
-             WHERE id = $10 RETURNING *",
-        )
-        .bind(a.state.as_str())
-        .bind(a.ended_at)
-        .bind(a.escalated)
-        .bind(a.acknowledged_by)
-        .bind(a.acknowledged_at)
-        .bind(a.resolved_by)
-        .bind(a.resolved_at)
-        .bind(&a.resolution_code)
-        .bind(&a.resolution_note)
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let (alert, new_version) = alert_from_row(&row)?;
-        Self::insert_audit(
-            &mut tx,
-            &NewAudit {
-                at: Some(Utc::now()),
-                actor_id: update_actor_id(update),
-                actor: actor.to_string(),
-                action: t.action.into(),
-                target_type: "alert".into(),
-                target_id: Some(id.to_string()),
-                subject_id: Some(alert.subject_id),
-                details: serde_json::json!({
-                    "previous": to_json("alert", &current)?,
-                    "update": to_json("alert update", update)?,
-                }),
-            },
-        )
-        .await?;
-        Self::insert_outbox(&mut tx, outbox_channels, &alert, new_version, t.event).await?;
+        let row = match w.expected_version {
+            None => sqlx::query(
+                "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key,
+                     message, started_at, last_seen_at, created_at, ended_at, escalated,
+                     acknowledged_by, acknowledged_at, resolved_by, resolved_at, resolution_code,
+                     resolution_note, evidence, occurrences, version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     $18, $19, $20, $21, 1)
+                 RETURNING *",
+            )
+            .bind(a.subject_id)
+            .bind(&a.device_id)
+            .bind(a.kind.as_str())
+            .bind(severity_to_db(a.severity))
+            .bind(a.state.as_str())
+            .bind(a.zone_id)
+            .bind(a.zone_id.unwrap_or(0))
+            .bind(&a.message)
+            .bind(a.started_at)
+            .bind(a.last_seen_at)
+            .bind(a.created_at)
+            .bind(a.ended_at)
+            .bind(a.escalated)
+            .bind(a.acknowledged_by)
+            .bind(a.acknowledged_at)
+            .bind(a.resolved_by)
+            .bind(a.resolved_at)
+            .bind(&a.resolution_code)
+            .bind(&a.resolution_note)
+            .bind(&a.evidence)
+            .bind(a.occurrences)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                map_unique(e, || {
+                    format!(
+                        "subject {} already has an ongoing {} alert for this zone",
+                        a.subject_id,
+                        a.kind.as_str()
+                    )
+                })
+            })?,
+            Some(expected) => {
+                let row = sqlx::query(
+                    "UPDATE alerts SET device_id = $1, severity = $2, state = $3, message = $4,
+                         last_seen_at = $5, ended_at = $6, escalated = $7, acknowledged_by = $8,
+                         acknowledged_at = $9, resolved_by = $10, resolved_at = $11,
+                         resolution_code = $12, resolution_note = $13, evidence = $14,
+                         occurrences = $15, version = version + 1
+                     WHERE id = $16 AND version = $17 RETURNING *",
+                )
+                .bind(&a.device_id)
+                .bind(severity_to_db(a.severity))
+                .bind(a.state.as_str())
+                .bind(&a.message)
+                .bind(a.last_seen_at)
+                .bind(a.ended_at)
+                .bind(a.escalated)
+                .bind(a.acknowledged_by)
+                .bind(a.acknowledged_at)
+                .bind(a.resolved_by)
+                .bind(a.resolved_at)
+                .bind(&a.resolution_code)
+                .bind(&a.resolution_note)
+                .bind(&a.evidence)
+                .bind(a.occurrences)
+                .bind(a.id)
+                .bind(expected)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match row {
+                    Some(r) => r,
+                    None => {
+                        let exists: bool =
+                            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM alerts WHERE id = $1)")
+                                .bind(a.id)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                        return Err(if exists {
+                            StoreError::Conflict(format!(
+                                "alert {} changed meanwhile (expected version {expected})",
+                                a.id
+                            ))
+                        } else {
+                            StoreError::NotFound(format!("alert {}", a.id))
+                        });
+                    }
+                }
+            }
+        };
+        let (alert, version) = alert_from_row(&row)?;
+        let stored = VersionedAlert { alert, version };
+        let fx = effects(&stored)?;
+        Self::insert_audit(&mut tx, &fx.audit).await?;
+        Self::append_change(&mut tx, &fx.change).await?;
+        Self::insert_outbox(&mut tx, &fx.outbox).await?;
         tx.commit().await?;
-        Ok(alert)
+        Ok(stored)
     }
 
-    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>> {
+    async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>> {
         let mut conn = self.pool.acquire().await?;
-        Ok(Self::alert_row(&mut conn, id, false).await?.map(|(a, _)| a))
+        Ok(Self::alert_row(&mut conn, id, false)
+            .await?
+            .map(|(alert, version)| VersionedAlert { alert, version }))
     }
 
     async fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>> {
@@ -1503,7 +1580,7 @@ impl Store for PgStore {
         subject: SubjectId,
         kind: AlertKind,
         zone: Option<ZoneId>,
-    ) -> Result<Option<Alert>> {
+    ) -> Result<Option<VersionedAlert>> {
         sqlx::query(
             "SELECT * FROM alerts WHERE subject_id = $1 AND kind = $2 AND zone_key = $3
                AND state <> 'resolved'",
@@ -1513,7 +1590,7 @@ impl Store for PgStore {
         .bind(zone.unwrap_or(0))
         .fetch_optional(&self.pool)
         .await?
-        .map(|r| alert_from_row(&r).map(|(a, _)| a))
+        .map(|r| alert_from_row(&r).map(|(alert, version)| VersionedAlert { alert, version }))
         .transpose()
     }
 
@@ -1622,6 +1699,92 @@ impl Store for PgStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>> {
+        let limit = check_limit(limit)?;
+        sqlx::query("SELECT id, at, payload FROM changes WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(ChangeEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    change: from_json("change", r.try_get("payload")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change_id(&self) -> Result<ChangeId> {
+        Ok(
+            sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM changes")
+                .fetch_one(&self.pool)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    fn change_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wakeups.clone()
+    }
+
+    fn change_poll_interval(&self) -> Duration {
+        // NOTIFY wakes readers at once; the poll only covers notifications lost while the
+        // listening connection was being re-established.
+        Duration::from_secs(1)
+    }
+
+    async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>> {
+        Ok(
+            sqlx::query_scalar("SELECT change_id FROM change_cursors WHERE consumer = $1")
+                .bind(consumer)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn write_cursor(&self, consumer: &str, id: ChangeId) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO change_cursors (consumer, change_id, updated_at) VALUES ($1, $2, now())
+             ON CONFLICT (consumer) DO UPDATE SET change_id = EXCLUDED.change_id, updated_at = now()",
+        )
+        .bind(consumer)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
+        use sqlx::Connection;
+        let opts = (*self.pool.connect_options()).clone();
+        let mut conn = PgConnection::connect_with(&opts).await?;
+        let got: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtextextended(current_schema() || '.em_lease.' || $1, 0))",
+        )
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await?;
+        if !got {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        // Name the holder on the server (pg_stat_activity.application_name) for operators.
+        let _ = sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(format!("em lease {name} ({holder})"))
+            .execute(&mut conn)
+            .await;
+        Ok(Some(Lease::new(
+            name,
+            Box::new(PgLease {
+                conn: Some(conn),
+                name: name.to_string(),
+            }),
+        )))
     }
 
     async fn upsert_user(&self, u: &User) -> Result<UserId> {
@@ -1750,10 +1913,13 @@ impl Store for PgStore {
                         continue;
                     }
                     let mut tx = self.pool.begin().await?;
-                    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{part}\""))
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    sqlx::query(&format!("DROP TABLE \"{part}\""))
+                    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT count(*) FROM \"{part}\""
+                    )))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    // `part` is a partition name read from pg_inherits and parsed by partition_end.
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE \"{part}\"")))
                         .execute(&mut *tx)
                         .await?;
                     tx.commit().await?;
@@ -1823,9 +1989,93 @@ impl Store for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        report.changes_deleted = sqlx::query("DELETE FROM changes WHERE at < $1")
+            .bind(Utc::now() - chrono::Duration::days(CHANGE_LOG_DAYS))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(report)
     }
+}
+
+/// A lease held as a session advisory lock on a connection of its own.
+struct PgLease {
+    conn: Option<PgConnection>,
+    name: String,
+}
+
+#[async_trait]
+impl LeaseHold for PgLease {
+    async fn still_held(&mut self) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        // The lock lives as long as this session: the session answering is the lock held.
+        let check = sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+               AND pid = pg_backend_pid() AND granted)",
+        )
+        .fetch_one(&mut *conn);
+        match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(true)) => true,
+            Ok(Ok(false)) | Ok(Err(_)) | Err(_) => {
+                // Give the connection up so that the server drops whatever it still holds.
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    async fn release(mut self: Box<Self>) {
+        use sqlx::Connection;
+        if let Some(mut conn) = self.conn.take() {
+            let _ = sqlx::query(
+                "SELECT pg_advisory_unlock(hashtextextended(current_schema() || '.em_lease.' || $1, 0))",
+            )
+            .bind(&self.name)
+            .execute(&mut conn)
+            .await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Listens for the change log's `NOTIFY` (channel `em_changes.<schema>`) on a connection of
+/// its own and ticks the returned watch on each (and after each reconnection, when
+/// notifications may have been lost). The task ends when every receiver is gone.
+async fn listen_for_changes(pool: &PgPool) -> Result<tokio::sync::watch::Receiver<u64>> {
+    let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(pool)
+        .await?;
+    let channel = format!("em_changes.{schema}");
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(&channel).await?;
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                n = listener.try_recv() => match n {
+                    Ok(Some(_)) => {
+                        tx.send_modify(|c| *c = c.wrapping_add(1));
+                    }
+                    Ok(None) => {
+                        // Connection lost; the next try_recv reconnects. Wake readers: what was
+                        // notified meanwhile is lost.
+                        tracing::warn!(channel = channel.as_str(), "change-log listener reconnecting");
+                        tx.send_modify(|c| *c = c.wrapping_add(1));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change-log listener failed; retrying");
+                        tx.send_modify(|c| *c = c.wrapping_add(1));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 #[cfg(test)]

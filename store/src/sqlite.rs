@@ -114,6 +114,8 @@ fn json_text<T: serde::Serialize>(what: &str, v: &T) -> Result<String> {
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Ticks after every commit of this process that wrote to the change log.
+    wakeups: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -145,7 +147,8 @@ impl SqliteStore {
         let pool = pool_opts.connect_with(opts).await?;
         MIGRATOR.run(&pool).await?;
         hash_plaintext_secrets(&pool).await?;
-        Ok(SqliteStore { pool })
+        let (wakeups, _) = tokio::sync::watch::channel(0u64);
+        Ok(SqliteStore { pool, wakeups })
     }
 
     /// The underlying pool (for tools and tests).
@@ -189,31 +192,46 @@ impl SqliteStore {
 
     async fn insert_outbox(
         conn: &mut sqlx::SqliteConnection,
-        channels: &[&str],
-        alert: &Alert,
-        version: i64,
-        event: &str,
+        messages: &[NewOutbox],
     ) -> Result<()> {
-        if channels.is_empty() {
-            return Ok(());
-        }
-        let payload = json_text("outbox payload", &alert_payload(event, alert, version)?)?;
-        let key = alert_idempotency_key(alert.id, version);
         let now = us(Utc::now());
-        for ch in channels {
+        for m in messages {
             sqlx::query(
-                "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, next_attempt_at, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel, idempotency_key) DO NOTHING",
+                "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, status, attempts,
+                     next_attempt_at, created_at)
+                 VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)
+                 ON CONFLICT (channel, idempotency_key) DO NOTHING",
             )
-            .bind(*ch)
-            .bind(subject_ordering_key(alert.subject_id))
-            .bind(&key)
-            .bind(&payload)
+            .bind(&m.channel)
+            .bind(&m.ordering_key)
+            .bind(&m.idempotency_key)
+            .bind(json_text("outbox payload", &m.payload)?)
             .bind(now)
             .bind(now)
             .execute(&mut *conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Appends `change` to the log inside the caller's (write) transaction. SQLite has one
+    /// writer at a time, so ids commit in order.
+    async fn append_change(conn: &mut sqlx::SqliteConnection, change: &Change) -> Result<ChangeId> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO changes (at, topic, subject_id, payload) VALUES (?, ?, ?, ?) RETURNING id",
+        )
+        .bind(us(Utc::now()))
+        .bind(change.topic())
+        .bind(change.subject_id())
+        .bind(json_text("change", change)?)
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+
+    /// Commits a transaction that wrote to the change log and wakes this process's readers.
+    async fn commit_changes(&self, tx: sqlx::Transaction<'static, Sqlite>) -> Result<()> {
+        tx.commit().await?;
+        self.wakeups.send_modify(|c| *c = c.wrapping_add(1));
         Ok(())
     }
 }
@@ -401,6 +419,7 @@ impl Store for SqliteStore {
         if device.device_id.is_empty() {
             return Err(StoreError::Invalid("device id must not be empty".into()));
         }
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO devices (device_id, protocol, secret, active, class) VALUES (?, ?, ?, ?, ?)
              ON CONFLICT (device_id) DO UPDATE SET protocol = excluded.protocol,
@@ -411,9 +430,16 @@ impl Store for SqliteStore {
         .bind(device.secret.as_deref().map(device_secret::stored_form))
         .bind(device.active)
         .bind(device.class.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device.device_id.clone(),
+            },
+        )
+        .await?;
+        self.commit_changes(tx).await
     }
 
     async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
@@ -469,8 +495,14 @@ impl Store for SqliteStore {
             .bind(us(from))
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device_id.to_string(),
+            },
+        )
+        .await?;
+        self.commit_changes(tx).await
     }
 
     async fn unassign_device(&self, device_id: &str, at: DateTime<Utc>) -> Result<()> {
@@ -496,8 +528,14 @@ impl Store for SqliteStore {
             .bind(device_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+        Self::append_change(
+            &mut tx,
+            &Change::Device {
+                device_id: device_id.to_string(),
+            },
+        )
+        .await?;
+        self.commit_changes(tx).await
     }
 
     async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>> {
@@ -537,8 +575,9 @@ impl Store for SqliteStore {
 
     async fn upsert_subject(&self, s: &Subject) -> Result<SubjectId> {
         let rules = json_text("breach rules", &s.rules)?;
-        if s.id == 0 {
-            Ok(sqlx::query_scalar(
+        let mut tx = self.begin_write().await?;
+        let id: SubjectId = if s.id == 0 {
+            sqlx::query_scalar(
                 "INSERT INTO subjects (reference, display_name, officer_id, timezone, order_start, order_end, rules)
                  VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
             )
@@ -549,12 +588,12 @@ impl Store for SqliteStore {
             .bind(opt_us(s.order_start))
             .bind(opt_us(s.order_end))
             .bind(rules)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(&mut *tx)
+            .await?
         } else {
-            let n = sqlx::query(
+            sqlx::query_scalar(
                 "UPDATE subjects SET reference = ?, display_name = ?, officer_id = ?, timezone = ?,
-                   order_start = ?, order_end = ?, rules = ? WHERE id = ?",
+                   order_start = ?, order_end = ?, rules = ? WHERE id = ? RETURNING id",
             )
             .bind(&s.reference)
             .bind(&s.display_name)
@@ -564,14 +603,14 @@ impl Store for SqliteStore {
             .bind(opt_us(s.order_end))
             .bind(rules)
             .bind(s.id)
-            .execute(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("subject {}", s.id)));
-            }
-            Ok(s.id)
-        }
+            .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))?
+        };
+        let subject = Subject { id, ..s.clone() };
+        Self::append_change(&mut tx, &Change::Subject { subject }).await?;
+        self.commit_changes(tx).await?;
+        Ok(id)
     }
 
     async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>> {
@@ -615,8 +654,21 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
-        Ok(())
+        let groups: Vec<String> = sqlx::query_scalar(
+            "SELECT group_name FROM subject_zone_groups WHERE subject_id = ? ORDER BY group_name",
+        )
+        .bind(subject)
+        .fetch_all(&mut *tx)
+        .await?;
+        Self::append_change(
+            &mut tx,
+            &Change::SubjectZoneGroups {
+                subject_id: subject,
+                groups,
+            },
+        )
+        .await?;
+        self.commit_changes(tx).await
     }
 
     async fn subject_zone_groups(&self, subject: SubjectId) -> Result<Vec<String>> {
@@ -636,8 +688,9 @@ impl Store for SqliteStore {
             .as_ref()
             .map(|s| json_text("zone schedule", s))
             .transpose()?;
-        if z.id == 0 {
-            Ok(sqlx::query_scalar(
+        let mut tx = self.begin_write().await?;
+        let id: ZoneId = if z.id == 0 {
+            sqlx::query_scalar(
                 "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule, is_curfew_home)
                  VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
             )
@@ -648,12 +701,12 @@ impl Store for SqliteStore {
             .bind(geometry)
             .bind(schedule)
             .bind(z.is_curfew_home)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(&mut *tx)
+            .await?
         } else {
-            let n = sqlx::query(
+            sqlx::query_scalar(
                 "UPDATE zones SET subject_id = ?, group_name = ?, name = ?, kind = ?, geometry = ?,
-                   schedule = ?, is_curfew_home = ? WHERE id = ?",
+                   schedule = ?, is_curfew_home = ? WHERE id = ? RETURNING id",
             )
             .bind(z.subject_id)
             .bind(&z.group)
@@ -663,26 +716,35 @@ impl Store for SqliteStore {
             .bind(schedule)
             .bind(z.is_curfew_home)
             .bind(z.id)
-            .execute(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("zone {}", z.id)));
-            }
-            Ok(z.id)
-        }
+            .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))?
+        };
+        let zone = ZoneSpec { id, ..z.clone() };
+        Self::append_change(&mut tx, &Change::Zone { zone }).await?;
+        self.commit_changes(tx).await?;
+        Ok(id)
     }
 
     async fn delete_zone(&self, id: ZoneId) -> Result<()> {
-        let n = sqlx::query("DELETE FROM zones WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if n == 0 {
+        let mut tx = self.begin_write().await?;
+        let subject_id: Option<Option<SubjectId>> =
+            sqlx::query_scalar("DELETE FROM zones WHERE id = ? RETURNING subject_id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(subject_id) = subject_id else {
             return Err(StoreError::NotFound(format!("zone {id}")));
-        }
-        Ok(())
+        };
+        Self::append_change(
+            &mut tx,
+            &Change::ZoneDeleted {
+                zone_id: id,
+                subject_id,
+            },
+        )
+        .await?;
+        self.commit_changes(tx).await
     }
 
     async fn get_zone(&self, id: ZoneId) -> Result<Option<ZoneSpec>> {
@@ -928,123 +990,118 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn raise_alert(&self, a: &NewAlert, outbox_channels: &[&str]) -> Result<RaisedAlert> {
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query(
-            "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key, message,
-                 started_at, last_seen_at, created_at, evidence, occurrences, version)
-             VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, 1, 1)
-             ON CONFLICT (subject_id, kind, zone_key) WHERE state <> 'resolved' DO UPDATE SET
-                 occurrences = alerts.occurrences + 1,
-                 last_seen_at = max(alerts.last_seen_at, excluded.last_seen_at),
-                 severity = max(alerts.severity, excluded.severity),
-                 device_id = coalesce(alerts.device_id, excluded.device_id),
-                 version = alerts.version + 1
-             RETURNING *",
-        )
-        .bind(a.subject_id)
-        .bind(&a.device_id)
-        .bind(a.kind.as_str())
-        .bind(severity_to_db(a.severity))
-        .bind(a.zone_id)
-        .bind(a.zone_id.unwrap_or(0))
-        .bind(&a.message)
-        .bind(us(a.at))
-        .bind(us(a.at))
-        .bind(us(Utc::now()))
-        .bind(json_text("evidence", &a.evidence)?)
-        .fetch_one(&mut *tx)
-        .await?;
-        let (alert, version) = alert_from_row(&row)?;
-        let created = alert.occurrences == 1;
-        let (event, action) = if created {
-            ("alert.created", "alert.create")
-        } else {
-            ("alert.updated", "alert.repeat")
-        };
-        Self::insert_audit(
-            &mut tx,
-            &NewAudit {
-                at: Some(Utc::now()),
-                actor_id: None,
-                actor: "system:alerts".into(),
-                action: action.into(),
-                target_type: "alert".into(),
-                target_id: Some(alert.id.to_string()),
-                subject_id: Some(alert.subject_id),
-                details: serde_json::json!({
-                    "kind": alert.kind.as_str(),
-                    "occurrences": alert.occurrences,
-                    "at": a.at,
-                    "message": a.message,
-                }),
-            },
-        )
-        .await?;
-        Self::insert_outbox(&mut tx, outbox_channels, &alert, version, event).await?;
-        tx.commit().await?;
-        Ok(RaisedAlert { alert, created })
-    }
-
-    async fn update_alert(
+    async fn write_alert(
         &self,
-        id: AlertId,
-        update: &AlertUpdate,
-        actor: &str,
-        outbox_channels: &[&str],
-    ) -> Result<Alert> {
+        w: &AlertWrite,
+        effects: AlertEffectsFn<'_>,
+    ) -> Result<VersionedAlert> {
+        let a = &w.alert;
+        let evidence = json_text("evidence", &a.evidence)?;
         let mut tx = self.begin_write().await?;
-        let (current, version) = Self::alert_row(&mut tx, id)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("alert {id}")))?;
-        let t = apply_alert_update(&current, update)?;
-        let a = &t.alert;
-        let row = sqlx::query(
-            "UPDATE alerts SET state = ?, ended_at = ?, escalated = ?, acknowledged_by = ?,
-                 acknowledged_at = ?, resolved_by = ?, resolved_at = ?, resolution_code = ?,
-                 resolution_note = ?, version = version + 1
-             WHERE id = ? AND version = ? RETURNING *",
-        )
-        .bind(a.state.as_str())
-        .bind(opt_us(a.ended_at))
-        .bind(a.escalated)
-        .bind(a.acknowledged_by)
-        .bind(opt_us(a.acknowledged_at))
-        .bind(a.resolved_by)
-        .bind(opt_us(a.resolved_at))
-        .bind(&a.resolution_code)
-        .bind(&a.resolution_note)
-        .bind(id)
-        .bind(version)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| StoreError::Conflict(format!("alert {id} changed concurrently")))?;
-        let (alert, new_version) = alert_from_row(&row)?;
-        Self::insert_audit(
-            &mut tx,
-            &NewAudit {
-                at: Some(Utc::now()),
-                actor_id: update_actor_id(update),
-                actor: actor.to_string(),
-                action: t.action.into(),
-                target_type: "alert".into(),
-                target_id: Some(id.to_string()),
-                subject_id: Some(alert.subject_id),
-                details: serde_json::json!({
-                    "previous": to_json("alert", &current)?,
-                    "update": to_json("alert update", update)?,
-                }),
-            },
-        )
-        .await?;
-        Self::insert_outbox(&mut tx, outbox_channels, &alert, new_version, t.event).await?;
-        tx.commit().await?;
-        Ok(alert)
+        let row = match w.expected_version {
+            None => sqlx::query(
+                "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key,
+                     message, started_at, last_seen_at, created_at, ended_at, escalated,
+                     acknowledged_by, acknowledged_at, resolved_by, resolved_at, resolution_code,
+                     resolution_note, evidence, occurrences, version)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+                 RETURNING *",
+            )
+            .bind(a.subject_id)
+            .bind(&a.device_id)
+            .bind(a.kind.as_str())
+            .bind(severity_to_db(a.severity))
+            .bind(a.state.as_str())
+            .bind(a.zone_id)
+            .bind(a.zone_id.unwrap_or(0))
+            .bind(&a.message)
+            .bind(us(a.started_at))
+            .bind(us(a.last_seen_at))
+            .bind(us(a.created_at))
+            .bind(opt_us(a.ended_at))
+            .bind(a.escalated)
+            .bind(a.acknowledged_by)
+            .bind(opt_us(a.acknowledged_at))
+            .bind(a.resolved_by)
+            .bind(opt_us(a.resolved_at))
+            .bind(&a.resolution_code)
+            .bind(&a.resolution_note)
+            .bind(&evidence)
+            .bind(a.occurrences)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                map_unique(e, || {
+                    format!(
+                        "subject {} already has an ongoing {} alert for this zone",
+                        a.subject_id,
+                        a.kind.as_str()
+                    )
+                })
+            })?,
+            Some(expected) => {
+                let row = sqlx::query(
+                    "UPDATE alerts SET device_id = ?, severity = ?, state = ?, message = ?,
+                         last_seen_at = ?, ended_at = ?, escalated = ?, acknowledged_by = ?,
+                         acknowledged_at = ?, resolved_by = ?, resolved_at = ?,
+                         resolution_code = ?, resolution_note = ?, evidence = ?,
+                         occurrences = ?, version = version + 1
+                     WHERE id = ? AND version = ? RETURNING *",
+                )
+                .bind(&a.device_id)
+                .bind(severity_to_db(a.severity))
+                .bind(a.state.as_str())
+                .bind(&a.message)
+                .bind(us(a.last_seen_at))
+                .bind(opt_us(a.ended_at))
+                .bind(a.escalated)
+                .bind(a.acknowledged_by)
+                .bind(opt_us(a.acknowledged_at))
+                .bind(a.resolved_by)
+                .bind(opt_us(a.resolved_at))
+                .bind(&a.resolution_code)
+                .bind(&a.resolution_note)
+                .bind(&evidence)
+                .bind(a.occurrences)
+                .bind(a.id)
+                .bind(expected)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match row {
+                    Some(r) => r,
+                    None => {
+                        let exists: bool =
+                            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM alerts WHERE id = ?)")
+                                .bind(a.id)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                        return Err(if exists {
+                            StoreError::Conflict(format!(
+                                "alert {} changed meanwhile (expected version {expected})",
+                                a.id
+                            ))
+                        } else {
+                            StoreError::NotFound(format!("alert {}", a.id))
+                        });
+                    }
+                }
+            }
+        };
+        let (alert, version) = alert_from_row(&row)?;
+        let stored = VersionedAlert { alert, version };
+        let fx = effects(&stored)?;
+        Self::insert_audit(&mut tx, &fx.audit).await?;
+        Self::append_change(&mut tx, &fx.change).await?;
+        Self::insert_outbox(&mut tx, &fx.outbox).await?;
+        self.commit_changes(tx).await?;
+        Ok(stored)
     }
 
-    async fn get_alert(&self, id: AlertId) -> Result<Option<Alert>> {
+    async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>> {
         let mut conn = self.pool.acquire().await?;
-        Ok(Self::alert_row(&mut conn, id).await?.map(|(a, _)| a))
+        Ok(Self::alert_row(&mut conn, id)
+            .await?
+            .map(|(alert, version)| VersionedAlert { alert, version }))
     }
 
     async fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>> {
@@ -1091,7 +1148,7 @@ impl Store for SqliteStore {
         subject: SubjectId,
         kind: AlertKind,
         zone: Option<ZoneId>,
-    ) -> Result<Option<Alert>> {
+    ) -> Result<Option<VersionedAlert>> {
         sqlx::query(
             "SELECT * FROM alerts WHERE subject_id = ? AND kind = ? AND zone_key = ? AND state <> 'resolved'",
         )
@@ -1100,7 +1157,7 @@ impl Store for SqliteStore {
         .bind(zone.unwrap_or(0))
         .fetch_optional(&self.pool)
         .await?
-        .map(|r| alert_from_row(&r).map(|(a, _)| a))
+        .map(|r| alert_from_row(&r).map(|(alert, version)| VersionedAlert { alert, version }))
         .transpose()
     }
 
@@ -1217,6 +1274,95 @@ impl Store for SqliteStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>> {
+        let limit = check_limit(limit)?;
+        sqlx::query("SELECT id, at, payload FROM changes WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let payload: String = r.try_get("payload")?;
+                Ok(ChangeEntry {
+                    id: r.try_get("id")?,
+                    at: from_us(r.try_get("at")?)?,
+                    change: serde_json::from_str(&payload)
+                        .map_err(|e| StoreError::Invalid(format!("stored change: {e}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change_id(&self) -> Result<ChangeId> {
+        Ok(
+            sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM changes")
+                .fetch_one(&self.pool)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    fn change_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wakeups.subscribe()
+    }
+
+    fn change_poll_interval(&self) -> Duration {
+        // Commits of this process wake readers at once; the poll sees other processes'
+        // (tools writing to the same file).
+        Duration::from_millis(250)
+    }
+
+    async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>> {
+        Ok(
+            sqlx::query_scalar("SELECT change_id FROM change_cursors WHERE consumer = ?")
+                .bind(consumer)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn write_cursor(&self, consumer: &str, id: ChangeId) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO change_cursors (consumer, change_id, updated_at) VALUES (?, ?, ?)
+             ON CONFLICT (consumer) DO UPDATE SET change_id = excluded.change_id,
+               updated_at = excluded.updated_at",
+        )
+        .bind(consumer)
+        .bind(id)
+        .bind(us(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
+        let now = Utc::now();
+        let n = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+             WHERE leases.expires_at < ? OR leases.holder = excluded.holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(us(now + SQLITE_LEASE_TTL))
+        .bind(us(now))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Lease::new(
+            name,
+            Box::new(SqliteLease {
+                pool: self.pool.clone(),
+                name: name.to_string(),
+                holder: holder.to_string(),
+            }),
+        )))
     }
 
     async fn upsert_user(&self, u: &User) -> Result<UserId> {
@@ -1362,8 +1508,48 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        report.changes_deleted = sqlx::query("DELETE FROM changes WHERE at < ?")
+            .bind(us(Utc::now() - chrono::Duration::days(CHANGE_LOG_DAYS)))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(report)
+    }
+}
+
+/// How long a SQLite lease lasts without renewal (the holder renews it every second).
+const SQLITE_LEASE_TTL: chrono::Duration = chrono::Duration::seconds(10);
+
+/// A lease held as a row with an expiry.
+struct SqliteLease {
+    pool: SqlitePool,
+    name: String,
+    holder: String,
+}
+
+#[async_trait]
+impl LeaseHold for SqliteLease {
+    async fn still_held(&mut self) -> bool {
+        let now = Utc::now();
+        sqlx::query(
+            "UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ? AND expires_at >= ?",
+        )
+        .bind(us(now + SQLITE_LEASE_TTL))
+        .bind(&self.name)
+        .bind(&self.holder)
+        .bind(us(now))
+        .execute(&self.pool)
+        .await
+        .is_ok_and(|r| r.rows_affected() == 1)
+    }
+
+    async fn release(self: Box<Self>) {
+        let _ = sqlx::query("DELETE FROM leases WHERE name = ? AND holder = ?")
+            .bind(&self.name)
+            .bind(&self.holder)
+            .execute(&self.pool)
+            .await;
     }
 }
 

@@ -211,9 +211,11 @@ pub async fn drop_test_schemas() -> crate::Result<u64> {
             .fetch_all(&pool)
             .await?;
     for n in &names {
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{n}\" CASCADE"))
-            .execute(&pool)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{n}\" CASCADE"
+        )))
+        .execute(&pool)
+        .await?;
     }
     pool.close().await;
     Ok(names.len() as u64)

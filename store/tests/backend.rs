@@ -135,7 +135,8 @@ async fn sqlite_upgrade_backfills_alert_created_at() {
         .get_alert(1)
         .await
         .expect("get")
-        .expect("legacy alert kept");
+        .expect("legacy alert kept")
+        .alert;
     assert_eq!(a.started_at, started);
     assert_eq!(a.created_at, started);
     let due = s
@@ -159,18 +160,61 @@ async fn sqlite_data_survives_reopen() {
         let s = connect(&url).await.expect("open");
         let batch: Vec<StoredRecord> = (0..100).map(|i| record("dev-d", i)).collect();
         s.insert_records(&batch).await.expect("insert");
-        s.raise_alert(
-            &NewAlert {
-                subject_id: 1,
-                device_id: None,
-                kind: AlertKind::StrapTamper,
-                severity: Severity::Critical,
-                zone_id: None,
-                message: "strap".into(),
-                at: Utc::now(),
-                evidence: serde_json::json!({}),
+        let now = Utc::now();
+        let alert = Alert {
+            id: 0,
+            subject_id: 1,
+            device_id: None,
+            kind: AlertKind::StrapTamper,
+            severity: Severity::Critical,
+            state: AlertState::Open,
+            zone_id: None,
+            message: "strap".into(),
+            started_at: now,
+            created_at: now,
+            last_seen_at: now,
+            ended_at: None,
+            escalated: false,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            resolved_by: None,
+            resolved_at: None,
+            resolution_code: None,
+            resolution_note: None,
+            evidence: serde_json::json!({}),
+            occurrences: 1,
+        };
+        let effects = |v: &VersionedAlert| -> em_store::Result<AlertEffects> {
+            Ok(AlertEffects {
+                audit: NewAudit {
+                    at: None,
+                    actor_id: None,
+                    actor: "test".into(),
+                    action: "test.raise".into(),
+                    target_type: "alert".into(),
+                    target_id: Some(v.alert.id.to_string()),
+                    subject_id: Some(1),
+                    details: serde_json::json!({}),
+                },
+                change: Change::Alert {
+                    event: "alert.created".into(),
+                    alert: v.alert.clone(),
+                    version: v.version,
+                },
+                outbox: vec![NewOutbox {
+                    channel: "oms".into(),
+                    ordering_key: "subject:1".into(),
+                    idempotency_key: format!("alert-{}-v1", v.alert.id),
+                    payload: serde_json::json!({}),
+                }],
+            })
+        };
+        s.write_alert(
+            &AlertWrite {
+                expected_version: None,
+                alert,
             },
-            &["oms"],
+            &effects,
         )
         .await
         .expect("alert");
@@ -290,7 +334,7 @@ async fn postgres_native_partitions() {
     assert!(!left.contains(&format!("positions_p{}", old.format("%Y%m"))));
 }
 
-async fn scalar_i64(pool: &sqlx::PgPool, sql: &str) -> i64 {
+async fn scalar_i64(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
         .await
@@ -471,10 +515,12 @@ async fn timescale_hypertable() {
 
     // The extension is shared by every schema of the database: dropping this one keeps it.
     drop(s);
-    sqlx::raw_sql(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .expect("drop schema");
     assert_eq!(
         scalar_i64(
             &pool,

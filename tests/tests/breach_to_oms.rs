@@ -386,7 +386,7 @@ async fn curfew_breach_reaches_the_oms_signed_and_survives_an_outage() {
             .get_alert(alert.id)
             .await
             .expect("get alert")
-            .is_some_and(|a| a.ended_at.is_some())
+            .is_some_and(|a| a.alert.ended_at.is_some())
     })
     .await;
     // Several refused attempts, and the changes wait in the outbox.
@@ -500,7 +500,8 @@ async fn curfew_breach_reaches_the_oms_signed_and_survives_an_outage() {
         .get_alert(alert.id)
         .await
         .expect("get")
-        .expect("alert");
+        .expect("alert")
+        .alert;
     assert_eq!(final_alert.state, AlertState::Acknowledged);
     assert!(final_alert.ended_at.is_some());
 

@@ -119,3 +119,61 @@ pub async fn audit_of(store: &Arc<dyn Store>, alert: AlertId) -> Vec<(String, St
 pub fn minutes_ago(m: i64) -> DateTime<Utc> {
     Utc::now() - chrono::Duration::minutes(m)
 }
+
+/// Reads alert notices from the store's change log, from where it was created (what the
+/// live feeds of every instance see).
+pub struct NoticeLog {
+    store: Arc<dyn Store>,
+    last: em_model::ChangeId,
+}
+
+impl NoticeLog {
+    pub async fn at(store: &Arc<dyn Store>) -> Self {
+        NoticeLog {
+            store: store.clone(),
+            last: store.last_change_id().await.expect("last change id"),
+        }
+    }
+
+    /// Every alert notice written since the last call.
+    pub async fn drain(&mut self) -> Vec<em_alerts::AlertNotice> {
+        let mut out = Vec::new();
+        loop {
+            let page = self
+                .store
+                .changes_after(self.last, 100)
+                .await
+                .expect("read the change log");
+            if page.is_empty() {
+                return out;
+            }
+            for e in page {
+                self.last = e.id;
+                out.extend(em_alerts::AlertNotice::from_change(&e));
+            }
+        }
+    }
+
+    /// The next alert notice, waiting for it.
+    pub async fn recv(&mut self) -> Option<em_alerts::AlertNotice> {
+        let mut pending = std::collections::VecDeque::new();
+        loop {
+            if let Some(n) = pending.pop_front() {
+                // Put back what follows (read again from the log next time).
+                return Some(n);
+            }
+            let page = self
+                .store
+                .changes_after(self.last, 1)
+                .await
+                .expect("read the change log");
+            match page.into_iter().next() {
+                Some(e) => {
+                    self.last = e.id;
+                    pending.extend(em_alerts::AlertNotice::from_change(&e));
+                }
+                None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+}

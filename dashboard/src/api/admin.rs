@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::JsonBody;
 use crate::auth::{hash_password, CurrentUser, MIN_PASSWORD_LEN};
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::{AppState, OrderChange};
+use crate::AppState;
 
 pub(crate) async fn list_users(
     State(st): State<AppState>,
@@ -379,7 +379,6 @@ pub(crate) async fn upsert_device(
         class,
     };
     st.inner.store.upsert_device(&device).await?;
-    st.publish(OrderChange::RegistryChanged(device.device_id.clone()));
     st.audit(
         &me,
         if created {
@@ -435,7 +434,6 @@ pub(crate) async fn assign_device(
         .store
         .assign_device(&device_id, subject_id, at)
         .await?;
-    st.publish(OrderChange::RegistryChanged(device_id.clone()));
     st.audit(
         &me,
         "device.assign",
@@ -471,7 +469,6 @@ pub(crate) async fn unassign_device(
     };
     let at = Utc::now();
     st.inner.store.unassign_device(&device_id, at).await?;
-    st.publish(OrderChange::RegistryChanged(device_id.clone()));
     st.audit(
         &me,
         "device.unassign",

@@ -6,13 +6,12 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
-use em_alerts::AlertNotice;
+use em_alerts::{AlertNotice, AlertNotices};
 use em_model::{Alert, AlertId, AlertState, Role, SubjectId};
 use em_store::AlertFilter;
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::{int_param, time_param, JsonBody, Params};
 use crate::auth::CurrentUser;
@@ -98,7 +97,7 @@ async fn alert_for(
     id: AlertId,
     attempted: &str,
 ) -> ApiResult<Alert> {
-    match st.inner.store.get_alert(id).await? {
+    match st.inner.store.get_alert(id).await?.map(|v| v.alert) {
         Some(a) => {
             st.subject_for(me, a.subject_id, attempted)
                 .await
@@ -164,7 +163,7 @@ const SESSION_CHECK: Duration = Duration::from_secs(10);
 struct Feed {
     st: AppState,
     me: CurrentUser,
-    rx: tokio::sync::broadcast::Receiver<AlertNotice>,
+    rx: AlertNotices,
     tick: tokio::time::Interval,
     greeted: bool,
 }
@@ -200,17 +199,21 @@ impl Feed {
         }
         loop {
             tokio::select! {
-                received = self.rx.recv() => match received {
-                    Ok(notice) => {
+                received = self.rx.next() => match received {
+                    Ok((id, notice)) => {
                         if self.visible(&notice).await {
                             let data = serde_json::to_string(&notice).unwrap_or_else(|_| "{}".into());
-                            return Some((Event::default().event("alert").data(data), true));
+                            // The change id: a browser reconnecting sends it back as
+                            // Last-Event-ID and the feed goes on from there.
+                            return Some((Event::default().event("alert").id(id.to_string()).data(data), true));
                         }
                     }
-                    Err(RecvError::Lagged(n)) => {
-                        return Some((Event::default().event("lagged").data(n.to_string()), true));
+                    Err(e) => {
+                        // The log cannot be read right now: tell the page to reload the queue
+                        // (it reconnects and goes on from the last id it saw).
+                        tracing::warn!(error = %e, "alert feed: change log unreadable");
+                        return Some((Event::default().event("lagged").data("0"), false));
                     }
-                    Err(RecvError::Closed) => return None,
                 },
                 _ = self.tick.tick() => {
                     if !self.st.inner.sessions.is_live(&self.me.token) {
@@ -223,14 +226,26 @@ impl Feed {
 }
 
 /// `GET /api/alerts/stream`: server-sent events `ready`, `alert` (an [`AlertNotice`] for the
-/// caller's caseload), `lagged` (reload the queue) and `session_expired` (stream ends).
+/// caller's caseload, made on any instance; its SSE id is the change-log id), `lagged`
+/// (reload the queue) and `session_expired` (stream ends). With `Last-Event-ID` (a browser
+/// reconnecting) the feed first replays what the caller missed since that id.
 pub(crate) async fn stream(
     State(st): State<AppState>,
     me: CurrentUser,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     st.audit(&me, "alert.stream", "alert", None, None, json!({}))
         .await?;
-    let rx = st.inner.alerts.subscribe();
+    let feed = st.feed().await.map_err(ApiError::from)?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id >= 0 && *id <= feed.position());
+    let rx = AlertNotices::new(match resume {
+        Some(id) => feed.follow(id),
+        None => feed.follow_live(),
+    });
     let mut tick = tokio::time::interval(SESSION_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let feed = Feed {

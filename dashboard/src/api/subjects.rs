@@ -17,7 +17,7 @@ use super::{int_param, period, JsonBody, Params};
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::zone_input::{parse_zone, ZoneDraft};
-use crate::{AppState, OrderChange};
+use crate::AppState;
 
 #[derive(Debug, Serialize)]
 pub(crate) struct SubjectSummary {
@@ -249,7 +249,6 @@ pub(crate) async fn create(
         json!({ "after": subject }),
     )
     .await?;
-    st.publish(OrderChange::SubjectUpserted(subject.clone()));
     Ok(Json(subject))
 }
 
@@ -278,7 +277,6 @@ pub(crate) async fn update(
         json!({ "before": before, "after": subject }),
     )
     .await?;
-    st.publish(OrderChange::SubjectUpserted(subject.clone()));
     Ok(Json(subject))
 }
 
@@ -496,7 +494,6 @@ async fn adopt_victim_device(
                 ..device
             })
             .await?;
-        st.publish(OrderChange::RegistryChanged(device_id.clone()));
         st.audit(
             me,
             "device.class",
@@ -553,7 +550,6 @@ pub(crate) async fn create_zone(
         json!({ "after": zone }),
     )
     .await?;
-    st.publish(OrderChange::ZoneUpserted(zone.clone()));
     Ok(Json(zone))
 }
 
@@ -652,7 +648,6 @@ pub(crate) async fn update_zone(
         json!({ "before": before, "after": zone }),
     )
     .await?;
-    st.publish(OrderChange::ZoneUpserted(zone.clone()));
     Ok(Json(zone))
 }
 
@@ -681,7 +676,6 @@ pub(crate) async fn delete_zone(
         json!({ "before": before }),
     )
     .await?;
-    st.publish(OrderChange::ZoneDeleted(id));
     Ok(Json(json!({ "deleted": id })))
 }
 

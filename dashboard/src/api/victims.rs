@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::{int_param, period, JsonBody, Params};
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult};
-use crate::{AppState, OrderChange};
+use crate::AppState;
 
 /// Longest period of one victim-position read.
 const MAX_VICTIM_DAYS: i64 = 31;
@@ -134,7 +134,6 @@ pub(crate) async fn set_class(
         store
             .upsert_device(&em_model::Device { class, ..device })
             .await?;
-        st.publish(OrderChange::RegistryChanged(device_id.clone()));
     }
     st.audit(
         &me,

@@ -473,7 +473,7 @@ impl RawMqtt {
     ) -> std::io::Result<Option<rumqttc::mqttbytes::v4::Packet>> {
         let deadline = tokio::time::Instant::now() + t;
         loop {
-            match rumqttc::mqttbytes::v4::read(&mut self.buf, 1 << 20) {
+            match rumqttc::mqttbytes::v4::Packet::read(&mut self.buf, 1 << 20) {
                 Ok(p) => return Ok(Some(p)),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
                 Err(e) => return Err(std::io::Error::other(e)),

@@ -428,7 +428,7 @@ impl<'a> FixColumns<'a> {
         Ok(c)
     }
 
-    fn bind<'q>(&'q self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+    fn bind(&self, sql: &'static str) -> Query<'_, Postgres, PgArguments> {
         sqlx::query(sql)
             .bind(&self.device_id)
             .bind(&self.device_time)
@@ -698,9 +698,13 @@ pub(super) async fn ensure_position_columns(conn: &mut PgConnection) -> Result<(
         .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS {name} {ty}"))
         .collect();
     if !missing.is_empty() {
-        sqlx::query(&format!("ALTER TABLE positions {}", missing.join(", ")))
-            .execute(&mut *conn)
-            .await?;
+        // Column names and types come from POSITION_COLUMNS (constants), not from input.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE positions {}",
+            missing.join(", ")
+        )))
+        .execute(&mut *conn)
+        .await?;
         tracing::info!(columns = missing.len(), "positions columns added");
     }
     Ok(())
