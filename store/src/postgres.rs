@@ -2049,7 +2049,13 @@ async fn listen_for_changes(pool: &PgPool) -> Result<tokio::sync::watch::Receive
         .fetch_one(pool)
         .await?;
     let channel = format!("em_changes.{schema}");
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    // A pool of its own: the listener keeps its connection for the store's lifetime, which
+    // must not hold up closing the store's pool.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
     listener.listen(&channel).await?;
     let (tx, rx) = tokio::sync::watch::channel(0u64);
     tokio::spawn(async move {

@@ -16,7 +16,12 @@ use crate::{AppState, OPENAPI_JSON};
 
 pub(crate) async fn health(State(st): State<AppState>) -> Response {
     match st.inner.store.get_user(0).await {
-        Ok(_) => Json(json!({ "status": "ok", "store": st.inner.store.backend() })).into_response(),
+        Ok(_) => Json(json!({
+            "status": "ok",
+            "store": st.inner.store.backend(),
+            "change_log": st.inner.feed.get().map(|f| f.position()),
+        }))
+        .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "dashboard health check: store unreachable");
             (
