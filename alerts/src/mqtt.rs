@@ -57,8 +57,8 @@ impl MqttAlertPublisher {
     }
 
     /// Publishes every alert change of the change log (whichever instance made it) from
-    /// where the publisher left off (cursor [`PUBLISHER_CURSOR`] in the store; the newest
-    /// change on first start), until `shutdown`. Run it under the lease [`PUBLISHER_LEASE`]
+    /// where the publisher left off (cursor [`PUBLISHER_CURSOR`] in the store; on the very
+    /// first run, from this process's start), until `shutdown`. Run it under the lease [`PUBLISHER_LEASE`]
     /// ([`em_store::run_leased`]) so that exactly one instance publishes each change; the
     /// cursor moves after each publish, so a take-over goes on from there (a change published
     /// just before the holder died may go out twice; QoS 1 is at-least-once anyway).
@@ -70,7 +70,16 @@ impl MqttAlertPublisher {
     ) {
         let start = match store.read_cursor(PUBLISHER_CURSOR).await {
             Ok(Some(id)) => id,
-            Ok(None) => feed.position(),
+            // The first publisher ever: from this process's start (alerts its own start-up
+            // raised included), and the cursor is saved at once, so that an instance taking
+            // over later goes on from here even if nothing was published meanwhile.
+            Ok(None) => {
+                let start = feed.start_position();
+                if let Err(e) = store.write_cursor(PUBLISHER_CURSOR, start).await {
+                    warn!(error = %e, "MQTT alert publisher cannot save its cursor");
+                }
+                start
+            }
             Err(e) => {
                 error!(error = %e, "MQTT alert publisher cannot read its cursor; not started");
                 return;

@@ -185,6 +185,16 @@ struct Actor<'a> {
     id: Option<UserId>,
 }
 
+/// What an alert write is, beside the alert: its event, audit action and details, who makes
+/// it, and the outbox channels it goes to.
+struct What<'a> {
+    event: &'static str,
+    action: &'static str,
+    actor: &'a Actor<'a>,
+    details: serde_json::Value,
+    channels: &'a [&'a str],
+}
+
 const SYSTEM: Actor<'static> = Actor {
     name: SYSTEM_ACTOR,
     id: None,
@@ -224,12 +234,15 @@ impl AlertService {
         &self,
         expected_version: Option<i64>,
         alert: Alert,
-        event: &'static str,
-        action: &'static str,
-        actor: &Actor<'_>,
-        details: serde_json::Value,
-        channels: &[&str],
+        what: What<'_>,
     ) -> Result<VersionedAlert, StoreError> {
+        let What {
+            event,
+            action,
+            actor,
+            details,
+            channels,
+        } = what;
         let write = AlertWrite {
             expected_version,
             alert,
@@ -303,11 +316,13 @@ impl AlertService {
                 .write(
                     Some(current.version),
                     t.alert,
-                    t.event,
-                    t.action,
-                    actor,
-                    details,
-                    self.config.outbox_channels(),
+                    What {
+                        event: t.event,
+                        action: t.action,
+                        actor,
+                        details,
+                        channels: self.config.outbox_channels(),
+                    },
                 )
                 .await
             {
@@ -406,11 +421,13 @@ impl AlertService {
                     self.write(
                         Some(current.version),
                         folded,
-                        events::UPDATED,
-                        actions::REPEAT,
-                        &SYSTEM,
-                        details,
-                        &[],
+                        What {
+                            event: events::UPDATED,
+                            action: actions::REPEAT,
+                            actor: &SYSTEM,
+                            details,
+                            channels: &[],
+                        },
                     )
                     .await
                     .map(|v| (v, false))
@@ -449,11 +466,13 @@ impl AlertService {
                     self.write(
                         None,
                         alert,
-                        events::CREATED,
-                        actions::CREATE,
-                        &SYSTEM,
-                        details,
-                        self.config.outbox_channels(),
+                        What {
+                            event: events::CREATED,
+                            action: actions::CREATE,
+                            actor: &SYSTEM,
+                            details,
+                            channels: self.config.outbox_channels(),
+                        },
                     )
                     .await
                     .map(|v| (v, true))

@@ -960,13 +960,6 @@ async fn ensure_user_is_idempotent_and_hashes() {
 
 // ------------------------------------------------------------------ serve(): TLS and shutdown
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[tokio::test]
 async fn serve_https_sets_secure_cookie_and_shuts_down() {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
@@ -985,15 +978,22 @@ async fn serve_https_sets_secure_cookie_and_shuts_down() {
             .expect("alerts"),
     );
     let state = em_dashboard::AppState::new(store, alerts);
-    let port = free_port();
     let cfg = DashboardConfig {
-        bind: ([127, 0, 0, 1], port).into(),
+        bind: ([127, 0, 0, 1], 0).into(),
         tls_cert: Some(cert.clone()),
         tls_key: Some(key.clone()),
         ..config()
     };
+    // Bound here (port 0), the address read back, then served.
+    let listener = em_dashboard::bind(&cfg).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(em_dashboard::serve(cfg, state.clone(), shutdown.clone()));
+    let server = tokio::spawn(em_dashboard::serve_on(
+        listener,
+        cfg,
+        state.clone(),
+        shutdown.clone(),
+    ));
 
     let http = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)

@@ -105,10 +105,19 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let mut cfg = cfg;
         if cfg.metrics.enabled {
-            if let Err(e) = em_ingest::metrics::install(cfg.metrics.bind) {
-                tracing::error!(error = %e, "metrics exporter");
-                return ExitCode::FAILURE;
+            let mut bind = cfg.metrics.bind;
+            if cfg.listeners.ephemeral_ports {
+                bind.set_port(0);
+            }
+            match em_ingest::metrics::install(bind) {
+                // The service reports the address bound (addr_file, logs).
+                Ok(bound) => cfg.metrics.bind = bound,
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics exporter");
+                    return ExitCode::FAILURE;
+                }
             }
             tracing::info!(bind = %cfg.metrics.bind, "Prometheus metrics on /metrics");
         }

@@ -31,13 +31,17 @@ use em_model::Protocol;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-/// Installs the global recorder and serves `/metrics` on `bind`.
-pub fn install(bind: SocketAddr) -> anyhow::Result<()> {
+/// Installs the global recorder and serves `/metrics` on `bind` (port 0: one the OS picks);
+/// returns the address bound. Call inside the Tokio runtime.
+pub fn install(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
     let latency = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
-    PrometheusBuilder::new()
-        .with_http_listener(bind)
+    let listener = std::net::TcpListener::bind(bind)
+        .map_err(|e| anyhow::anyhow!("cannot bind the metrics listener to {bind}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("em_store_batch_seconds".into()), &latency)?
         .set_buckets_for_metric(Matcher::Full("em_fix_to_event_seconds".into()), &latency)?
         .set_buckets_for_metric(Matcher::Full("em_worker_phase_seconds".into()), &latency)?
@@ -45,9 +49,38 @@ pub fn install(bind: SocketAddr) -> anyhow::Result<()> {
             Matcher::Full("em_store_batch_records".into()),
             &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
         )?
-        .install()
-        .map_err(|e| anyhow::anyhow!("cannot start the metrics exporter on {bind}: {e}"))?;
-    Ok(())
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let h = handle.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    h.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok(local)
 }
 
 pub fn connection_opened(p: Protocol) {

@@ -37,6 +37,8 @@ pub struct BoundAddrs {
     pub mqtt: Option<SocketAddr>,
     /// The dashboard (HTTP or HTTPS).
     pub dashboard: Option<SocketAddr>,
+    /// Prometheus `/metrics` (served by the binary; the address it bound).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A started service; [`Service::wait`] runs it until the shutdown token is cancelled.
@@ -379,6 +381,7 @@ impl Service {
         }
 
         addrs.dashboard = dashboard_listener.local_addr().ok();
+        addrs.metrics = cfg.metrics.enabled.then_some(cfg.metrics.bind);
         tracing::info!(addrs = ?addrs, "listening");
         if let Some(path) = &l.addr_file {
             write_addr_file(path, &addrs)
@@ -566,6 +569,7 @@ fn write_addr_file(path: &std::path::Path, a: &BoundAddrs) -> std::io::Result<()
         "osmand": show(a.osmand),
         "mqtt": show(a.mqtt),
         "dashboard": show(a.dashboard),
+        "metrics": show(a.metrics),
     });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&json).unwrap_or_default())?;

@@ -27,7 +27,8 @@ struct Tally {
     acked: Mutex<Vec<(String, DateTime<Utc>)>>,
 }
 
-fn config_text(db: &TestDb, gt06: u16, telt: u16, metrics: u16, dashboard: u16) -> String {
+/// Every listener on a port the OS picks; the binary writes what it bound to `addr_file`.
+fn config_text(db: &TestDb, addr_file: &Path) -> String {
     let (url, schema) = match &db.backend {
         Backend::Sqlite(dir) => (
             format!("sqlite://{}", dir.path().join("em.db").display()),
@@ -42,8 +43,10 @@ url = "{url}"
 {schema}
 [listeners]
 bind = "127.0.0.1"
-gt06_port = {gt06}
-teltonika_port = {telt}
+ephemeral_ports = true
+addr_file = "{addr_file}"
+gt06_port = 1
+teltonika_port = 1
 h02_port = 0
 osmand_port = 0
 
@@ -57,19 +60,51 @@ batch_max_wait_ms = 2
 
 [metrics]
 enabled = true
-bind = "127.0.0.1:{metrics}"
+bind = "127.0.0.1:0"
 
 [dashboard]
-bind = "127.0.0.1:{dashboard}"
+bind = "127.0.0.1:0"
 
 [retention]
 enabled = false
 
 [log]
 filter = "warn,em_ingest=info"
-"#
+"#,
+        addr_file = addr_file.display()
     )
 }
+
+/// Waits for the address file of a starting `em` and returns the addresses it bound.
+async fn bound_addrs(file: &Path, child: &mut Child, log: &Path) -> serde_json::Value {
+    for _ in 0..600 {
+        if let Some(v) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
+            return v;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "em exited early ({status}); log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("em wrote no address file");
+}
+
+fn addr_of(addrs: &serde_json::Value, key: &str) -> SocketAddr {
+    addrs[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {addrs}"))
+        .parse()
+        .expect("address")
+}
+
+/// Where a device connects: changes when the service restarts on other ports.
+type Target = Arc<Mutex<SocketAddr>>;
 
 fn spawn_em(config: &Path, log: &Path) -> Child {
     let out = std::fs::OpenOptions::new()
@@ -111,13 +146,14 @@ async fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) {
 /// reconnecting while the server is down, until `stop`.
 async fn gt06_device(
     imei: String,
-    addr: SocketAddr,
+    target: Target,
     base: DateTime<Utc>,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) {
     let mut n: u32 = 0;
     while !stop.load(Ordering::Relaxed) {
+        let addr = *target.lock().unwrap();
         let Ok(mut s) = TcpStream::connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -157,13 +193,14 @@ async fn gt06_device(
 /// acknowledges the whole packet.
 async fn teltonika_device(
     imei: String,
-    addr: SocketAddr,
+    target: Target,
     base: DateTime<Utc>,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) {
     let mut n: i64 = 0;
     while !stop.load(Ordering::Relaxed) {
+        let addr = *target.lock().unwrap();
         let Ok(mut s) = TcpStream::connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -226,19 +263,15 @@ async fn kill9_loses_no_acknowledged_fix(db: TestDb, label: &str) {
         register(&*db.store, &id, Protocol::Teltonika, None).await;
         devices.push((Protocol::Teltonika, id));
     }
-    let (gt06_port, telt_port, metrics_port) = (free_port(), free_port(), free_port());
     let cfg_path = dir.path().join("em.toml");
-    std::fs::write(
-        &cfg_path,
-        config_text(&db, gt06_port, telt_port, metrics_port, free_port()),
-    )
-    .unwrap();
+    let addr_file = dir.path().join("addrs.json");
+    std::fs::write(&cfg_path, config_text(&db, &addr_file)).unwrap();
     let log = dir.path().join("em.log");
-    let gt06_addr = SocketAddr::from(([127, 0, 0, 1], gt06_port));
-    let telt_addr = SocketAddr::from(([127, 0, 0, 1], telt_port));
 
     let mut child = spawn_em(&cfg_path, &log);
-    wait_listening(gt06_addr, &mut child, &log).await;
+    let addrs = bound_addrs(&addr_file, &mut child, &log).await;
+    let gt06_addr: Target = Arc::new(Mutex::new(addr_of(&addrs, "gt06")));
+    let telt_addr: Target = Arc::new(Mutex::new(addr_of(&addrs, "teltonika")));
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -247,8 +280,8 @@ async fn kill9_loses_no_acknowledged_fix(db: TestDb, label: &str) {
     for (p, id) in &devices {
         let (t, s) = (tally.clone(), stop.clone());
         tasks.push(match p {
-            Protocol::Gt06 => tokio::spawn(gt06_device(id.clone(), gt06_addr, base, t, s)),
-            _ => tokio::spawn(teltonika_device(id.clone(), telt_addr, base, t, s)),
+            Protocol::Gt06 => tokio::spawn(gt06_device(id.clone(), gt06_addr.clone(), base, t, s)),
+            _ => tokio::spawn(teltonika_device(id.clone(), telt_addr.clone(), base, t, s)),
         });
     }
 
@@ -259,16 +292,21 @@ async fn kill9_loses_no_acknowledged_fix(db: TestDb, label: &str) {
     child.wait().expect("reap");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Restart on the same database; the devices reconnect and go on.
+    // Restart on the same database (on new ports: the devices are told, as a balancer
+    // would); they reconnect and go on.
+    std::fs::remove_file(&addr_file).expect("old address file");
     let mut child = spawn_em(&cfg_path, &log);
-    wait_listening(gt06_addr, &mut child, &log).await;
+    let addrs = bound_addrs(&addr_file, &mut child, &log).await;
+    *gt06_addr.lock().unwrap() = addr_of(&addrs, "gt06");
+    *telt_addr.lock().unwrap() = addr_of(&addrs, "teltonika");
+    let metrics_addr = addr_of(&addrs, "metrics");
     tokio::time::sleep(Duration::from_millis(2000)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
 
-    let metrics = http_get(SocketAddr::from(([127, 0, 0, 1], metrics_port)), "/metrics").await;
+    let metrics = http_get(metrics_addr, "/metrics").await;
     assert!(
         metrics.contains("em_records_stored_total"),
         "metrics exposed:\n{metrics}"

@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use common::*;
 use em_model::*;
-use em_store::{OutboxStatus, Store};
+use em_store::OutboxStatus;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -71,6 +71,14 @@ struct Instance {
     log: PathBuf,
     gt06: SocketAddr,
     dashboard: SocketAddr,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // A failing test must not leave processes behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Instance {
@@ -254,21 +262,25 @@ fn sse_events(
     rx
 }
 
-/// The pid in a lease holder name (`host:pid:random`).
-fn holder_pid(application_name: &str) -> Option<u32> {
-    let holder = application_name.split('(').nth(1)?.trim_end_matches(')');
-    holder.split(':').nth(1)?.parse().ok()
-}
-
-async fn lease_holder_pid(pool: &sqlx::PgPool, lease: &str) -> Option<u32> {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE $1",
+/// The OS pid of the process holding `lease` in `schema`: the session holding the advisory
+/// lock (key as the store computes it) names its process in `application_name`.
+async fn lease_holder_pid(pool: &sqlx::PgPool, schema: &str, lease: &str) -> Option<u32> {
+    let name: Option<String> = sqlx::query_scalar(
+        "WITH k AS (SELECT hashtextextended($1 || '.em_lease.' || $2, 0) AS key)
+         SELECT a.application_name FROM pg_locks l
+           JOIN pg_stat_activity a ON a.pid = l.pid, k
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND l.classid = ((k.key >> 32) & 4294967295)::oid
+           AND l.objid = (k.key & 4294967295)::oid
+         LIMIT 1",
     )
-    .bind(format!("em lease {lease} (%"))
-    .fetch_all(pool)
+    .bind(schema)
+    .bind(lease)
+    .fetch_optional(pool)
     .await
-    .expect("pg_stat_activity");
-    names.iter().find_map(|n| holder_pid(n))
+    .expect("pg_locks");
+    let name = name?;
+    name.split(" pid ").nth(1)?.split(' ').next()?.parse().ok()
 }
 
 /// A GT06 tag streaming alarm frames (acknowledged by the protocol) to `addrs[0]`, moving to
@@ -284,9 +296,7 @@ async fn streaming_tag(
     while !stop.load(Ordering::Relaxed) {
         let addr = addrs.lock().unwrap()[0];
         let Ok(mut s) = TcpStream::connect(addr).await else {
-            let mut a = addrs.lock().unwrap();
-            a.rotate_left(1);
-            drop(a);
+            addrs.lock().unwrap().rotate_left(1);
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -300,7 +310,10 @@ async fn streaming_tag(
             n += 1;
             let serial = (n % 60000) as u16 + 2;
             let t = base + chrono::Duration::seconds(n);
-            if s.write_all(&gt06_alarm(serial, t, 55.0, 10.0)).await.is_err() {
+            if s.write_all(&gt06_alarm(serial, t, 55.0, 10.0))
+                .await
+                .is_err()
+            {
                 break;
             }
             match read_n(&mut s, 10, Duration::from_secs(5)).await {
@@ -419,23 +432,7 @@ async fn three_instances_share_one_bus() {
         .await
         .expect("zone");
 
-    // --- three instances ------------------------------------------------------------------
-    let received: Received = Arc::default();
-    let oms = oms_receiver(received.clone()).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let mut instances = Vec::new();
-    for name in ["a", "b", "c"] {
-        let cfg = config_text(&schema, oms, &mqtt, name, dir.path());
-        instances.push(spawn_instance(name, cfg, dir.path()).await);
-    }
-    let http = reqwest::Client::new();
-    let (a_dash, b_dash, c_dash) = (
-        instances[0].dashboard,
-        instances[1].dashboard,
-        instances[2].dashboard,
-    );
-
-    // MQTT subscriber for the alert feed of our subject.
+    // MQTT subscriber for the alert feed of our subject, before any instance runs.
     let mut opts = rumqttc::MqttOptions::new(
         format!("em-multi-sub-{}", std::process::id()),
         broker.split(':').next().unwrap_or("127.0.0.1"),
@@ -452,11 +449,18 @@ async fn three_instances_share_one_bus() {
         .await
         .expect("subscribe");
     let published: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
     {
         let published = published.clone();
+        let mut subscribed_tx = Some(subscribed_tx);
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
                             published.lock().unwrap().push(v);
@@ -468,6 +472,26 @@ async fn three_instances_share_one_bus() {
             }
         });
     }
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK within 10 s")
+        .expect("subscriber alive");
+
+    // --- three instances ------------------------------------------------------------------
+    let received: Received = Arc::default();
+    let oms = oms_receiver(received.clone()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut instances = Vec::new();
+    for name in ["a", "b", "c"] {
+        let cfg = config_text(&schema, oms, &mqtt, name, dir.path());
+        instances.push(spawn_instance(name, cfg, dir.path()).await);
+    }
+    let http = reqwest::Client::new();
+    let (a_dash, b_dash, c_dash) = (
+        instances[0].dashboard,
+        instances[1].dashboard,
+        instances[2].dashboard,
+    );
 
     // A's live feed.
     let token_a = login(&http, a_dash).await;
@@ -500,7 +524,12 @@ async fn three_instances_share_one_bus() {
         .await
         .expect("edit zone");
     let edited_at = Instant::now();
-    assert_eq!(edit.status(), 200, "{}", edit.text().await.unwrap_or_default());
+    assert_eq!(
+        edit.status(),
+        200,
+        "{}",
+        edit.text().await.unwrap_or_default()
+    );
     let edit_id = store.last_change_id().await.expect("last change");
     let mut reach = BTreeMap::new();
     for (name, dash) in [("b", b_dash), ("c", c_dash)] {
@@ -546,11 +575,16 @@ async fn three_instances_share_one_bus() {
         }
     };
     assert_eq!(alert.zone_id, Some(zone_id));
-    assert!(
-        instances[2].log_text().contains("alert raised"),
-        "C raised it:\n{}",
-        instances[2].log_text()
-    );
+    // C raised it (its log says so once the write returned; A's feed may be quicker).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !instances[2].log_text().contains("alert raised") {
+        assert!(
+            Instant::now() < deadline,
+            "C raised it:\n{}",
+            instances[2].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(s);
 
     // --- 3. OMS: delivered once; MQTT: published once ------------------------------------
@@ -560,13 +594,15 @@ async fn three_instances_share_one_bus() {
             .await
             .expect("count")
     };
-    wait_for("OMS delivers the raise", Duration::from_secs(15), || async {
-        pending().await == 0 && !received.lock().unwrap().is_empty()
-    })
+    wait_for(
+        "OMS delivers the raise",
+        Duration::from_secs(15),
+        || async { pending().await == 0 && !received.lock().unwrap().is_empty() },
+    )
     .await;
 
     // --- 4. kill -9 the OMS lease holder while a tag streams to it -----------------------
-    let holder = lease_holder_pid(&pool, "oms-outbox")
+    let holder = lease_holder_pid(&pool, &schema, "oms-outbox")
         .await
         .expect("some instance holds the OMS lease");
     let victim = instances
@@ -602,11 +638,15 @@ async fn three_instances_share_one_bus() {
     let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
 
     // Another instance takes the lease over.
-    wait_for("another instance takes the OMS lease", Duration::from_secs(10), || async {
-        lease_holder_pid(&pool, "oms-outbox")
-            .await
-            .is_some_and(|p| p != holder)
-    })
+    wait_for(
+        "another instance takes the OMS lease",
+        Duration::from_secs(10),
+        || async {
+            lease_holder_pid(&pool, &schema, "oms-outbox")
+                .await
+                .is_some_and(|p| p != holder)
+        },
+    )
     .await;
     eprintln!("OMS lease taken over after {:?}", killed_at.elapsed());
 
@@ -623,22 +663,33 @@ async fn three_instances_share_one_bus() {
         .send()
         .await
         .expect("ack");
-    assert_eq!(ack.status(), 200, "{}", ack.text().await.unwrap_or_default());
-    wait_for("OMS delivers the acknowledgement", Duration::from_secs(15), || async {
-        pending().await == 0
-            && received
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|(_, e)| e == "alert.acknowledged")
-    })
+    assert_eq!(
+        ack.status(),
+        200,
+        "{}",
+        ack.text().await.unwrap_or_default()
+    );
+    wait_for(
+        "OMS delivers the acknowledgement",
+        Duration::from_secs(15),
+        || async {
+            pending().await == 0
+                && received
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(_, e)| e == "alert.acknowledged")
+        },
+    )
     .await;
 
     // The tag moved on and keeps being acknowledged by a survivor.
     let before = acked.lock().unwrap().len();
-    wait_for("the tag streams to a survivor", Duration::from_secs(20), || async {
-        acked.lock().unwrap().len() >= before + 20
-    })
+    wait_for(
+        "the tag streams to a survivor",
+        Duration::from_secs(20),
+        || async { acked.lock().unwrap().len() >= before + 20 },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(10), streaming).await;
@@ -686,10 +737,10 @@ async fn three_instances_share_one_bus() {
             _ => None,
         })
         .collect();
-    wait_for("MQTT publications", Duration::from_secs(10), || async {
-        published.lock().unwrap().len() >= expected.len()
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while published.lock().unwrap().len() < expected.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got: Vec<(i64, String)> = published
         .lock()
@@ -702,10 +753,23 @@ async fn three_instances_share_one_bus() {
             )
         })
         .collect();
-    assert_eq!(got, expected, "every alert change published once, in order");
+    let kinds: Vec<String> = changes
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Alert { event, alert, .. } => Some(format!(
+                "{} {} {} subject {}",
+                alert.id,
+                alert.kind.as_str(),
+                event,
+                alert.subject_id
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "every alert change published once, in order; alert changes: {kinds:#?}"
+    );
 
-    for mut i in instances {
-        let _ = i.child.kill();
-        let _ = i.child.wait();
-    }
+    drop(instances);
 }

@@ -21,6 +21,7 @@ const FANOUT_BUFFER: usize = 4096;
 /// The process's reader of the change log.
 pub struct ChangeFeed {
     store: Arc<dyn Store>,
+    start: ChangeId,
     tx: broadcast::Sender<Arc<ChangeEntry>>,
     position: watch::Receiver<ChangeId>,
 }
@@ -42,11 +43,18 @@ impl ChangeFeed {
         let (pos_tx, position) = watch::channel(start);
         let feed = Arc::new(ChangeFeed {
             store: store.clone(),
+            start,
             tx: tx.clone(),
             position,
         });
         tokio::spawn(read_log(store, tx, pos_tx, start, shutdown));
         Ok(feed)
+    }
+
+    /// Id of the newest change when this process started reading (what it read on its own
+    /// start-up comes after this).
+    pub fn start_position(&self) -> ChangeId {
+        self.start
     }
 
     /// Id of the newest change this process has read.

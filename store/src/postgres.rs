@@ -1774,8 +1774,12 @@ impl Store for PgStore {
             return Ok(None);
         }
         // Name the holder on the server (pg_stat_activity.application_name) for operators.
+        // (pid first: the server cuts the name at 63 bytes.)
         let _ = sqlx::query("SELECT set_config('application_name', $1, false)")
-            .bind(format!("em lease {name} ({holder})"))
+            .bind(format!(
+                "em lease {name} pid {} ({holder})",
+                std::process::id()
+            ))
             .execute(&mut conn)
             .await;
         Ok(Some(Lease::new(

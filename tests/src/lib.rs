@@ -4,8 +4,8 @@
 //! real HTTP receiver standing in for the offender-management system.
 //!
 //! This library is the harness those tests share: server discovery with the skip/fail policy
-//! (`SKIPPED` on stderr, or a panic under `CI=true`), a service configuration on free local
-//! ports, a handle to start and gracefully stop the service, polling helpers, and minimal
+//! (`SKIPPED` on stderr, or a panic under `CI=true`), a service configuration on ports the OS
+//! picks, a handle to start and gracefully stop the service, polling helpers, and minimal
 //! GT06 and Teltonika device clients built on the `em-protocols` encoders. Helpers panic with
 //! a clear message on setup failures: they are test code, a panic is a failed test.
 
@@ -105,15 +105,9 @@ pub async fn mosquitto() -> Option<(String, u16)> {
     }
 }
 
-/// A local port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local address").port()
-}
-
 /// The service configuration of the end-to-end tests: PostgreSQL in `schema`, GT06 and
-/// Teltonika listeners on free ports of 127.0.0.1 (H02 and OsmAnd off), dashboard on an
-/// ephemeral port, no metrics, no retention job, no demo, no embedded broker, no MQTT, OMS
+/// Teltonika listeners on ports of 127.0.0.1 the OS picks (read back from [`Running::addrs`];
+/// H02 and OsmAnd off), dashboard likewise, no metrics, no retention job, no demo, no embedded broker, no MQTT, OMS
 /// webhook off, two pipeline workers and a 1 s tick, 1 s shutdown grace.
 pub fn service_config(schema: &str) -> Config {
     let mut c = Config::default();
@@ -121,8 +115,10 @@ pub fn service_config(schema: &str) -> Config {
     c.database.schema = Some(schema.to_owned());
     c.database.registry_refresh_secs = 1;
     c.listeners.bind = std::net::IpAddr::from([127, 0, 0, 1]);
-    c.listeners.gt06_port = free_port();
-    c.listeners.teltonika_port = free_port();
+    // Enabled (non-zero), bound to port 0.
+    c.listeners.ephemeral_ports = true;
+    c.listeners.gt06_port = 1;
+    c.listeners.teltonika_port = 1;
     c.listeners.h02_port = 0;
     c.listeners.osmand_port = 0;
     c.listeners.idle_timeout_secs = 30;
@@ -173,42 +169,27 @@ impl Running {
     }
 }
 
-/// Validates `cfg` and starts the service. A listener port taken between choosing it and
-/// binding it (another test) is retried with fresh ports.
-pub async fn start(mut cfg: Config) -> Running {
+/// Validates `cfg` and starts the service (listeners bound to ports the OS picks).
+pub async fn start(cfg: Config) -> Running {
     init_logs();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        if let Err(e) = cfg.validate() {
-            panic!("test configuration is invalid: {e}");
-        }
-        let shutdown = CancellationToken::new();
-        match Service::start(cfg.clone(), shutdown.clone()).await {
-            Ok(svc) => {
-                let addrs = svc.addrs.clone();
-                let store = svc.store.clone();
-                let alerts = svc.alerts.clone();
-                let task = tokio::spawn(svc.wait());
-                return Running {
-                    shutdown,
-                    task,
-                    addrs,
-                    store,
-                    alerts,
-                };
-            }
-            Err(e) if attempt < 5 && format!("{e:#}").contains("binding") => {
-                eprintln!("service start attempt {attempt}: {e:#}; retrying with other ports");
-                if cfg.listeners.gt06_port != 0 {
-                    cfg.listeners.gt06_port = free_port();
-                }
-                if cfg.listeners.teltonika_port != 0 {
-                    cfg.listeners.teltonika_port = free_port();
-                }
-            }
-            Err(e) => panic!("service does not start: {e:#}"),
-        }
+    if let Err(e) = cfg.validate() {
+        panic!("test configuration is invalid: {e}");
+    }
+    let shutdown = CancellationToken::new();
+    let svc = match Service::start(cfg, shutdown.clone()).await {
+        Ok(svc) => svc,
+        Err(e) => panic!("service does not start: {e:#}"),
+    };
+    let addrs = svc.addrs.clone();
+    let store = svc.store.clone();
+    let alerts = svc.alerts.clone();
+    let task = tokio::spawn(svc.wait());
+    Running {
+        shutdown,
+        task,
+        addrs,
+        store,
+        alerts,
     }
 }
 

@@ -71,12 +71,8 @@ pub fn in_ci() -> bool {
 }
 
 /// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A configuration for tests: all listeners on free local ports, MQTT and metrics off.
+/// A configuration for tests: every listener enabled on a port the OS picks (read them back
+/// from [`Running::addrs`]), MQTT and metrics off.
 pub fn test_config(db: &TestDb) -> Config {
     let mut c = Config::default();
     match &db.backend {
@@ -89,17 +85,19 @@ pub fn test_config(db: &TestDb) -> Config {
         }
     }
     c.listeners.bind = "127.0.0.1".parse().expect("ip");
-    c.listeners.gt06_port = free_port();
-    c.listeners.teltonika_port = free_port();
-    c.listeners.h02_port = free_port();
-    c.listeners.osmand_port = free_port();
+    // Enabled (non-zero), each bound to port 0.
+    c.listeners.ephemeral_ports = true;
+    c.listeners.gt06_port = 1;
+    c.listeners.teltonika_port = 1;
+    c.listeners.h02_port = 1;
+    c.listeners.osmand_port = 1;
     c.listeners.idle_timeout_secs = 30;
     c.listeners.login_timeout_secs = 10;
     c.mqtt.enabled = false;
     c.mqtt.publish_alerts = false;
     c.metrics.enabled = false;
     c.retention.enabled = false;
-    c.dashboard.bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    c.dashboard.bind = SocketAddr::from(([127, 0, 0, 1], 0));
     c.pipeline.workers = 2;
     c.pipeline.tick_secs = 1;
     c
