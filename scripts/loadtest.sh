@@ -40,7 +40,7 @@ WORK=$(mktemp -d /tmp/em-load.XXXXXX)
 # The service and the simulator each need one descriptor per connection.
 ulimit -n "$(ulimit -Hn)" || true
 
-if [[ -z ${SKIP_BUILD:-} ]]; then cargo build --release -p em-ingest --bins; fi
+if [[ -z ${SKIP_BUILD:-} ]]; then cargo build --release -p em-ingest -p em-sim --bins; fi
 EM=${EM:-target/release/em}; SIM=${SIM:-target/release/em-sim}
 
 # em_config <metrics port> <dashboard port> <extra [listeners] lines> <mqtt enabled>

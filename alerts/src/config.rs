@@ -31,8 +31,8 @@ pub struct AlertConfig {
     pub resolution_codes: Vec<String>,
     /// Code recorded when an alert is resolved automatically because its condition ended.
     pub auto_resolve_code: String,
-    /// Capacity of the live notice channel (dashboard SSE, MQTT). A slow subscriber that falls
-    /// further behind than this loses notices (and is told so), the engine never blocks.
+    /// Accepted for compatibility and not used: the live feeds read the store's change log,
+    /// where a slow reader catches up instead of losing notices.
     pub notice_buffer: usize,
     /// Per-kind overrides; kinds not listed use [`KindRule`] defaults from [`default_rule`].
     pub kinds: HashMap<AlertKind, KindRule>,

@@ -1,10 +1,10 @@
 //! `em-ingest` owns the running service: TCP listeners per device protocol, the MQTT
 //! subscriber and the embedded MQTT endpoint, the device-sharded pipeline (decode → store → ACK → geofence → alerts),
-//! device-health monitoring, configuration, the embedded demo and the fleet simulator.
+//! device-health monitoring, configuration and the embedded default (which runs the demo fleet
+//! of `em-sim`).
 
 pub mod alert_lanes;
 pub mod config;
-pub mod demo;
 pub mod evaluate;
 pub mod health;
 pub mod limits;
@@ -15,5 +15,4 @@ pub mod osmand;
 pub mod pipeline;
 pub mod registry;
 pub mod service;
-pub mod sim;
 pub mod tcp;

@@ -178,7 +178,7 @@ impl Service {
         tracing::info!(backend = store.backend(), url = %redact_url(&cfg.database.url), "store ready");
 
         let demo_plan = if cfg.demo.enabled {
-            let plan = crate::demo::seed(&*store, &crate::demo::DemoOptions::default())
+            let plan = em_sim::demo::seed(&*store, &em_sim::demo::DemoOptions::default())
                 .await
                 .context("seeding the demo data")?;
             println!("{}", plan.summary());
@@ -451,12 +451,12 @@ impl Service {
         }
 
         if let (Some(plan), true) = (&demo_plan, cfg.demo.simulate) {
-            let mut sim = crate::sim::SimConfig::from_demo(plan);
+            let mut sim = em_sim::SimConfig::from_demo(plan);
             sim.gt06 = addrs.gt06.map(loopback);
             sim.teltonika = addrs.teltonika.map(loopback);
             if let Some(a) = addrs.mqtt.map(loopback) {
                 // EM devices and the alert feed on the embedded endpoint.
-                let ep = crate::sim::MqttEndpoint {
+                let ep = em_sim::MqttEndpoint {
                     host: a.ip().to_string(),
                     port: a.port(),
                 };
@@ -467,7 +467,7 @@ impl Service {
                 }
             } else if cfg.mqtt.enabled {
                 if let Ok(u) = crate::config::MqttUrl::parse(&cfg.mqtt.url) {
-                    sim.mqtt = Some(crate::sim::MqttEndpoint {
+                    sim.mqtt = Some(em_sim::MqttEndpoint {
                         host: u.host,
                         port: u.port,
                     });
@@ -480,7 +480,7 @@ impl Service {
             }
             let s = shutdown.clone();
             listeners_tracker.spawn(async move {
-                match crate::sim::run(sim, s).await {
+                match em_sim::run(sim, s).await {
                     Ok(report) => tracing::info!(?report, "demo simulator stopped"),
                     Err(e) => tracing::error!(error = %e, "demo simulator failed"),
                 }

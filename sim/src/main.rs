@@ -21,9 +21,9 @@
 //! ```
 
 use clap::Parser;
-use em_ingest::sim::{
-    self, generate_fleet, parse_source_ips, BehaviourShares, FleetSpec, LiveStats, MqttEndpoint,
-    Pacing, ProtocolMix, SimConfig,
+use em_sim::{
+    generate_fleet, parse_source_ips, BehaviourShares, FleetSpec, LiveStats, MqttEndpoint, Pacing,
+    ProtocolMix, SimConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -273,7 +273,7 @@ async fn build_config(args: &Args) -> anyhow::Result<SimConfig> {
             .await
             .map_err(|e| anyhow::anyhow!("--register: {e}"))?;
         if args.register_subjects {
-            let n = sim::register_subjects(
+            let n = em_sim::register_subjects(
                 store.as_ref(),
                 &mut devices,
                 chrono::Utc::now(),
@@ -285,7 +285,7 @@ async fn build_config(args: &Args) -> anyhow::Result<SimConfig> {
                 store.backend()
             );
         } else {
-            let n = sim::register_devices(store.as_ref(), &devices).await?;
+            let n = em_sim::register_devices(store.as_ref(), &devices).await?;
             eprintln!("registered {n} devices in the {} store", store.backend());
         }
     }
@@ -421,7 +421,7 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    let report = sim::run_with_stats(cfg, shutdown, stats).await?;
+    let report = em_sim::run_with_stats(cfg, shutdown, stats).await?;
     ticker.abort();
     bar.finish_and_clear();
     if args.json {

@@ -29,6 +29,7 @@
 
 pub mod behaviour;
 pub mod conn;
+pub mod demo;
 pub mod fleet;
 pub mod histogram;
 pub mod track;

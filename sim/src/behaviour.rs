@@ -285,7 +285,7 @@ impl DeviceScript {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::track::offset;
+    use crate::track::offset;
 
     const HOME: LonLat = [12.5496, 55.6929];
 

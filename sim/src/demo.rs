@@ -8,15 +8,15 @@
 //! victim's device; GT06, Teltonika and EM/MQTT tags assigned to the subjects. It returns a
 //! [`DemoPlan`] listing the users (with passwords to print at start-up) and, per simulated
 //! device, its protocol, subject, home, zones and scripted [`Behaviour`], which
-//! [`crate::sim::SimConfig::from_demo`] turns into a simulator run that raises curfew,
+//! [`crate::SimConfig::from_demo`] turns into a simulator run that raises curfew,
 //! exclusion, victim-proximity, strap-tamper and low-battery alerts within about a minute.
 //!
 //! Seeding is idempotent: subjects are found again by their `DEMO-…` reference, zones by
 //! name, users by username, devices by id; a second run updates them in place (and moves
 //! the demo curfew/absence exceptions to the new "now") instead of adding rows.
 
-use crate::sim::track::offset;
-use crate::sim::{imei, Behaviour, SimDevice};
+use crate::track::offset;
+use crate::{imei, Behaviour, SimDevice};
 use anyhow::Context as _;
 use chrono::{DateTime, Duration, Utc};
 use em_model::{
