@@ -10,6 +10,7 @@
 
 mod config;
 mod escalation;
+pub mod health;
 pub mod lifecycle;
 mod message;
 mod mqtt;
@@ -37,7 +38,7 @@ pub use service::{
     condition_ongoing, resolution_blocked, AlertError, AlertNotice, AlertNotices, AlertService,
     SYSTEM_ACTOR,
 };
-pub use signal::{signals_from_compliance, Phase, Signal};
+pub use signal::{signals_from_compliance, signals_from_health, Phase, Signal};
 
 /// Outbox channel of the OMS webhook.
 pub const OMS_CHANNEL: &str = "oms";

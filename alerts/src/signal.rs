@@ -5,6 +5,16 @@ use em_geofence::{ComplianceEvent, ComplianceEventKind, EvidenceFix, EvidenceSou
 use em_model::{AlertKind, DeviceId, SubjectId, ZoneId, ZoneKind};
 use serde::{Deserialize, Serialize};
 
+/// One transition produced by the device-health rules ([`crate::health`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthSignal {
+    pub kind: AlertKind,
+    pub phase: Phase,
+    /// Evidence time: device time for device-reported conditions, server time for timers.
+    pub at: DateTime<Utc>,
+    pub evidence: serde_json::Value,
+}
+
 /// Where a condition is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -188,6 +198,23 @@ fn compliance_evidence(ev: &ComplianceEvent, kind: AlertKind) -> serde_json::Val
         put("distance_m", serde_json::json!(d));
     }
     doc
+}
+
+/// The alert signals of the device-health rules' outcomes for one subject's device (lost
+/// communication, battery, charger, tamper, jamming, clock). With [`signals_from_compliance`]
+/// this is the one place where rule outcomes become [`Signal`]s.
+pub fn signals_from_health(
+    sigs: Vec<HealthSignal>,
+    subject: SubjectId,
+    device: &str,
+) -> Vec<Signal> {
+    sigs.into_iter()
+        .map(|h| {
+            Signal::new(h.kind, h.phase, subject, h.at)
+                .with_device(device)
+                .with_evidence(h.evidence)
+        })
+        .collect()
 }
 
 /// The alert signals of one geofence compliance event: a breach or no-fix start raises an

@@ -618,7 +618,8 @@ impl Config {
         ];
         for (i, (ka, a)) in ports.iter().enumerate() {
             for (kb, b) in ports.iter().skip(i + 1) {
-                if *a != 0 && a == b {
+                // With ephemeral ports each listener gets its own port from the OS.
+                if *a != 0 && a == b && !l.ephemeral_ports {
                     return Err(inv(format!("{ka} and {kb} are both {a}")));
                 }
             }

@@ -38,7 +38,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use em_alerts::{signals_from_compliance, Phase, Signal};
+use em_alerts::{signals_from_compliance, signals_from_health, Signal};
 
 use crate::alert_lanes::AlertLanes;
 use em_geofence::monitor::{ComplianceEventKind, EndReason};
@@ -46,7 +46,7 @@ use em_geofence::{ComplianceEvent, SharedZoneIndex, SubjectMonitor};
 use em_model::{DeviceId, Subject, SubjectId};
 use em_store::{Store, StoredRecord};
 
-use crate::health::{DeviceHealth, HealthConfig, HealthPhase, HealthSignal};
+use em_alerts::health::{DeviceHealth, HealthConfig, HealthSignal};
 use crate::metrics as m;
 use crate::pipeline::{Control, ShardLinks, ShardProcessor};
 use crate::registry::Registry;
@@ -209,9 +209,8 @@ impl Evaluator {
     async fn emit_health(&self, sigs: Vec<HealthSignal>, subject: SubjectId, device: &str) {
         for h in sigs {
             tracing::info!(subject, device, kind = h.kind.as_str(), phase = ?h.phase, "device health");
-            let s = Signal::new(h.kind, health_phase(h.phase), subject, h.at)
-                .with_device(device)
-                .with_evidence(h.evidence);
+        }
+        for s in signals_from_health(sigs, subject, device) {
             self.emit(s).await;
         }
     }
@@ -389,14 +388,6 @@ fn depends_on_local_records(e: &ComplianceEvent) -> bool {
             Some(EndReason::WindowClosed) | Some(EndReason::ZoneChanged)
         ),
         ComplianceEventKind::WindowOpened | ComplianceEventKind::WindowClosed => false,
-    }
-}
-
-fn health_phase(p: HealthPhase) -> Phase {
-    match p {
-        HealthPhase::Started => Phase::Started,
-        HealthPhase::Ongoing => Phase::Ongoing,
-        HealthPhase::Ended => Phase::Ended,
     }
 }
 

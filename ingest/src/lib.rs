@@ -6,7 +6,8 @@
 pub mod alert_lanes;
 pub mod config;
 pub mod evaluate;
-pub mod health;
+/// The device-health rules live with the other alert rules in `em-alerts`.
+pub use em_alerts::health;
 pub mod limits;
 pub mod metrics;
 pub mod mqtt;

@@ -5,13 +5,17 @@
 //!
 //! [`DeviceHealth`] is a plain state machine with no I/O: the pipeline worker that owns the
 //! device calls [`DeviceHealth::on_record`] after the record is stored and
-//! [`DeviceHealth::on_tick`] periodically, and forwards the returned [`HealthSignal`]s to the
-//! alert service.
+//! [`DeviceHealth::on_tick`] periodically, and hands the returned [`HealthSignal`]s to
+//! [`crate::signals_from_health`] — the one place, beside [`crate::signals_from_compliance`]
+//! for the geofence rules, where rule outcomes become alert [`crate::Signal`]s.
 
 use chrono::{DateTime, Duration, Utc};
 use em_model::{AlertKind, DeviceEventKind, Record};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+pub use crate::signal::HealthSignal;
+use crate::signal::Phase;
 
 /// Thresholds of the device-health rules (`[health]` in the configuration).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,25 +85,6 @@ impl HealthConfig {
         }
         Ok(())
     }
-}
-
-/// Lifecycle step of a health condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum HealthPhase {
-    Started,
-    /// The device reported the same condition again while it was active.
-    Ongoing,
-    Ended,
-}
-
-/// One transition produced by the health rules.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HealthSignal {
-    pub kind: AlertKind,
-    pub phase: HealthPhase,
-    /// Evidence time: device time for device-reported conditions, server time for timers.
-    pub at: DateTime<Utc>,
-    pub evidence: serde_json::Value,
 }
 
 /// Health state of one device.
@@ -222,7 +207,7 @@ impl DeviceHealth {
             self.lost_comm = false;
             out.push(signal(
                 AlertKind::LostCommunication,
-                HealthPhase::Ended,
+                Phase::Ended,
                 now,
                 json!({"last_contact": self.last_contact, "resumed_at": now}),
             ));
@@ -264,7 +249,7 @@ impl DeviceHealth {
                 self.lost_comm = true;
                 out.push(signal(
                     AlertKind::LostCommunication,
-                    HealthPhase::Started,
+                    Phase::Started,
                     now,
                     json!({"last_contact": last, "silent_secs": (now - last).num_seconds()}),
                 ));
@@ -310,12 +295,12 @@ impl DeviceHealth {
             match (phase, *flag) {
                 (true, false) => {
                     *flag = true;
-                    out.push(signal(kind, HealthPhase::Started, at, evidence));
+                    out.push(signal(kind, Phase::Started, at, evidence));
                 }
-                (true, true) => out.push(signal(kind, HealthPhase::Ongoing, at, evidence)),
+                (true, true) => out.push(signal(kind, Phase::Ongoing, at, evidence)),
                 (false, true) if may_end => {
                     *flag = false;
-                    out.push(signal(kind, HealthPhase::Ended, at, evidence));
+                    out.push(signal(kind, Phase::Ended, at, evidence));
                 }
                 (false, _) => {}
             }
@@ -356,7 +341,7 @@ impl DeviceHealth {
             self.battery_dead = true;
             out.push(signal(
                 AlertKind::BatteryDead,
-                HealthPhase::Started,
+                Phase::Started,
                 at,
                 evidence.clone(),
             ));
@@ -364,7 +349,7 @@ impl DeviceHealth {
             self.battery_dead = false;
             out.push(signal(
                 AlertKind::BatteryDead,
-                HealthPhase::Ended,
+                Phase::Ended,
                 at,
                 evidence.clone(),
             ));
@@ -377,7 +362,7 @@ impl DeviceHealth {
             self.low_battery = true;
             out.push(signal(
                 AlertKind::LowBattery,
-                HealthPhase::Started,
+                Phase::Started,
                 at,
                 evidence.clone(),
             ));
@@ -385,7 +370,7 @@ impl DeviceHealth {
             self.low_battery = false;
             out.push(signal(
                 AlertKind::LowBattery,
-                HealthPhase::Ended,
+                Phase::Ended,
                 at,
                 evidence.clone(),
             ));
@@ -403,7 +388,7 @@ impl DeviceHealth {
                 self.charger_alert = false;
                 out.push(signal(
                     AlertKind::ChargerNotConnected,
-                    HealthPhase::Ended,
+                    Phase::Ended,
                     at,
                     evidence,
                 ));
@@ -423,7 +408,7 @@ impl DeviceHealth {
                 self.charger_alert = true;
                 out.push(signal(
                     AlertKind::ChargerNotConnected,
-                    HealthPhase::Started,
+                    Phase::Started,
                     at,
                     json!({
                         "battery_pct": self.last_battery,
@@ -446,14 +431,14 @@ impl DeviceHealth {
             if self.jamming_reported || self.jamming_suspected {
                 out.push(signal(
                     AlertKind::GpsJammingSuspected,
-                    HealthPhase::Ongoing,
+                    Phase::Ongoing,
                     at,
                     evidence,
                 ));
             } else {
                 out.push(signal(
                     AlertKind::GpsJammingSuspected,
-                    HealthPhase::Started,
+                    Phase::Started,
                     at,
                     evidence,
                 ));
@@ -464,7 +449,7 @@ impl DeviceHealth {
             self.jamming_suspected = false;
             out.push(signal(
                 AlertKind::GpsJammingSuspected,
-                HealthPhase::Ended,
+                Phase::Ended,
                 at,
                 json!({"reason": "valid_fix", "device_time": at, "position": rec.position}),
             ));
@@ -493,7 +478,7 @@ impl DeviceHealth {
             self.jamming_suspected = true;
             out.push(signal(
                 AlertKind::GpsJammingSuspected,
-                HealthPhase::Started,
+                Phase::Started,
                 now,
                 json!({
                     "reason": "no_fix_with_good_gsm",
@@ -526,7 +511,7 @@ impl DeviceHealth {
                 self.clock_wrong = true;
                 out.push(signal(
                     AlertKind::DeviceClockWrong,
-                    HealthPhase::Started,
+                    Phase::Started,
                     rec.received_time,
                     evidence,
                 ));
@@ -537,7 +522,7 @@ impl DeviceHealth {
                 self.clock_wrong = false;
                 out.push(signal(
                     AlertKind::DeviceClockWrong,
-                    HealthPhase::Ended,
+                    Phase::Ended,
                     rec.received_time,
                     evidence,
                 ));
@@ -560,7 +545,7 @@ fn unknown_alarm_rule(rec: &Record, at: DateTime<Utc>, out: &mut Vec<HealthSigna
         if let DeviceEventKind::UnknownAlarm { code } = ev {
             out.push(signal(
                 AlertKind::UnknownAlarm,
-                HealthPhase::Started,
+                Phase::Started,
                 at,
                 json!({
                     "code": code,
@@ -575,7 +560,7 @@ fn unknown_alarm_rule(rec: &Record, at: DateTime<Utc>, out: &mut Vec<HealthSigna
 
 fn signal(
     kind: AlertKind,
-    phase: HealthPhase,
+    phase: Phase,
     at: DateTime<Utc>,
     evidence: serde_json::Value,
 ) -> HealthSignal {
@@ -616,7 +601,7 @@ mod tests {
         }
     }
 
-    fn kinds(sigs: &[HealthSignal]) -> Vec<(AlertKind, HealthPhase)> {
+    fn kinds(sigs: &[HealthSignal]) -> Vec<(AlertKind, Phase)> {
         sigs.iter().map(|s| (s.kind, s.phase)).collect()
     }
 
@@ -633,7 +618,7 @@ mod tests {
         let s = h.on_tick(&cfg, t0() + Duration::seconds(1800));
         assert_eq!(
             kinds(&s),
-            vec![(AlertKind::LostCommunication, HealthPhase::Started)]
+            vec![(AlertKind::LostCommunication, Phase::Started)]
         );
         assert!(
             h.on_tick(&cfg, t0() + Duration::seconds(4000)).is_empty(),
@@ -642,7 +627,7 @@ mod tests {
         let s = h.on_record(&cfg, &rec_at(5000));
         assert_eq!(
             kinds(&s),
-            vec![(AlertKind::LostCommunication, HealthPhase::Ended)]
+            vec![(AlertKind::LostCommunication, Phase::Ended)]
         );
     }
 
@@ -653,7 +638,7 @@ mod tests {
         let s = h.on_tick(&cfg, t0() + Duration::hours(1));
         assert_eq!(
             kinds(&s),
-            vec![(AlertKind::LostCommunication, HealthPhase::Started)]
+            vec![(AlertKind::LostCommunication, Phase::Started)]
         );
     }
 
@@ -667,12 +652,12 @@ mod tests {
         r.battery_pct = Some(20);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::LowBattery, HealthPhase::Started)]
+            vec![(AlertKind::LowBattery, Phase::Started)]
         );
         r.battery_pct = Some(4);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::BatteryDead, HealthPhase::Started)]
+            vec![(AlertKind::BatteryDead, Phase::Started)]
         );
         // Within hysteresis: nothing ends.
         r.battery_pct = Some(9);
@@ -680,14 +665,14 @@ mod tests {
         r.battery_pct = Some(11);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::BatteryDead, HealthPhase::Ended)]
+            vec![(AlertKind::BatteryDead, Phase::Ended)]
         );
         r.battery_pct = Some(25);
         assert!(h.on_record(&cfg, &r).is_empty());
         r.battery_pct = Some(26);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::LowBattery, HealthPhase::Ended)]
+            vec![(AlertKind::LowBattery, Phase::Ended)]
         );
     }
 
@@ -698,8 +683,8 @@ mod tests {
         let mut r = rec_at(0);
         r.events = vec![DeviceEventKind::BatteryDead];
         let s = kinds(&h.on_record(&cfg, &r));
-        assert!(s.contains(&(AlertKind::BatteryDead, HealthPhase::Started)));
-        assert!(s.contains(&(AlertKind::LowBattery, HealthPhase::Started)));
+        assert!(s.contains(&(AlertKind::BatteryDead, Phase::Started)));
+        assert!(s.contains(&(AlertKind::LowBattery, Phase::Started)));
     }
 
     #[test]
@@ -711,7 +696,7 @@ mod tests {
         r.charging = Some(false);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::LowBattery, HealthPhase::Started)]
+            vec![(AlertKind::LowBattery, Phase::Started)]
         );
         // Keep talking so lost-comm does not fire, still not charging.
         let mut r2 = rec_at(1000);
@@ -720,13 +705,13 @@ mod tests {
         let s = h.on_tick(&cfg, t0() + Duration::seconds(1800));
         assert_eq!(
             kinds(&s),
-            vec![(AlertKind::ChargerNotConnected, HealthPhase::Started)]
+            vec![(AlertKind::ChargerNotConnected, Phase::Started)]
         );
         let mut r3 = rec_at(1900);
         r3.events = vec![DeviceEventKind::ChargerConnected];
         assert_eq!(
             kinds(&h.on_record(&cfg, &r3)),
-            vec![(AlertKind::ChargerNotConnected, HealthPhase::Ended)]
+            vec![(AlertKind::ChargerNotConnected, Phase::Ended)]
         );
     }
 
@@ -739,14 +724,14 @@ mod tests {
         let out = h.on_record(&cfg, &r);
         assert_eq!(
             kinds(&out),
-            vec![(AlertKind::UnknownAlarm, HealthPhase::Started)]
+            vec![(AlertKind::UnknownAlarm, Phase::Started)]
         );
         assert_eq!(out[0].evidence["code"], 0x37);
         assert_eq!(out[0].evidence["protocol"], "gt06");
         // Reported again: raised again (the alert service folds it into the open alert).
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::UnknownAlarm, HealthPhase::Started)]
+            vec![(AlertKind::UnknownAlarm, Phase::Started)]
         );
     }
 
@@ -758,24 +743,24 @@ mod tests {
         r.events = vec![DeviceEventKind::StrapTamper];
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::StrapTamper, HealthPhase::Started)]
+            vec![(AlertKind::StrapTamper, Phase::Started)]
         );
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::StrapTamper, HealthPhase::Ongoing)]
+            vec![(AlertKind::StrapTamper, Phase::Ongoing)]
         );
         r.events = vec![DeviceEventKind::StrapRestored, DeviceEventKind::CaseTamper];
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
             vec![
-                (AlertKind::StrapTamper, HealthPhase::Ended),
-                (AlertKind::CaseTamper, HealthPhase::Started)
+                (AlertKind::StrapTamper, Phase::Ended),
+                (AlertKind::CaseTamper, Phase::Started)
             ]
         );
         r.events = vec![DeviceEventKind::CaseRestored];
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::CaseTamper, HealthPhase::Ended)]
+            vec![(AlertKind::CaseTamper, Phase::Ended)]
         );
         // A restore without an active tamper is not a transition.
         assert!(h.on_record(&cfg, &r).is_empty());
@@ -789,13 +774,13 @@ mod tests {
         r.events = vec![DeviceEventKind::GpsJamming];
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::GpsJammingSuspected, HealthPhase::Started)]
+            vec![(AlertKind::GpsJammingSuspected, Phase::Started)]
         );
         let mut r2 = rec_at(60);
         r2.position = Some(fix(true));
         assert_eq!(
             kinds(&h.on_record(&cfg, &r2)),
-            vec![(AlertKind::GpsJammingSuspected, HealthPhase::Ended)]
+            vec![(AlertKind::GpsJammingSuspected, Phase::Ended)]
         );
     }
 
@@ -816,7 +801,7 @@ mod tests {
         r.gsm_signal = Some(80);
         assert_eq!(
             kinds(&h.on_record(&cfg, &r)),
-            vec![(AlertKind::GpsJammingSuspected, HealthPhase::Started)]
+            vec![(AlertKind::GpsJammingSuspected, Phase::Started)]
         );
     }
 
@@ -855,12 +840,12 @@ mod tests {
         assert!(h.on_record(&cfg, &mk(200)).is_empty());
         assert_eq!(
             kinds(&h.on_record(&cfg, &mk(300))),
-            vec![(AlertKind::DeviceClockWrong, HealthPhase::Started)]
+            vec![(AlertKind::DeviceClockWrong, Phase::Started)]
         );
         assert!(h.on_record(&cfg, &mk(400)).is_empty());
         assert_eq!(
             kinds(&h.on_record(&cfg, &rec_at(500))),
-            vec![(AlertKind::DeviceClockWrong, HealthPhase::Ended)]
+            vec![(AlertKind::DeviceClockWrong, Phase::Ended)]
         );
     }
 
@@ -905,7 +890,7 @@ mod tests {
         let mut cut = rec_dated(far_future, 10);
         cut.events = vec![DeviceEventKind::StrapTamper];
         let s = h.on_record(&cfg, &cut);
-        assert!(kinds(&s).contains(&(AlertKind::StrapTamper, HealthPhase::Started)));
+        assert!(kinds(&s).contains(&(AlertKind::StrapTamper, Phase::Started)));
         let started = s.iter().find(|x| x.kind == AlertKind::StrapTamper).unwrap();
         assert_eq!(
             started.at,
@@ -913,26 +898,26 @@ mod tests {
             "server time, not 2099"
         );
         assert!(
-            kinds(&s).contains(&(AlertKind::DeviceClockWrong, HealthPhase::Started)),
+            kinds(&s).contains(&(AlertKind::DeviceClockWrong, Phase::Started)),
             "a refused future time raises the clock alert at once"
         );
         // A "restored" dated in the future does not end it ...
         let mut restored = rec_dated(far_future + Duration::seconds(5), 20);
         restored.events = vec![DeviceEventKind::StrapRestored];
         assert!(!kinds(&h.on_record(&cfg, &restored))
-            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+            .contains(&(AlertKind::StrapTamper, Phase::Ended)));
         // ... a live record at t0+30 moves the order on, and a re-sent older "restored"
         // (device time t0+25, buffered) does not end it either ...
         h.on_record(&cfg, &rec_at(30));
         let mut old_restore = rec_dated(t0() + Duration::seconds(25), 40);
         old_restore.events = vec![DeviceEventKind::StrapRestored];
         assert!(!kinds(&h.on_record(&cfg, &old_restore))
-            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+            .contains(&(AlertKind::StrapTamper, Phase::Ended)));
         // ... only a trusted, in-order one does.
         let mut live_restore = rec_at(50);
         live_restore.events = vec![DeviceEventKind::StrapRestored];
         assert!(kinds(&h.on_record(&cfg, &live_restore))
-            .contains(&(AlertKind::StrapTamper, HealthPhase::Ended)));
+            .contains(&(AlertKind::StrapTamper, Phase::Ended)));
     }
 
     #[test]
