@@ -369,6 +369,13 @@ pub(crate) fn validate_zone(z: &ZoneSpec) -> Result<()> {
     Ok(())
 }
 
+pub(crate) fn zone_kind_str(k: ZoneKind) -> &'static str {
+    match k {
+        ZoneKind::Inclusion => "inclusion",
+        ZoneKind::Exclusion => "exclusion",
+    }
+}
+
 pub(crate) fn outbox_status_str(s: crate::OutboxStatus) -> &'static str {
     match s {
         crate::OutboxStatus::Pending => "pending",

@@ -16,11 +16,14 @@ use em_model::*;
 pub use em_model::{Change, ChangeEntry, ChangeId};
 use serde::{Deserialize, Serialize};
 
+mod body;
 pub mod changes;
 mod common;
 pub mod device_secret;
+mod dialect;
 pub mod lease;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 pub mod testing;
 
