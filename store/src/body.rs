@@ -30,6 +30,33 @@
 macro_rules! store_body {
     (store: $store:ty, dialect: $d:ident; $($own:tt)*) => {
         impl $store {
+            /// Runs `query` on the pool and decodes the row it finds, if any.
+            async fn read_optional<T>(
+                &self,
+                query: sqlx::query::Query<'_, $d::Db, <$d::Db as sqlx::Database>::Arguments>,
+                decode: fn(&<$d::Db as sqlx::Database>::Row) -> Result<T>,
+            ) -> Result<Option<T>> {
+                query
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|r| decode(&r))
+                    .transpose()
+            }
+
+            /// Runs `query` on the pool and decodes every row.
+            async fn read_all<T>(
+                &self,
+                query: sqlx::query::Query<'_, $d::Db, <$d::Db as sqlx::Database>::Arguments>,
+                decode: fn(&<$d::Db as sqlx::Database>::Row) -> Result<T>,
+            ) -> Result<Vec<T>> {
+                query
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(decode)
+                    .collect()
+            }
+
             async fn insert_audit(
                 conn: &mut <$d::Db as sqlx::Database>::Connection,
                 e: &NewAudit,
@@ -179,7 +206,9 @@ macro_rules! store_body {
                         .await?;
                 }
                 report.changes_deleted = sqlx::query("DELETE FROM changes WHERE at < $1")
-                    .bind($d::ts(Utc::now() - chrono::Duration::days(CHANGE_LOG_DAYS)))
+                    .bind($d::ts(
+                        Utc::now() - chrono::Duration::days(CHANGE_LOG_DAYS),
+                    ))
                     .execute(&mut *conn)
                     .await?
                     .rows_affected();
@@ -253,21 +282,13 @@ macro_rules! store_body {
             }
 
             async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
-                sqlx::query("SELECT * FROM devices WHERE device_id = $1")
-                    .bind(device_id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::device(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM devices WHERE device_id = $1").bind(device_id);
+                self.read_optional(q, rows::device).await
             }
 
             async fn list_devices(&self) -> Result<Vec<Device>> {
-                sqlx::query("SELECT * FROM devices ORDER BY device_id")
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::device)
-                    .collect()
+                let q = sqlx::query("SELECT * FROM devices ORDER BY device_id");
+                self.read_all(q, rows::device).await
             }
 
             async fn assign_device(
@@ -348,13 +369,11 @@ macro_rules! store_body {
             }
 
             async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>> {
-                sqlx::query("SELECT * FROM assignments WHERE device_id = $1 ORDER BY valid_from, id")
-                    .bind(device_id)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::assignment)
-                    .collect()
+                let q = sqlx::query(
+                    "SELECT * FROM assignments WHERE device_id = $1 ORDER BY valid_from, id",
+                )
+                .bind(device_id);
+                self.read_all(q, rows::assignment).await
             }
 
             async fn subject_for_device_at(
@@ -373,50 +392,37 @@ macro_rules! store_body {
             }
 
             async fn current_assignments(&self) -> Result<Vec<Assignment>> {
-                sqlx::query("SELECT * FROM assignments WHERE valid_to IS NULL ORDER BY device_id")
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::assignment)
-                    .collect()
+                let q = sqlx::query(
+                    "SELECT * FROM assignments WHERE valid_to IS NULL ORDER BY device_id",
+                );
+                self.read_all(q, rows::assignment).await
             }
 
             async fn upsert_subject(&self, s: &Subject) -> Result<SubjectId> {
-                let rules = $d::json("breach rules", &s.rules)?;
-                let mut tx = self.begin_write().await?;
-                let id: SubjectId = if s.id == 0 {
-                    sqlx::query_scalar(
-                        "INSERT INTO subjects (reference, display_name, officer_id, timezone,
-                             order_start, order_end, rules)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                    )
-                    .bind(&s.reference)
-                    .bind(&s.display_name)
-                    .bind(s.officer_id)
-                    .bind(&s.timezone)
-                    .bind($d::opt_ts(s.order_start))
-                    .bind($d::opt_ts(s.order_end))
-                    .bind(rules)
-                    .fetch_one(&mut *tx)
-                    .await?
+                let new = s.id == 0;
+                let sql = if new {
+                    "INSERT INTO subjects (reference, display_name, officer_id, timezone,
+                         order_start, order_end, rules)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
                 } else {
-                    sqlx::query_scalar(
-                        "UPDATE subjects SET reference = $1, display_name = $2, officer_id = $3,
-                           timezone = $4, order_start = $5, order_end = $6, rules = $7
-                         WHERE id = $8 RETURNING id",
-                    )
+                    "UPDATE subjects SET reference = $1, display_name = $2, officer_id = $3,
+                       timezone = $4, order_start = $5, order_end = $6, rules = $7
+                     WHERE id = $8 RETURNING id"
+                };
+                let q = sqlx::query_scalar(sql)
                     .bind(&s.reference)
                     .bind(&s.display_name)
                     .bind(s.officer_id)
                     .bind(&s.timezone)
                     .bind($d::opt_ts(s.order_start))
                     .bind($d::opt_ts(s.order_end))
-                    .bind(rules)
-                    .bind(s.id)
+                    .bind($d::json("breach rules", &s.rules)?);
+                let q = if new { q } else { q.bind(s.id) };
+                let mut tx = self.begin_write().await?;
+                let id: SubjectId = q
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))?
-                };
+                    .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))?;
                 let subject = Subject { id, ..s.clone() };
                 Self::append_change(&mut tx, &Change::Subject { subject }).await?;
                 self.commit_changes(tx).await?;
@@ -424,25 +430,17 @@ macro_rules! store_body {
             }
 
             async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>> {
-                sqlx::query("SELECT * FROM subjects WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::subject(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM subjects WHERE id = $1").bind(id);
+                self.read_optional(q, rows::subject).await
             }
 
             async fn list_subjects(&self, officer: Option<UserId>) -> Result<Vec<Subject>> {
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM subjects WHERE (CAST($1 AS BIGINT) IS NULL OR officer_id = $1)
                      ORDER BY id",
                 )
-                .bind(officer)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(rows::subject)
-                .collect()
+                .bind(officer);
+                self.read_all(q, rows::subject).await
             }
 
             async fn set_subject_zone_groups(
@@ -481,46 +479,35 @@ macro_rules! store_body {
 
             async fn upsert_zone(&self, z: &ZoneSpec) -> Result<ZoneId> {
                 validate_zone(z)?;
-                let geometry = $d::json("zone geometry", &z.geometry)?;
                 let schedule = z
                     .schedule
                     .as_ref()
                     .map(|s| $d::json("zone schedule", s))
                     .transpose()?;
-                let mut tx = self.begin_write().await?;
-                let id: ZoneId = if z.id == 0 {
-                    sqlx::query_scalar(
-                        "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule,
-                             is_curfew_home)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                    )
-                    .bind(z.subject_id)
-                    .bind(&z.group)
-                    .bind(&z.name)
-                    .bind(zone_kind_str(z.kind))
-                    .bind(geometry)
-                    .bind(schedule)
-                    .bind(z.is_curfew_home)
-                    .fetch_one(&mut *tx)
-                    .await?
+                let new = z.id == 0;
+                let sql = if new {
+                    "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule,
+                         is_curfew_home)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
                 } else {
-                    sqlx::query_scalar(
-                        "UPDATE zones SET subject_id = $1, group_name = $2, name = $3, kind = $4,
-                           geometry = $5, schedule = $6, is_curfew_home = $7
-                         WHERE id = $8 RETURNING id",
-                    )
+                    "UPDATE zones SET subject_id = $1, group_name = $2, name = $3, kind = $4,
+                       geometry = $5, schedule = $6, is_curfew_home = $7
+                     WHERE id = $8 RETURNING id"
+                };
+                let q = sqlx::query_scalar(sql)
                     .bind(z.subject_id)
                     .bind(&z.group)
                     .bind(&z.name)
                     .bind(zone_kind_str(z.kind))
-                    .bind(geometry)
+                    .bind($d::json("zone geometry", &z.geometry)?)
                     .bind(schedule)
-                    .bind(z.is_curfew_home)
-                    .bind(z.id)
+                    .bind(z.is_curfew_home);
+                let q = if new { q } else { q.bind(z.id) };
+                let mut tx = self.begin_write().await?;
+                let id: ZoneId = q
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))?
-                };
+                    .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))?;
                 let zone = ZoneSpec { id, ..z.clone() };
                 Self::append_change(&mut tx, &Change::Zone { zone }).await?;
                 self.commit_changes(tx).await?;
@@ -546,27 +533,19 @@ macro_rules! store_body {
             }
 
             async fn get_zone(&self, id: ZoneId) -> Result<Option<ZoneSpec>> {
-                sqlx::query("SELECT * FROM zones WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::zone(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM zones WHERE id = $1").bind(id);
+                self.read_optional(q, rows::zone).await
             }
 
             async fn list_zones(&self, subject: Option<SubjectId>) -> Result<Vec<ZoneSpec>> {
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM zones WHERE CAST($1 AS BIGINT) IS NULL OR subject_id = $1
                        OR (subject_id IS NULL AND group_name IN
                            (SELECT group_name FROM subject_zone_groups WHERE subject_id = $1))
                      ORDER BY id",
                 )
-                .bind(subject)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(rows::zone)
-                .collect()
+                .bind(subject);
+                self.read_all(q, rows::zone).await
             }
 
             async fn trail(
@@ -577,7 +556,7 @@ macro_rules! store_body {
                 limit: i64,
             ) -> Result<Vec<TrailPoint>> {
                 let limit = check_limit(limit)?;
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM positions WHERE subject_id = $1 AND device_time >= $2
                        AND device_time <= $3 AND lat IS NOT NULL AND lon IS NOT NULL
                      ORDER BY device_time, seq, device_id LIMIT $4",
@@ -585,19 +564,17 @@ macro_rules! store_body {
                 .bind(subject)
                 .bind($d::ts(from))
                 .bind($d::ts(to))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| trail_point(Self::positions_record(r)?))
-                .collect()
+                .bind(limit);
+                self.read_all(q, |r| trail_point(Self::positions_record(r)?))
+                    .await
             }
 
             async fn latest_states(
                 &self,
                 subjects: Option<&[SubjectId]>,
             ) -> Result<Vec<LatestState>> {
-                let mut qb = sqlx::QueryBuilder::<$d::Db>::new("SELECT * FROM latest_state WHERE true");
+                let mut qb =
+                    sqlx::QueryBuilder::<$d::Db>::new("SELECT * FROM latest_state WHERE true");
                 if let Some(ids) = subjects {
                     if ids.is_empty() {
                         return Ok(Vec::new());
@@ -605,33 +582,26 @@ macro_rules! store_body {
                     $d::push_in(&mut qb, "subject_id", ids.to_vec());
                 }
                 qb.push(" ORDER BY subject_id");
-                qb.build()
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(Self::latest_state)
-                    .collect()
+                self.read_all(qb.build(), Self::latest_state).await
             }
 
             async fn count_records(&self, device_id: &str) -> Result<i64> {
-                Ok(sqlx::query_scalar("SELECT count(*) FROM positions WHERE device_id = $1")
-                    .bind(device_id)
-                    .fetch_one(&self.pool)
-                    .await?)
+                Ok(
+                    sqlx::query_scalar("SELECT count(*) FROM positions WHERE device_id = $1")
+                        .bind(device_id)
+                        .fetch_one(&self.pool)
+                        .await?,
+                )
             }
 
             async fn device_records(&self, device_id: &str, limit: i64) -> Result<Vec<Record>> {
                 let limit = check_limit(limit)?;
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM positions WHERE device_id = $1 ORDER BY device_time, seq LIMIT $2",
                 )
                 .bind(device_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(Self::positions_record)
-                .collect()
+                .bind(limit);
+                self.read_all(q, Self::positions_record).await
             }
 
             async fn insert_victim_records(&self, records: &[Record]) -> Result<()> {
@@ -661,7 +631,7 @@ macro_rules! store_body {
                 limit: i64,
             ) -> Result<Vec<TrailPoint>> {
                 let limit = check_limit(limit)?;
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM victim_positions WHERE device_id = $1 AND device_time >= $2
                        AND device_time <= $3 AND lat IS NOT NULL AND lon IS NOT NULL
                      ORDER BY device_time, seq LIMIT $4",
@@ -669,19 +639,19 @@ macro_rules! store_body {
                 .bind(device_id)
                 .bind($d::ts(from))
                 .bind($d::ts(to))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| trail_point(rows::record(r)?))
-                .collect()
+                .bind(limit);
+                self.read_all(q, |r| trail_point(rows::record(r)?)).await
             }
 
             async fn count_victim_records(&self, device_id: &str) -> Result<i64> {
-                Ok(sqlx::query_scalar("SELECT count(*) FROM victim_positions WHERE device_id = $1")
+                Ok(
+                    sqlx::query_scalar(
+                        "SELECT count(*) FROM victim_positions WHERE device_id = $1",
+                    )
                     .bind(device_id)
                     .fetch_one(&self.pool)
-                    .await?)
+                    .await?,
+                )
             }
 
             async fn write_alert(
@@ -690,29 +660,32 @@ macro_rules! store_body {
                 effects: AlertEffectsFn<'_>,
             ) -> Result<VersionedAlert> {
                 let a = &w.alert;
-                let evidence = $d::json("evidence", &a.evidence)?;
-                let mut tx = self.begin_write().await?;
-                let row = match w.expected_version {
-                    None => sqlx::query(
-                        "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id,
-                             zone_key, message, started_at, last_seen_at, created_at, ended_at,
-                             escalated, acknowledged_by, acknowledged_at, resolved_by, resolved_at,
-                             resolution_code, resolution_note, evidence, occurrences, version)
+                // The fields an update may change come first, in the same order in both statements.
+                let sql = match w.expected_version {
+                    None => {
+                        "INSERT INTO alerts (device_id, severity, state, message, last_seen_at,
+                             ended_at, escalated, acknowledged_by, acknowledged_at, resolved_by,
+                             resolved_at, resolution_code, resolution_note, evidence, occurrences,
+                             subject_id, kind, zone_id, zone_key, started_at, created_at, version)
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                              $16, $17, $18, $19, $20, $21, 1)
-                         RETURNING *",
-                    )
-                    .bind(a.subject_id)
+                         RETURNING *"
+                    }
+                    Some(_) => {
+                        "UPDATE alerts SET device_id = $1, severity = $2, state = $3,
+                             message = $4, last_seen_at = $5, ended_at = $6, escalated = $7,
+                             acknowledged_by = $8, acknowledged_at = $9, resolved_by = $10,
+                             resolved_at = $11, resolution_code = $12, resolution_note = $13,
+                             evidence = $14, occurrences = $15, version = version + 1
+                         WHERE id = $16 AND version = $17 RETURNING *"
+                    }
+                };
+                let q = sqlx::query(sql)
                     .bind(&a.device_id)
-                    .bind(a.kind.as_str())
                     .bind(severity_to_db(a.severity))
                     .bind(a.state.as_str())
-                    .bind(a.zone_id)
-                    .bind(a.zone_id.unwrap_or(0))
                     .bind(&a.message)
-                    .bind($d::ts(a.started_at))
                     .bind($d::ts(a.last_seen_at))
-                    .bind($d::ts(a.created_at))
                     .bind($d::opt_ts(a.ended_at))
                     .bind(a.escalated)
                     .bind(a.acknowledged_by)
@@ -721,47 +694,30 @@ macro_rules! store_body {
                     .bind($d::opt_ts(a.resolved_at))
                     .bind(&a.resolution_code)
                     .bind(&a.resolution_note)
-                    .bind(&evidence)
-                    .bind(a.occurrences)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| {
-                        map_unique(e, || {
-                            format!(
-                                "subject {} already has an ongoing {} alert for this zone",
-                                a.subject_id,
-                                a.kind.as_str()
-                            )
-                        })
-                    })?,
+                    .bind($d::json("evidence", &a.evidence)?)
+                    .bind(a.occurrences);
+                let mut tx = self.begin_write().await?;
+                let row = match w.expected_version {
+                    None => q
+                        .bind(a.subject_id)
+                        .bind(a.kind.as_str())
+                        .bind(a.zone_id)
+                        .bind(a.zone_id.unwrap_or(0))
+                        .bind($d::ts(a.started_at))
+                        .bind($d::ts(a.created_at))
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| {
+                            map_unique(e, || {
+                                format!(
+                                    "subject {} already has an ongoing {} alert for this zone",
+                                    a.subject_id,
+                                    a.kind.as_str()
+                                )
+                            })
+                        })?,
                     Some(expected) => {
-                        let row = sqlx::query(
-                            "UPDATE alerts SET device_id = $1, severity = $2, state = $3,
-                                 message = $4, last_seen_at = $5, ended_at = $6, escalated = $7,
-                                 acknowledged_by = $8, acknowledged_at = $9, resolved_by = $10,
-                                 resolved_at = $11, resolution_code = $12, resolution_note = $13,
-                                 evidence = $14, occurrences = $15, version = version + 1
-                             WHERE id = $16 AND version = $17 RETURNING *",
-                        )
-                        .bind(&a.device_id)
-                        .bind(severity_to_db(a.severity))
-                        .bind(a.state.as_str())
-                        .bind(&a.message)
-                        .bind($d::ts(a.last_seen_at))
-                        .bind($d::opt_ts(a.ended_at))
-                        .bind(a.escalated)
-                        .bind(a.acknowledged_by)
-                        .bind($d::opt_ts(a.acknowledged_at))
-                        .bind(a.resolved_by)
-                        .bind($d::opt_ts(a.resolved_at))
-                        .bind(&a.resolution_code)
-                        .bind(&a.resolution_note)
-                        .bind(&evidence)
-                        .bind(a.occurrences)
-                        .bind(a.id)
-                        .bind(expected)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                        let row = q.bind(a.id).bind(expected).fetch_optional(&mut *tx).await?;
                         match row {
                             Some(r) => r,
                             None => {
@@ -793,12 +749,8 @@ macro_rules! store_body {
             }
 
             async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>> {
-                sqlx::query("SELECT * FROM alerts WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::versioned_alert(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM alerts WHERE id = $1").bind(id);
+                self.read_optional(q, rows::versioned_alert).await
             }
 
             async fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>> {
@@ -823,12 +775,7 @@ macro_rules! store_body {
                 if let Some(limit) = f.limit {
                     qb.push(" LIMIT ").push_bind(check_limit(limit)?);
                 }
-                qb.build()
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::alert)
-                    .collect()
+                self.read_all(qb.build(), rows::alert).await
             }
 
             async fn ongoing_alert(
@@ -837,30 +784,23 @@ macro_rules! store_body {
                 kind: AlertKind,
                 zone: Option<ZoneId>,
             ) -> Result<Option<VersionedAlert>> {
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM alerts WHERE subject_id = $1 AND kind = $2 AND zone_key = $3
                        AND state <> 'resolved'",
                 )
                 .bind(subject)
                 .bind(kind.as_str())
-                .bind(zone.unwrap_or(0))
-                .fetch_optional(&self.pool)
-                .await?
-                .map(|r| rows::versioned_alert(&r))
-                .transpose()
+                .bind(zone.unwrap_or(0));
+                self.read_optional(q, rows::versioned_alert).await
             }
 
             async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT * FROM alerts WHERE state = 'open' AND NOT escalated AND created_at < $1
                      ORDER BY created_at, id",
                 )
-                .bind($d::ts(before))
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(rows::alert)
-                .collect()
+                .bind($d::ts(before));
+                self.read_all(q, rows::alert).await
             }
 
             async fn due_outbox(
@@ -870,7 +810,7 @@ macro_rules! store_body {
                 limit: i64,
             ) -> Result<Vec<OutboxMessage>> {
                 let limit = check_limit(limit)?;
-                sqlx::query(
+                let q = sqlx::query(
                     "SELECT o.* FROM outbox o
                      WHERE o.channel = $1 AND o.status = 'pending' AND o.next_attempt_at <= $2
                        AND o.id = (SELECT min(p.id) FROM outbox p WHERE p.channel = o.channel
@@ -879,17 +819,16 @@ macro_rules! store_body {
                 )
                 .bind(channel)
                 .bind($d::ts(now))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(rows::outbox)
-                .collect()
+                .bind(limit);
+                self.read_all(q, rows::outbox).await
             }
 
             async fn mark_outbox_delivered(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                match Self::outbox_status_for_update(&mut tx, id).await?.as_deref() {
+                match Self::outbox_status_for_update(&mut tx, id)
+                    .await?
+                    .as_deref()
+                {
                     None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
                     Some("pending") => {}
                     Some("delivered") => return Ok(()),
@@ -899,11 +838,13 @@ macro_rules! store_body {
                         )))
                     }
                 }
-                sqlx::query("UPDATE outbox SET status = 'delivered', delivered_at = $1 WHERE id = $2")
-                    .bind($d::ts(at))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE outbox SET status = 'delivered', delivered_at = $1 WHERE id = $2",
+                )
+                .bind($d::ts(at))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -916,7 +857,10 @@ macro_rules! store_body {
                 dead: bool,
             ) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                match Self::outbox_status_for_update(&mut tx, id).await?.as_deref() {
+                match Self::outbox_status_for_update(&mut tx, id)
+                    .await?
+                    .as_deref()
+                {
                     None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
                     Some("pending") => {}
                     Some(other) => {
@@ -960,21 +904,21 @@ macro_rules! store_body {
 
             async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>> {
                 let limit = check_limit(limit)?;
-                sqlx::query("SELECT id, at, payload FROM changes WHERE id > $1 ORDER BY id LIMIT $2")
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::change_entry)
-                    .collect()
+                let q = sqlx::query(
+                    "SELECT id, at, payload FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit);
+                self.read_all(q, rows::change_entry).await
             }
 
             async fn last_change_id(&self) -> Result<ChangeId> {
-                Ok(sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM changes")
-                    .fetch_one(&self.pool)
-                    .await?
-                    .unwrap_or(0))
+                Ok(
+                    sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM changes")
+                        .fetch_one(&self.pool)
+                        .await?
+                        .unwrap_or(0),
+                )
             }
 
             async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>> {
@@ -996,38 +940,24 @@ macro_rules! store_body {
                 if u.username.trim().is_empty() {
                     return Err(StoreError::Invalid("username must not be empty".into()));
                 }
-                let res = if u.id == 0 {
-                    sqlx::query_scalar(
-                        "INSERT INTO users (username, display_name, role, password_hash, active)
-                         VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                    )
-                    .bind(&u.username)
-                    .bind(&u.display_name)
-                    .bind(u.role.as_str())
-                    .bind(&u.password_hash)
-                    .bind(u.active)
-                    .fetch_one(&self.pool)
-                    .await
+                let new = u.id == 0;
+                let sql = if new {
+                    "INSERT INTO users (username, display_name, role, password_hash, active)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id"
                 } else {
-                    sqlx::query_scalar(
-                        "UPDATE users SET username = $1, display_name = $2, role = $3,
-                           password_hash = $4, active = $5 WHERE id = $6 RETURNING id",
-                    )
+                    "UPDATE users SET username = $1, display_name = $2, role = $3,
+                       password_hash = $4, active = $5 WHERE id = $6 RETURNING id"
+                };
+                let q = sqlx::query_scalar(sql)
                     .bind(&u.username)
                     .bind(&u.display_name)
                     .bind(u.role.as_str())
                     .bind(&u.password_hash)
-                    .bind(u.active)
-                    .bind(u.id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .and_then(|o| o.ok_or(sqlx::Error::RowNotFound))
-                };
-                match res {
-                    Ok(id) => Ok(id),
-                    Err(sqlx::Error::RowNotFound) => {
-                        Err(StoreError::NotFound(format!("user {}", u.id)))
-                    }
+                    .bind(u.active);
+                let q = if new { q } else { q.bind(u.id) };
+                match q.fetch_optional(&self.pool).await {
+                    Ok(Some(id)) => Ok(id),
+                    Ok(None) => Err(StoreError::NotFound(format!("user {}", u.id))),
                     Err(e) => Err(map_unique(e, || {
                         format!("username {:?} is already taken", u.username)
                     })),
@@ -1035,30 +965,18 @@ macro_rules! store_body {
             }
 
             async fn get_user(&self, id: UserId) -> Result<Option<User>> {
-                sqlx::query("SELECT * FROM users WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::user(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM users WHERE id = $1").bind(id);
+                self.read_optional(q, rows::user).await
             }
 
             async fn get_user_by_name(&self, username: &str) -> Result<Option<User>> {
-                sqlx::query("SELECT * FROM users WHERE username = $1")
-                    .bind(username)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(|r| rows::user(&r))
-                    .transpose()
+                let q = sqlx::query("SELECT * FROM users WHERE username = $1").bind(username);
+                self.read_optional(q, rows::user).await
             }
 
             async fn list_users(&self) -> Result<Vec<User>> {
-                sqlx::query("SELECT * FROM users ORDER BY id")
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::user)
-                    .collect()
+                let q = sqlx::query("SELECT * FROM users ORDER BY id");
+                self.read_all(q, rows::user).await
             }
 
             async fn append_audit(&self, entry: &NewAudit) -> Result<i64> {
@@ -1087,12 +1005,7 @@ macro_rules! store_body {
                 if let Some(limit) = f.limit {
                     qb.push(" LIMIT ").push_bind(check_limit(limit)?);
                 }
-                qb.build()
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(rows::audit)
-                    .collect()
+                self.read_all(qb.build(), rows::audit).await
             }
         }
     };
