@@ -57,10 +57,7 @@ macro_rules! store_body {
                     .collect()
             }
 
-            async fn insert_audit(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
-                e: &NewAudit,
-            ) -> Result<i64> {
+            async fn insert_audit(conn: &mut $d::Conn, e: &NewAudit) -> Result<i64> {
                 let at = e.at.unwrap_or_else(Utc::now);
                 Ok(sqlx::query_scalar(
                     "INSERT INTO audit (at, actor_id, actor, action, target_type, target_id,
@@ -79,10 +76,7 @@ macro_rules! store_body {
                 .await?)
             }
 
-            async fn insert_outbox(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
-                messages: &[NewOutbox],
-            ) -> Result<()> {
+            async fn insert_outbox(conn: &mut $d::Conn, messages: &[NewOutbox]) -> Result<()> {
                 let now = Utc::now();
                 for m in messages {
                     let q = sqlx::query($d::INSERT_OUTBOX)
@@ -95,8 +89,49 @@ macro_rules! store_body {
                 Ok(())
             }
 
+            /// The current assignment of a device (locked where the dialect locks rows).
+            async fn current_assignment(
+                conn: &mut $d::Conn,
+                device_id: &str,
+            ) -> Result<Option<Assignment>> {
+                sqlx::query($d::CURRENT_ASSIGNMENT)
+                    .bind(device_id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .map(|r| rows::assignment(&r))
+                    .transpose()
+            }
+
+            async fn end_assignment(
+                conn: &mut $d::Conn,
+                device_id: &str,
+                at: DateTime<Utc>,
+            ) -> Result<()> {
+                sqlx::query(
+                    "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
+                )
+                .bind($d::ts(at))
+                .bind(device_id)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+
+            /// Appends the change of a device (registry or assignments) and commits.
+            async fn commit_device_change(
+                &self,
+                mut tx: sqlx::Transaction<'static, $d::Db>,
+                device_id: &str,
+            ) -> Result<()> {
+                let change = Change::Device {
+                    device_id: device_id.to_string(),
+                };
+                Self::append_change(&mut tx, &change).await?;
+                self.commit_changes(tx).await
+            }
+
             async fn zone_groups_of(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
+                conn: &mut $d::Conn,
                 subject: SubjectId,
             ) -> Result<Vec<String>> {
                 Ok(sqlx::query_scalar(
@@ -109,21 +144,19 @@ macro_rules! store_body {
             }
 
             /// The status of an outbox message, locked against concurrent updates where the
-            /// dialect locks rows.
-            async fn outbox_status_for_update(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
-                id: i64,
-            ) -> Result<Option<String>> {
-                Ok(sqlx::query_scalar($d::OUTBOX_STATUS_FOR_UPDATE)
+            /// dialect locks rows; `NotFound` when there is no such message.
+            async fn outbox_status_for_update(conn: &mut $d::Conn, id: i64) -> Result<String> {
+                let status: Option<String> = sqlx::query_scalar($d::OUTBOX_STATUS_FOR_UPDATE)
                     .bind(id)
                     .fetch_optional(&mut *conn)
-                    .await?)
+                    .await?;
+                status.ok_or_else(|| StoreError::NotFound(format!("outbox message {id}")))
             }
 
             /// Inserts record rows into `positions` or `victim_positions` (same columns,
             /// without `subject_id`) in chunks; idempotent on (device, device time, sequence).
             async fn insert_record_rows(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
+                conn: &mut $d::Conn,
                 victim: bool,
                 rows: &[RecordRow],
             ) -> Result<()> {
@@ -168,7 +201,7 @@ macro_rules! store_body {
             /// victim positions, resolved alerts, audit (through the retention gate) and the
             /// change log, in the caller's transaction.
             async fn delete_expired(
-                conn: &mut <$d::Db as sqlx::Database>::Connection,
+                conn: &mut $d::Conn,
                 positions_before: DateTime<Utc>,
                 alerts_before: Option<DateTime<Utc>>,
                 audit_before: Option<DateTime<Utc>>,
@@ -274,11 +307,7 @@ macro_rules! store_body {
                 .bind(device.class.as_str())
                 .execute(&mut *tx)
                 .await?;
-                let change = Change::Device {
-                    device_id: device.device_id.clone(),
-                };
-                Self::append_change(&mut tx, &change).await?;
-                self.commit_changes(tx).await
+                self.commit_device_change(tx, &device.device_id).await
             }
 
             async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
@@ -301,26 +330,14 @@ macro_rules! store_body {
                 if let Some(lock) = $d::LOCK_DEVICE_ASSIGNMENTS {
                     sqlx::query(lock).bind(device_id).execute(&mut *tx).await?;
                 }
-                let current = sqlx::query($d::CURRENT_ASSIGNMENT)
-                    .bind(device_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| rows::assignment(&r))
-                    .transpose()?;
-                if let Some(cur) = current {
+                if let Some(cur) = Self::current_assignment(&mut tx, device_id).await? {
                     if from < cur.from {
                         return Err(StoreError::Invalid(format!(
                             "device {device_id}: new assignment at {from} precedes the current one (from {})",
                             cur.from
                         )));
                     }
-                    sqlx::query(
-                        "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
-                    )
-                    .bind($d::ts(from))
-                    .bind(device_id)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::end_assignment(&mut tx, device_id, from).await?;
                 }
                 sqlx::query(
                     "INSERT INTO assignments (device_id, subject_id, valid_from) VALUES ($1, $2, $3)",
@@ -330,21 +347,13 @@ macro_rules! store_body {
                 .bind($d::ts(from))
                 .execute(&mut *tx)
                 .await?;
-                let change = Change::Device {
-                    device_id: device_id.to_string(),
-                };
-                Self::append_change(&mut tx, &change).await?;
-                self.commit_changes(tx).await
+                self.commit_device_change(tx, device_id).await
             }
 
             async fn unassign_device(&self, device_id: &str, at: DateTime<Utc>) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                let current = sqlx::query($d::CURRENT_ASSIGNMENT)
-                    .bind(device_id)
-                    .fetch_optional(&mut *tx)
+                let current = Self::current_assignment(&mut tx, device_id)
                     .await?
-                    .map(|r| rows::assignment(&r))
-                    .transpose()?
                     .ok_or_else(|| {
                         StoreError::NotFound(format!("no current assignment of device {device_id}"))
                     })?;
@@ -354,18 +363,8 @@ macro_rules! store_body {
                         current.from
                     )));
                 }
-                sqlx::query(
-                    "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
-                )
-                .bind($d::ts(at))
-                .bind(device_id)
-                .execute(&mut *tx)
-                .await?;
-                let change = Change::Device {
-                    device_id: device_id.to_string(),
-                };
-                Self::append_change(&mut tx, &change).await?;
-                self.commit_changes(tx).await
+                Self::end_assignment(&mut tx, device_id, at).await?;
+                self.commit_device_change(tx, device_id).await
             }
 
             async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>> {
@@ -825,14 +824,10 @@ macro_rules! store_body {
 
             async fn mark_outbox_delivered(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                match Self::outbox_status_for_update(&mut tx, id)
-                    .await?
-                    .as_deref()
-                {
-                    None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
-                    Some("pending") => {}
-                    Some("delivered") => return Ok(()),
-                    Some(other) => {
+                match Self::outbox_status_for_update(&mut tx, id).await?.as_str() {
+                    "pending" => {}
+                    "delivered" => return Ok(()),
+                    other => {
                         return Err(StoreError::Conflict(format!(
                             "outbox message {id} is {other}"
                         )))
@@ -857,13 +852,9 @@ macro_rules! store_body {
                 dead: bool,
             ) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                match Self::outbox_status_for_update(&mut tx, id)
-                    .await?
-                    .as_deref()
-                {
-                    None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
-                    Some("pending") => {}
-                    Some(other) => {
+                match Self::outbox_status_for_update(&mut tx, id).await?.as_str() {
+                    "pending" => {}
+                    other => {
                         return Err(StoreError::Conflict(format!(
                             "outbox message {id} is {other}, not pending"
                         )))

@@ -146,6 +146,11 @@ pub(crate) struct RecordRow {
 }
 
 impl RecordRow {
+    /// The rows of a batch, every record validated.
+    pub fn all(records: &[StoredRecord]) -> Result<Vec<Self>> {
+        records.iter().map(RecordRow::from_stored).collect()
+    }
+
     pub fn from_stored(sr: &StoredRecord) -> Result<Self> {
         let r = &sr.record;
         validate_record(r)?;

@@ -121,10 +121,7 @@ store_body! {
         if records.is_empty() {
             return Ok(());
         }
-        let rows = records
-            .iter()
-            .map(RecordRow::from_stored)
-            .collect::<Result<Vec<_>>>()?;
+        let rows = RecordRow::all(records)?;
         let deltas = fold_latest(records);
         let mut tx = self.begin_write().await?;
         Self::insert_record_rows(&mut tx, false, &rows).await?;

@@ -11,6 +11,7 @@ use crate::rows::{Col, DbRow};
 use crate::Result;
 
 pub(crate) type Db = Postgres;
+pub(crate) type Conn = sqlx::PgConnection;
 
 /// The current assignment of a device, locked until the transaction ends.
 pub(crate) const CURRENT_ASSIGNMENT: &str =

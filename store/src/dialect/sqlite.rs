@@ -12,6 +12,7 @@ use crate::rows::{Col, DbRow};
 use crate::{Result, StoreError};
 
 pub(crate) type Db = Sqlite;
+pub(crate) type Conn = sqlx::SqliteConnection;
 
 pub(crate) const CURRENT_ASSIGNMENT: &str =
     "SELECT * FROM assignments WHERE device_id = $1 AND valid_to IS NULL";
