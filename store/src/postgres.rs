@@ -15,11 +15,11 @@
 //! `ON CONFLICT DO NOTHING` on (device_id, device_time, seq) when a batch holds an already stored
 //! record makes re-sent records harmless (see [`fixes`] for the details and why).
 //!
-//! The rest of the [`Store`] implementation is the shared body ([`crate::body`]), stamped here
-//! with the PostgreSQL dialect ([`crate::dialect::postgres`]: `timestamptz`, `jsonb`,
+//! The rest of the [`Store`] implementation is the shared body (`body.rs`), stamped here
+//! with the PostgreSQL dialect (`dialect/postgres.rs`: `timestamptz`, `jsonb`,
 //! `= ANY($n)` lists, `FOR UPDATE` row locks, the server's `now()`). This file holds what only
 //! PostgreSQL does: the positions layout and its writes, the change log's advisory lock and
-//! `NOTIFY` ([`PgStore::append_change`], [`listen_for_changes`]), advisory-lock leases and the
+//! `NOTIFY` (`PgStore::append_change`, `listen_for_changes`), advisory-lock leases and the
 //! retention of partitions and chunks.
 
 use std::collections::HashSet;

@@ -2,8 +2,8 @@
 //! transaction survives power loss), a busy timeout, and write transactions opened with
 //! `BEGIN IMMEDIATE` so concurrent writers queue instead of failing on lock upgrade.
 //!
-//! Most of the [`Store`] implementation is the shared body ([`crate::body`]), stamped here with
-//! the SQLite dialect ([`crate::dialect::sqlite`]: timestamps as INTEGER microseconds since the
+//! Most of the [`Store`] implementation is the shared body (`body.rs`), stamped here with
+//! the SQLite dialect (`dialect/sqlite.rs`: timestamps as INTEGER microseconds since the
 //! Unix epoch (UTC), JSON as TEXT, lists as `IN (…)`). This file holds what only SQLite does:
 //! opening the file, the batched record insert with its `latest_state` upsert, waking this
 //! process's change-log readers after a commit, leases as rows with an expiry, and retention.
