@@ -146,6 +146,11 @@ pub(crate) struct RecordRow {
 }
 
 impl RecordRow {
+    /// The rows of a batch, every record validated.
+    pub fn all(records: &[StoredRecord]) -> Result<Vec<Self>> {
+        records.iter().map(RecordRow::from_stored).collect()
+    }
+
     pub fn from_stored(sr: &StoredRecord) -> Result<Self> {
         let r = &sr.record;
         validate_record(r)?;
@@ -367,6 +372,13 @@ pub(crate) fn validate_zone(z: &ZoneSpec) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+pub(crate) fn zone_kind_str(k: ZoneKind) -> &'static str {
+    match k {
+        ZoneKind::Inclusion => "inclusion",
+        ZoneKind::Exclusion => "exclusion",
+    }
 }
 
 pub(crate) fn outbox_status_str(s: crate::OutboxStatus) -> &'static str {

@@ -3,7 +3,13 @@
 //! time partitioning otherwise) and SQLite (the embedded default). Migrations, batched fix writes,
 //! alert + outbox transactions, the append-only audit log and retention live here. One
 //! conformance suite runs against both backends.
-
+//!
+//! The backends share one body: `body.rs` holds the [`Store`] logic once (a `macro_rules!`
+//! stamped into [`postgres`] and [`sqlite`], since sqlx's query types are per database), the
+//! per-dialect parts live in `dialect/postgres.rs` and `dialect/sqlite.rs` (the SQL that differs,
+//! and how time, JSON and lists are bound), and row → model conversions are in `rows.rs`.
+//! `postgres.rs` and `sqlite.rs` keep only what one backend does alone (positions layout and
+//! writes, change-log wake-ups, leases, retention of positions).
 //!
 //! Entry point: [`connect`] picks the backend from the URL and runs the migrations.
 //! [`testing`] gives other crates' tests a fresh, migrated store of either backend.
@@ -16,11 +22,14 @@ use em_model::*;
 pub use em_model::{Change, ChangeEntry, ChangeId};
 use serde::{Deserialize, Serialize};
 
+mod body;
 pub mod changes;
 mod common;
 pub mod device_secret;
+mod dialect;
 pub mod lease;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 pub mod testing;
 

@@ -14,19 +14,28 @@
 //! `latest_state` upsert, in one transaction; a plain insert that falls back to
 //! `ON CONFLICT DO NOTHING` on (device_id, device_time, seq) when a batch holds an already stored
 //! record makes re-sent records harmless (see [`fixes`] for the details and why).
+//!
+//! The rest of the [`Store`] implementation is the shared body (`body.rs`), stamped here
+//! with the PostgreSQL dialect (`dialect/postgres.rs`: `timestamptz`, `jsonb`,
+//! `= ANY($n)` lists, `FOR UPDATE` row locks, the server's `now()`). This file holds what only
+//! PostgreSQL does: the positions layout and its writes, the change log's advisory lock and
+//! `NOTIFY` (`PgStore::append_change`, `listen_for_changes`), advisory-lock leases and the
+//! retention of partitions and chunks.
 
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 use em_model::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, Row};
 
+use crate::body::store_body;
 use crate::common::*;
+use crate::dialect::postgres;
+use crate::rows;
 use crate::*;
 
 mod baseline;
@@ -346,7 +355,7 @@ impl PgStore {
 
     async fn init(pool: PgPool, request: LayoutRequest) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
-        hash_plaintext_secrets(&pool).await?;
+        Self::hash_plaintext_secrets(&pool).await?;
         let layout = Self::prepare_positions(&pool, request).await?;
         let wakeups = listen_for_changes(&pool).await?;
         let store = PgStore {
@@ -567,53 +576,8 @@ impl PgStore {
         }
     }
 
-    async fn alert_row(
-        conn: &mut PgConnection,
-        id: AlertId,
-        lock: bool,
-    ) -> Result<Option<(Alert, i64)>> {
-        let sql = if lock {
-            "SELECT * FROM alerts WHERE id = $1 FOR UPDATE"
-        } else {
-            "SELECT * FROM alerts WHERE id = $1"
-        };
-        let row = sqlx::query(sql).bind(id).fetch_optional(&mut *conn).await?;
-        row.map(|r| alert_from_row(&r)).transpose()
-    }
-
-    async fn insert_audit(conn: &mut PgConnection, e: &NewAudit) -> Result<i64> {
-        let at = e.at.unwrap_or_else(Utc::now);
-        Ok(sqlx::query_scalar(
-            "INSERT INTO audit (at, actor_id, actor, action, target_type, target_id, subject_id, details)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-        )
-        .bind(at)
-        .bind(e.actor_id)
-        .bind(&e.actor)
-        .bind(&e.action)
-        .bind(&e.target_type)
-        .bind(&e.target_id)
-        .bind(e.subject_id)
-        .bind(&e.details)
-        .fetch_one(&mut *conn)
-        .await?)
-    }
-
-    async fn insert_outbox(conn: &mut PgConnection, messages: &[NewOutbox]) -> Result<()> {
-        for m in messages {
-            sqlx::query(
-                "INSERT INTO outbox (channel, ordering_key, idempotency_key, payload, next_attempt_at, created_at)
-                 VALUES ($1, $2, $3, $4, now(), now())
-                 ON CONFLICT (channel, idempotency_key) DO NOTHING",
-            )
-            .bind(&m.channel)
-            .bind(&m.ordering_key)
-            .bind(&m.idempotency_key)
-            .bind(&m.payload)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(())
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>> {
+        Ok(self.pool.begin().await?)
     }
 
     /// Appends `change` to the log inside the caller's transaction. The transaction advisory
@@ -639,192 +603,33 @@ impl PgStore {
         Ok(id)
     }
 
-    async fn outbox_status_locked(conn: &mut PgConnection, id: i64) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT status FROM outbox WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?,
-        )
+    /// Commits a transaction that appended to the change log (its `NOTIFY` goes out at commit).
+    async fn commit_changes(&self, tx: sqlx::Transaction<'static, Postgres>) -> Result<()> {
+        tx.commit().await?;
+        Ok(())
     }
-}
 
-/// Replaces every device secret still stored as plaintext (rows written before secrets were
-/// hashed, or by an older instance during a rolling upgrade) by its stored form
-/// ([`device_secret`]), on every open. The same Rust code as SQLite's (one definition of the
-/// stored form); idempotent, and safe with several instances starting at once (a row is only
-/// replaced while it still holds the value read).
-async fn hash_plaintext_secrets(pool: &PgPool) -> Result<()> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT device_id, secret FROM devices
-         WHERE secret IS NOT NULL AND (length(secret) <> 71 OR secret NOT LIKE 'sha256$%')",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut converted = 0u64;
-    for (device_id, secret) in rows {
-        if device_secret::is_hashed(&secret) {
-            continue;
+    /// A `positions` row: the shared columns, then those of the fast write path where set
+    /// (NULL in rows of the earlier path, which kept them in `extra`).
+    fn positions_record(r: &PgRow) -> Result<Record> {
+        let mut record = rows::record(r)?;
+        if let Some(g) = r.try_get::<Option<i16>, _>("gsm_signal")? {
+            record.gsm_signal = small_u8("GSM signal", Some(i64::from(g)))?;
         }
-        converted +=
-            sqlx::query("UPDATE devices SET secret = $1 WHERE device_id = $2 AND secret = $3")
-                .bind(device_secret::hash(&secret))
-                .bind(&device_id)
-                .bind(&secret)
-                .execute(pool)
-                .await?
-                .rows_affected();
+        if let Some(p) = record.position.as_mut() {
+            apply_position_columns(r, p)?;
+        }
+        Ok(record)
     }
-    if converted > 0 {
-        tracing::info!(
-            devices = converted,
-            "plaintext device secrets replaced by their hashes"
-        );
+
+    /// A `latest_state` row, position columns of the fast write path included.
+    fn latest_state(r: &PgRow) -> Result<LatestState> {
+        let mut state = rows::latest_state(r)?;
+        if let Some(p) = state.position.as_mut() {
+            apply_position_columns(r, p)?;
+        }
+        Ok(state)
     }
-    Ok(())
-}
-
-fn device_from_row(r: &PgRow) -> Result<Device> {
-    Ok(Device {
-        device_id: r.try_get("device_id")?,
-        protocol: parse_col("protocol", r.try_get::<&str, _>("protocol")?)?,
-        secret: r.try_get("secret")?,
-        active: r.try_get("active")?,
-        class: parse_col("device class", r.try_get::<&str, _>("class")?)?,
-    })
-}
-
-fn assignment_from_row(r: &PgRow) -> Result<Assignment> {
-    Ok(Assignment {
-        device_id: r.try_get("device_id")?,
-        subject_id: r.try_get("subject_id")?,
-        from: r.try_get("valid_from")?,
-        to: r.try_get("valid_to")?,
-    })
-}
-
-fn subject_from_row(r: &PgRow) -> Result<Subject> {
-    Ok(Subject {
-        id: r.try_get("id")?,
-        reference: r.try_get("reference")?,
-        display_name: r.try_get("display_name")?,
-        officer_id: r.try_get("officer_id")?,
-        timezone: r.try_get("timezone")?,
-        order_start: r.try_get("order_start")?,
-        order_end: r.try_get("order_end")?,
-        rules: from_json("breach rules", r.try_get("rules")?)?,
-    })
-}
-
-fn zone_from_row(r: &PgRow) -> Result<ZoneSpec> {
-    let kind: String = r.try_get("kind")?;
-    let schedule: Option<serde_json::Value> = r.try_get("schedule")?;
-    Ok(ZoneSpec {
-        id: r.try_get("id")?,
-        subject_id: r.try_get("subject_id")?,
-        group: r.try_get("group_name")?,
-        name: r.try_get("name")?,
-        kind: from_json("zone kind", serde_json::Value::String(kind))?,
-        geometry: from_json("zone geometry", r.try_get("geometry")?)?,
-        schedule: schedule
-            .map(|v| from_json("zone schedule", v))
-            .transpose()?,
-        is_curfew_home: r.try_get("is_curfew_home")?,
-    })
-}
-
-fn user_from_row(r: &PgRow) -> Result<User> {
-    Ok(User {
-        id: r.try_get("id")?,
-        username: r.try_get("username")?,
-        display_name: r.try_get("display_name")?,
-        role: parse_col("role", r.try_get::<&str, _>("role")?)?,
-        password_hash: r.try_get("password_hash")?,
-        active: r.try_get("active")?,
-    })
-}
-
-fn alert_from_row(r: &PgRow) -> Result<(Alert, i64)> {
-    let alert = Alert {
-        id: r.try_get("id")?,
-        subject_id: r.try_get("subject_id")?,
-        device_id: r.try_get("device_id")?,
-        kind: parse_col("alert kind", r.try_get::<&str, _>("kind")?)?,
-        severity: severity_from_db(r.try_get::<i16, _>("severity")?.into())?,
-        state: parse_col("alert state", r.try_get::<&str, _>("state")?)?,
-        zone_id: r.try_get("zone_id")?,
-        message: r.try_get("message")?,
-        started_at: r.try_get("started_at")?,
-        created_at: r.try_get("created_at")?,
-        last_seen_at: r.try_get("last_seen_at")?,
-        ended_at: r.try_get("ended_at")?,
-        escalated: r.try_get("escalated")?,
-        acknowledged_by: r.try_get("acknowledged_by")?,
-        acknowledged_at: r.try_get("acknowledged_at")?,
-        resolved_by: r.try_get("resolved_by")?,
-        resolved_at: r.try_get("resolved_at")?,
-        resolution_code: r.try_get("resolution_code")?,
-        resolution_note: r.try_get("resolution_note")?,
-        evidence: r.try_get("evidence")?,
-        occurrences: r.try_get("occurrences")?,
-    };
-    Ok((alert, r.try_get("version")?))
-}
-
-fn outbox_from_row(r: &PgRow) -> Result<OutboxMessage> {
-    Ok(OutboxMessage {
-        id: r.try_get("id")?,
-        channel: r.try_get("channel")?,
-        ordering_key: r.try_get("ordering_key")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        payload: r.try_get("payload")?,
-        attempts: r.try_get("attempts")?,
-        next_attempt_at: r.try_get("next_attempt_at")?,
-        last_error: r.try_get("last_error")?,
-        created_at: r.try_get("created_at")?,
-    })
-}
-
-fn audit_from_row(r: &PgRow) -> Result<AuditEntry> {
-    Ok(AuditEntry {
-        id: r.try_get("id")?,
-        at: r.try_get("at")?,
-        actor_id: r.try_get("actor_id")?,
-        actor: r.try_get("actor")?,
-        action: r.try_get("action")?,
-        target_type: r.try_get("target_type")?,
-        target_id: r.try_get("target_id")?,
-        subject_id: r.try_get("subject_id")?,
-        details: r.try_get("details")?,
-    })
-}
-
-fn record_from_row(r: &PgRow) -> Result<Record> {
-    let mut record = record_from_parts(
-        r.try_get("device_id")?,
-        r.try_get::<&str, _>("protocol")?,
-        r.try_get("device_time")?,
-        r.try_get("received_time")?,
-        r.try_get("seq")?,
-        r.try_get("lat")?,
-        r.try_get("lon")?,
-        r.try_get("accuracy_m")?,
-        r.try_get("speed_kmh")?,
-        r.try_get("valid")?,
-        r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
-        r.try_get("charging")?,
-        r.try_get("beacon_in_range")?,
-        r.try_get("extra")?,
-    )?;
-    // Rows of the fast write path hold these in columns (NULL in rows of the earlier path,
-    // which kept them in `extra`).
-    if let Some(g) = r.try_get::<Option<i16>, _>("gsm_signal")? {
-        record.gsm_signal = small_u8("GSM signal", Some(i64::from(g)))?;
-    }
-    if let Some(p) = record.position.as_mut() {
-        apply_position_columns(r, p)?;
-    }
-    Ok(record)
 }
 
 /// Overrides a position's course, altitude, satellites and source with the row's columns where
@@ -845,15 +650,9 @@ fn apply_position_columns(r: &PgRow, p: &mut Position) -> Result<()> {
     Ok(())
 }
 
-fn zone_kind_str(k: ZoneKind) -> &'static str {
-    match k {
-        ZoneKind::Inclusion => "inclusion",
-        ZoneKind::Exclusion => "exclusion",
-    }
-}
+store_body! {
+    store: PgStore, dialect: postgres;
 
-#[async_trait]
-impl Store for PgStore {
     fn backend(&self) -> &'static str {
         match self.layout {
             PositionsLayout::Timescale => "timescaledb",
@@ -861,871 +660,8 @@ impl Store for PgStore {
         }
     }
 
-    async fn upsert_device(&self, device: &Device) -> Result<()> {
-        if device.device_id.is_empty() {
-            return Err(StoreError::Invalid("device id must not be empty".into()));
-        }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO devices (device_id, protocol, secret, active, class) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (device_id) DO UPDATE SET protocol = EXCLUDED.protocol,
-               secret = EXCLUDED.secret, active = EXCLUDED.active, class = EXCLUDED.class",
-        )
-        .bind(&device.device_id)
-        .bind(device.protocol.as_str())
-        .bind(device.secret.as_deref().map(device_secret::stored_form))
-        .bind(device.active)
-        .bind(device.class.as_str())
-        .execute(&mut *tx)
-        .await?;
-        Self::append_change(
-            &mut tx,
-            &Change::Device {
-                device_id: device.device_id.clone(),
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
-        sqlx::query("SELECT * FROM devices WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| device_from_row(&r))
-            .transpose()
-    }
-
-    async fn list_devices(&self) -> Result<Vec<Device>> {
-        sqlx::query("SELECT * FROM devices ORDER BY device_id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(device_from_row)
-            .collect()
-    }
-
-    async fn assign_device(
-        &self,
-        device_id: &str,
-        subject_id: SubjectId,
-        from: DateTime<Utc>,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        // Serialise assignment changes of one device.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('em_assign:' || $1))")
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        let current = sqlx::query(
-            "SELECT * FROM assignments WHERE device_id = $1 AND valid_to IS NULL FOR UPDATE",
-        )
-        .bind(device_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| assignment_from_row(&r))
-        .transpose()?;
-        if let Some(cur) = current {
-            if from < cur.from {
-                return Err(StoreError::Invalid(format!(
-                    "device {device_id}: new assignment at {from} precedes the current one (from {})",
-                    cur.from
-                )));
-            }
-            sqlx::query(
-                "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
-            )
-            .bind(from)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO assignments (device_id, subject_id, valid_from) VALUES ($1, $2, $3)",
-        )
-        .bind(device_id)
-        .bind(subject_id)
-        .bind(from)
-        .execute(&mut *tx)
-        .await?;
-        Self::append_change(
-            &mut tx,
-            &Change::Device {
-                device_id: device_id.to_string(),
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn unassign_device(&self, device_id: &str, at: DateTime<Utc>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let current = sqlx::query(
-            "SELECT * FROM assignments WHERE device_id = $1 AND valid_to IS NULL FOR UPDATE",
-        )
-        .bind(device_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| assignment_from_row(&r))
-        .transpose()?
-        .ok_or_else(|| {
-            StoreError::NotFound(format!("no current assignment of device {device_id}"))
-        })?;
-        if at < current.from {
-            return Err(StoreError::Invalid(format!(
-                "device {device_id}: unassignment at {at} precedes the assignment start {}",
-                current.from
-            )));
-        }
-        sqlx::query(
-            "UPDATE assignments SET valid_to = $1 WHERE device_id = $2 AND valid_to IS NULL",
-        )
-        .bind(at)
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await?;
-        Self::append_change(
-            &mut tx,
-            &Change::Device {
-                device_id: device_id.to_string(),
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn assignments(&self, device_id: &str) -> Result<Vec<Assignment>> {
-        sqlx::query("SELECT * FROM assignments WHERE device_id = $1 ORDER BY valid_from, id")
-            .bind(device_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(assignment_from_row)
-            .collect()
-    }
-
-    async fn subject_for_device_at(
-        &self,
-        device_id: &str,
-        at: DateTime<Utc>,
-    ) -> Result<Option<SubjectId>> {
-        Ok(sqlx::query_scalar(
-            "SELECT subject_id FROM assignments WHERE device_id = $1 AND valid_from <= $2
-               AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_from DESC, id DESC LIMIT 1",
-        )
-        .bind(device_id)
-        .bind(at)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn current_assignments(&self) -> Result<Vec<Assignment>> {
-        sqlx::query("SELECT * FROM assignments WHERE valid_to IS NULL ORDER BY device_id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(assignment_from_row)
-            .collect()
-    }
-
-    async fn upsert_subject(&self, s: &Subject) -> Result<SubjectId> {
-        let rules = to_json("breach rules", &s.rules)?;
-        let mut tx = self.pool.begin().await?;
-        let id: SubjectId = if s.id == 0 {
-            sqlx::query_scalar(
-                "INSERT INTO subjects (reference, display_name, officer_id, timezone, order_start, order_end, rules)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            )
-            .bind(&s.reference)
-            .bind(&s.display_name)
-            .bind(s.officer_id)
-            .bind(&s.timezone)
-            .bind(s.order_start)
-            .bind(s.order_end)
-            .bind(rules)
-            .fetch_one(&mut *tx)
-            .await?
-        } else {
-            sqlx::query_scalar(
-                "UPDATE subjects SET reference = $1, display_name = $2, officer_id = $3, timezone = $4,
-                   order_start = $5, order_end = $6, rules = $7 WHERE id = $8 RETURNING id",
-            )
-            .bind(&s.reference)
-            .bind(&s.display_name)
-            .bind(s.officer_id)
-            .bind(&s.timezone)
-            .bind(s.order_start)
-            .bind(s.order_end)
-            .bind(rules)
-            .bind(s.id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("subject {}", s.id)))?
-        };
-        let subject = Subject { id, ..s.clone() };
-        Self::append_change(&mut tx, &Change::Subject { subject }).await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    async fn get_subject(&self, id: SubjectId) -> Result<Option<Subject>> {
-        sqlx::query("SELECT * FROM subjects WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| subject_from_row(&r))
-            .transpose()
-    }
-
-    async fn list_subjects(&self, officer: Option<UserId>) -> Result<Vec<Subject>> {
-        sqlx::query(
-            "SELECT * FROM subjects WHERE ($1::int8 IS NULL OR officer_id = $1) ORDER BY id",
-        )
-        .bind(officer)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(subject_from_row)
-        .collect()
-    }
-
-    async fn set_subject_zone_groups(&self, subject: SubjectId, groups: &[String]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM subject_zone_groups WHERE subject_id = $1")
-            .bind(subject)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO subject_zone_groups (subject_id, group_name)
-             SELECT $1, g FROM UNNEST($2::text[]) AS g ON CONFLICT DO NOTHING",
-        )
-        .bind(subject)
-        .bind(groups)
-        .execute(&mut *tx)
-        .await?;
-        let groups: Vec<String> = sqlx::query_scalar(
-            "SELECT group_name FROM subject_zone_groups WHERE subject_id = $1 ORDER BY group_name",
-        )
-        .bind(subject)
-        .fetch_all(&mut *tx)
-        .await?;
-        Self::append_change(
-            &mut tx,
-            &Change::SubjectZoneGroups {
-                subject_id: subject,
-                groups,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn subject_zone_groups(&self, subject: SubjectId) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT group_name FROM subject_zone_groups WHERE subject_id = $1 ORDER BY group_name",
-        )
-        .bind(subject)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn upsert_zone(&self, z: &ZoneSpec) -> Result<ZoneId> {
-        validate_zone(z)?;
-        let geometry = to_json("zone geometry", &z.geometry)?;
-        let schedule = z
-            .schedule
-            .as_ref()
-            .map(|s| to_json("zone schedule", s))
-            .transpose()?;
-        let mut tx = self.pool.begin().await?;
-        let id: ZoneId = if z.id == 0 {
-            sqlx::query_scalar(
-                "INSERT INTO zones (subject_id, group_name, name, kind, geometry, schedule, is_curfew_home)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            )
-            .bind(z.subject_id)
-            .bind(&z.group)
-            .bind(&z.name)
-            .bind(zone_kind_str(z.kind))
-            .bind(geometry)
-            .bind(schedule)
-            .bind(z.is_curfew_home)
-            .fetch_one(&mut *tx)
-            .await?
-        } else {
-            sqlx::query_scalar(
-                "UPDATE zones SET subject_id = $1, group_name = $2, name = $3, kind = $4, geometry = $5,
-                   schedule = $6, is_curfew_home = $7 WHERE id = $8 RETURNING id",
-            )
-            .bind(z.subject_id)
-            .bind(&z.group)
-            .bind(&z.name)
-            .bind(zone_kind_str(z.kind))
-            .bind(geometry)
-            .bind(schedule)
-            .bind(z.is_curfew_home)
-            .bind(z.id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("zone {}", z.id)))?
-        };
-        let zone = ZoneSpec { id, ..z.clone() };
-        Self::append_change(&mut tx, &Change::Zone { zone }).await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    async fn delete_zone(&self, id: ZoneId) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let subject_id: Option<Option<SubjectId>> =
-            sqlx::query_scalar("DELETE FROM zones WHERE id = $1 RETURNING subject_id")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(subject_id) = subject_id else {
-            return Err(StoreError::NotFound(format!("zone {id}")));
-        };
-        Self::append_change(
-            &mut tx,
-            &Change::ZoneDeleted {
-                zone_id: id,
-                subject_id,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn get_zone(&self, id: ZoneId) -> Result<Option<ZoneSpec>> {
-        sqlx::query("SELECT * FROM zones WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| zone_from_row(&r))
-            .transpose()
-    }
-
-    async fn list_zones(&self, subject: Option<SubjectId>) -> Result<Vec<ZoneSpec>> {
-        sqlx::query(
-            "SELECT * FROM zones WHERE $1::int8 IS NULL OR subject_id = $1
-               OR (subject_id IS NULL AND group_name IN
-                   (SELECT group_name FROM subject_zone_groups WHERE subject_id = $1))
-             ORDER BY id",
-        )
-        .bind(subject)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(zone_from_row)
-        .collect()
-    }
-
     async fn insert_records(&self, records: &[StoredRecord]) -> Result<()> {
         fixes::insert_records(self, records).await
-    }
-
-    async fn trail(
-        &self,
-        subject: SubjectId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<Vec<TrailPoint>> {
-        let limit = check_limit(limit)?;
-        let rows = sqlx::query(
-            "SELECT * FROM positions WHERE subject_id = $1 AND device_time >= $2 AND device_time <= $3
-               AND lat IS NOT NULL AND lon IS NOT NULL ORDER BY device_time, seq, device_id LIMIT $4",
-        )
-        .bind(subject)
-        .bind(from)
-        .bind(to)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let rec = record_from_row(r)?;
-                let position = rec
-                    .position
-                    .ok_or_else(|| StoreError::Invalid("trail row without position".into()))?;
-                Ok(TrailPoint {
-                    device_id: rec.device_id,
-                    device_time: rec.device_time,
-                    received_time: rec.received_time,
-                    position,
-                    battery_pct: rec.battery_pct,
-                })
-            })
-            .collect()
-    }
-
-    async fn latest_states(&self, subjects: Option<&[SubjectId]>) -> Result<Vec<LatestState>> {
-        let rows = sqlx::query(
-            "SELECT * FROM latest_state WHERE $1::int8[] IS NULL OR subject_id = ANY($1)
-             ORDER BY subject_id",
-        )
-        .bind(subjects)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let lat: Option<f64> = r.try_get("lat")?;
-                let lon: Option<f64> = r.try_get("lon")?;
-                let position = match (lat, lon) {
-                    (Some(lat), Some(lon)) => {
-                        let extra: RecordExtra =
-                            match r.try_get::<Option<serde_json::Value>, _>("position_extra")? {
-                                Some(v) => from_json("position extras", v)?,
-                                None => RecordExtra::default(),
-                            };
-                        let mut p = Position {
-                            lat,
-                            lon,
-                            accuracy_m: r.try_get("accuracy_m")?,
-                            speed_kmh: r.try_get("speed_kmh")?,
-                            course_deg: extra.course_deg,
-                            altitude_m: extra.altitude_m,
-                            satellites: extra.satellites,
-                            valid: r.try_get::<Option<bool>, _>("valid")?.unwrap_or(false),
-                            source: extra.source.unwrap_or_default(),
-                        };
-                        apply_position_columns(r, &mut p)?;
-                        Some(p)
-                    }
-                    _ => None,
-                };
-                Ok(LatestState {
-                    subject_id: r.try_get("subject_id")?,
-                    device_id: r.try_get("device_id")?,
-                    last_contact: r.try_get("last_contact")?,
-                    position,
-                    position_time: r.try_get("position_time")?,
-                    battery_pct: small_u8(
-                        "battery",
-                        r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
-                    )?,
-                    charging: r.try_get("charging")?,
-                    beacon_in_range: r.try_get("beacon_in_range")?,
-                    strap_ok: r.try_get("strap_ok")?,
-                    case_ok: r.try_get("case_ok")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn count_records(&self, device_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM positions WHERE device_id = $1")
-                .bind(device_id)
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn device_records(&self, device_id: &str, limit: i64) -> Result<Vec<Record>> {
-        let limit = check_limit(limit)?;
-        sqlx::query(
-            "SELECT * FROM positions WHERE device_id = $1 ORDER BY device_time, seq LIMIT $2",
-        )
-        .bind(device_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(record_from_row)
-        .collect()
-    }
-
-    async fn insert_victim_records(&self, records: &[Record]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let rows = records
-            .iter()
-            .map(|r| {
-                RecordRow::from_stored(&StoredRecord {
-                    subject_id: None,
-                    record: r.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(1000) {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO victim_positions (device_id, device_time, seq, received_time, protocol,
-                   lat, lon, accuracy_m, speed_kmh, valid, battery_pct, charging, beacon_in_range, extra) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.device_id)
-                    .push_bind(r.device_time)
-                    .push_bind(r.seq)
-                    .push_bind(r.received_time)
-                    .push_bind(r.protocol)
-                    .push_bind(r.lat)
-                    .push_bind(r.lon)
-                    .push_bind(r.accuracy_m)
-                    .push_bind(r.speed_kmh)
-                    .push_bind(r.valid)
-                    .push_bind(r.battery_pct)
-                    .push_bind(r.charging)
-                    .push_bind(r.beacon_in_range)
-                    .push_bind(&r.extra)
-                    .push_unseparated("::jsonb");
-            });
-            qb.push(" ON CONFLICT (device_id, device_time, seq) DO NOTHING");
-            qb.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn victim_positions(
-        &self,
-        device_id: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<Vec<TrailPoint>> {
-        let limit = check_limit(limit)?;
-        let rows = sqlx::query(
-            "SELECT * FROM victim_positions WHERE device_id = $1 AND device_time >= $2
-               AND device_time <= $3 AND lat IS NOT NULL AND lon IS NOT NULL
-             ORDER BY device_time, seq LIMIT $4",
-        )
-        .bind(device_id)
-        .bind(from)
-        .bind(to)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                trail_point(record_from_parts(
-                    r.try_get("device_id")?,
-                    r.try_get::<&str, _>("protocol")?,
-                    r.try_get("device_time")?,
-                    r.try_get("received_time")?,
-                    r.try_get("seq")?,
-                    r.try_get("lat")?,
-                    r.try_get("lon")?,
-                    r.try_get("accuracy_m")?,
-                    r.try_get("speed_kmh")?,
-                    r.try_get("valid")?,
-                    r.try_get::<Option<i16>, _>("battery_pct")?.map(i64::from),
-                    r.try_get("charging")?,
-                    r.try_get("beacon_in_range")?,
-                    r.try_get("extra")?,
-                )?)
-            })
-            .collect()
-    }
-
-    async fn count_victim_records(&self, device_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM victim_positions WHERE device_id = $1")
-                .bind(device_id)
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn write_alert(
-        &self,
-        w: &AlertWrite,
-        effects: AlertEffectsFn<'_>,
-    ) -> Result<VersionedAlert> {
-        let a = &w.alert;
-        let mut tx = self.pool.begin().await?;
-        let row = match w.expected_version {
-            None => sqlx::query(
-                "INSERT INTO alerts (subject_id, device_id, kind, severity, state, zone_id, zone_key,
-                     message, started_at, last_seen_at, created_at, ended_at, escalated,
-                     acknowledged_by, acknowledged_at, resolved_by, resolved_at, resolution_code,
-                     resolution_note, evidence, occurrences, version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                     $18, $19, $20, $21, 1)
-                 RETURNING *",
-            )
-            .bind(a.subject_id)
-            .bind(&a.device_id)
-            .bind(a.kind.as_str())
-            .bind(severity_to_db(a.severity))
-            .bind(a.state.as_str())
-            .bind(a.zone_id)
-            .bind(a.zone_id.unwrap_or(0))
-            .bind(&a.message)
-            .bind(a.started_at)
-            .bind(a.last_seen_at)
-            .bind(a.created_at)
-            .bind(a.ended_at)
-            .bind(a.escalated)
-            .bind(a.acknowledged_by)
-            .bind(a.acknowledged_at)
-            .bind(a.resolved_by)
-            .bind(a.resolved_at)
-            .bind(&a.resolution_code)
-            .bind(&a.resolution_note)
-            .bind(&a.evidence)
-            .bind(a.occurrences)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| {
-                map_unique(e, || {
-                    format!(
-                        "subject {} already has an ongoing {} alert for this zone",
-                        a.subject_id,
-                        a.kind.as_str()
-                    )
-                })
-            })?,
-            Some(expected) => {
-                let row = sqlx::query(
-                    "UPDATE alerts SET device_id = $1, severity = $2, state = $3, message = $4,
-                         last_seen_at = $5, ended_at = $6, escalated = $7, acknowledged_by = $8,
-                         acknowledged_at = $9, resolved_by = $10, resolved_at = $11,
-                         resolution_code = $12, resolution_note = $13, evidence = $14,
-                         occurrences = $15, version = version + 1
-                     WHERE id = $16 AND version = $17 RETURNING *",
-                )
-                .bind(&a.device_id)
-                .bind(severity_to_db(a.severity))
-                .bind(a.state.as_str())
-                .bind(&a.message)
-                .bind(a.last_seen_at)
-                .bind(a.ended_at)
-                .bind(a.escalated)
-                .bind(a.acknowledged_by)
-                .bind(a.acknowledged_at)
-                .bind(a.resolved_by)
-                .bind(a.resolved_at)
-                .bind(&a.resolution_code)
-                .bind(&a.resolution_note)
-                .bind(&a.evidence)
-                .bind(a.occurrences)
-                .bind(a.id)
-                .bind(expected)
-                .fetch_optional(&mut *tx)
-                .await?;
-                match row {
-                    Some(r) => r,
-                    None => {
-                        let exists: bool =
-                            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM alerts WHERE id = $1)")
-                                .bind(a.id)
-                                .fetch_one(&mut *tx)
-                                .await?;
-                        return Err(if exists {
-                            StoreError::Conflict(format!(
-                                "alert {} changed meanwhile (expected version {expected})",
-                                a.id
-                            ))
-                        } else {
-                            StoreError::NotFound(format!("alert {}", a.id))
-                        });
-                    }
-                }
-            }
-        };
-        let (alert, version) = alert_from_row(&row)?;
-        let stored = VersionedAlert { alert, version };
-        let fx = effects(&stored)?;
-        Self::insert_audit(&mut tx, &fx.audit).await?;
-        Self::append_change(&mut tx, &fx.change).await?;
-        Self::insert_outbox(&mut tx, &fx.outbox).await?;
-        tx.commit().await?;
-        Ok(stored)
-    }
-
-    async fn get_alert(&self, id: AlertId) -> Result<Option<VersionedAlert>> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(Self::alert_row(&mut conn, id, false)
-            .await?
-            .map(|(alert, version)| VersionedAlert { alert, version }))
-    }
-
-    async fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<Alert>> {
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM alerts WHERE true");
-        if let Some(ids) = &f.subject_ids {
-            qb.push(" AND subject_id = ANY(")
-                .push_bind(ids.clone())
-                .push(")");
-        }
-        if let Some(states) = &f.states {
-            let states: Vec<&'static str> = states.iter().map(|s| s.as_str()).collect();
-            qb.push(" AND state = ANY(").push_bind(states).push(")");
-        }
-        if let Some(since) = f.since {
-            qb.push(" AND started_at >= ").push_bind(since);
-        }
-        qb.push(" ORDER BY started_at DESC, severity DESC, id DESC");
-        if let Some(limit) = f.limit {
-            qb.push(" LIMIT ").push_bind(check_limit(limit)?);
-        }
-        qb.build()
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| alert_from_row(r).map(|(a, _)| a))
-            .collect()
-    }
-
-    async fn ongoing_alert(
-        &self,
-        subject: SubjectId,
-        kind: AlertKind,
-        zone: Option<ZoneId>,
-    ) -> Result<Option<VersionedAlert>> {
-        sqlx::query(
-            "SELECT * FROM alerts WHERE subject_id = $1 AND kind = $2 AND zone_key = $3
-               AND state <> 'resolved'",
-        )
-        .bind(subject)
-        .bind(kind.as_str())
-        .bind(zone.unwrap_or(0))
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| alert_from_row(&r).map(|(alert, version)| VersionedAlert { alert, version }))
-        .transpose()
-    }
-
-    async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
-        sqlx::query(
-            "SELECT * FROM alerts WHERE state = 'open' AND NOT escalated AND created_at < $1
-             ORDER BY created_at, id",
-        )
-        .bind(before)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| alert_from_row(r).map(|(a, _)| a))
-        .collect()
-    }
-
-    async fn due_outbox(
-        &self,
-        channel: &str,
-        now: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<Vec<OutboxMessage>> {
-        let limit = check_limit(limit)?;
-        sqlx::query(
-            "SELECT o.* FROM outbox o
-             WHERE o.channel = $1 AND o.status = 'pending' AND o.next_attempt_at <= $2
-               AND o.id = (SELECT min(p.id) FROM outbox p WHERE p.channel = o.channel
-                             AND p.ordering_key = o.ordering_key AND p.status = 'pending')
-             ORDER BY o.id LIMIT $3",
-        )
-        .bind(channel)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(outbox_from_row)
-        .collect()
-    }
-
-    async fn mark_outbox_delivered(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        match Self::outbox_status_locked(&mut tx, id).await?.as_deref() {
-            None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
-            Some("pending") => {}
-            Some("delivered") => return Ok(()),
-            Some(other) => {
-                return Err(StoreError::Conflict(format!(
-                    "outbox message {id} is {other}"
-                )))
-            }
-        }
-        sqlx::query("UPDATE outbox SET status = 'delivered', delivered_at = $1 WHERE id = $2")
-            .bind(at)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn mark_outbox_failed(
-        &self,
-        id: i64,
-        error: &str,
-        next_attempt_at: DateTime<Utc>,
-        dead: bool,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        match Self::outbox_status_locked(&mut tx, id).await?.as_deref() {
-            None => return Err(StoreError::NotFound(format!("outbox message {id}"))),
-            Some("pending") => {}
-            Some(other) => {
-                return Err(StoreError::Conflict(format!(
-                    "outbox message {id} is {other}, not pending"
-                )))
-            }
-        }
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2,
-                 status = $3 WHERE id = $4",
-        )
-        .bind(error)
-        .bind(next_attempt_at)
-        .bind(if dead { "dead_letter" } else { "pending" })
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn outbox_status(&self, id: i64) -> Result<Option<OutboxStatus>> {
-        let s: Option<String> = sqlx::query_scalar("SELECT status FROM outbox WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        s.map(|s| outbox_status_from_str(&s)).transpose()
-    }
-
-    async fn count_outbox(&self, channel: &str, status: OutboxStatus) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE channel = $1 AND status = $2")
-                .bind(channel)
-                .bind(outbox_status_str(status))
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn changes_after(&self, after: ChangeId, limit: i64) -> Result<Vec<ChangeEntry>> {
-        let limit = check_limit(limit)?;
-        sqlx::query("SELECT id, at, payload FROM changes WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ChangeEntry {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    change: from_json("change", r.try_get("payload")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn last_change_id(&self) -> Result<ChangeId> {
-        Ok(
-            sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM changes")
-                .fetch_one(&self.pool)
-                .await?
-                .unwrap_or(0),
-        )
     }
 
     fn change_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -1736,27 +672,6 @@ impl Store for PgStore {
         // NOTIFY wakes readers at once; the poll only covers notifications lost while the
         // listening connection was being re-established.
         Duration::from_secs(1)
-    }
-
-    async fn read_cursor(&self, consumer: &str) -> Result<Option<ChangeId>> {
-        Ok(
-            sqlx::query_scalar("SELECT change_id FROM change_cursors WHERE consumer = $1")
-                .bind(consumer)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn write_cursor(&self, consumer: &str, id: ChangeId) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO change_cursors (consumer, change_id, updated_at) VALUES ($1, $2, now())
-             ON CONFLICT (consumer) DO UPDATE SET change_id = EXCLUDED.change_id, updated_at = now()",
-        )
-        .bind(consumer)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
@@ -1791,114 +706,13 @@ impl Store for PgStore {
         )))
     }
 
-    async fn upsert_user(&self, u: &User) -> Result<UserId> {
-        if u.username.trim().is_empty() {
-            return Err(StoreError::Invalid("username must not be empty".into()));
-        }
-        let res = if u.id == 0 {
-            sqlx::query_scalar(
-                "INSERT INTO users (username, display_name, role, password_hash, active)
-                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            )
-            .bind(&u.username)
-            .bind(&u.display_name)
-            .bind(u.role.as_str())
-            .bind(&u.password_hash)
-            .bind(u.active)
-            .fetch_one(&self.pool)
-            .await
-        } else {
-            sqlx::query_scalar(
-                "UPDATE users SET username = $1, display_name = $2, role = $3, password_hash = $4,
-                   active = $5 WHERE id = $6 RETURNING id",
-            )
-            .bind(&u.username)
-            .bind(&u.display_name)
-            .bind(u.role.as_str())
-            .bind(&u.password_hash)
-            .bind(u.active)
-            .bind(u.id)
-            .fetch_optional(&self.pool)
-            .await
-            .and_then(|o| o.ok_or(sqlx::Error::RowNotFound))
-        };
-        match res {
-            Ok(id) => Ok(id),
-            Err(sqlx::Error::RowNotFound) => Err(StoreError::NotFound(format!("user {}", u.id))),
-            Err(e) => Err(map_unique(e, || {
-                format!("username {:?} is already taken", u.username)
-            })),
-        }
-    }
-
-    async fn get_user(&self, id: UserId) -> Result<Option<User>> {
-        sqlx::query("SELECT * FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| user_from_row(&r))
-            .transpose()
-    }
-
-    async fn get_user_by_name(&self, username: &str) -> Result<Option<User>> {
-        sqlx::query("SELECT * FROM users WHERE username = $1")
-            .bind(username)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| user_from_row(&r))
-            .transpose()
-    }
-
-    async fn list_users(&self) -> Result<Vec<User>> {
-        sqlx::query("SELECT * FROM users ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(user_from_row)
-            .collect()
-    }
-
-    async fn append_audit(&self, entry: &NewAudit) -> Result<i64> {
-        let mut conn = self.pool.acquire().await?;
-        Self::insert_audit(&mut conn, entry).await
-    }
-
-    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM audit WHERE true");
-        if let Some(a) = f.actor_id {
-            qb.push(" AND actor_id = ").push_bind(a);
-        }
-        if let Some(s) = f.subject_id {
-            qb.push(" AND subject_id = ").push_bind(s);
-        }
-        if let Some(t) = &f.target_type {
-            qb.push(" AND target_type = ").push_bind(t.clone());
-        }
-        if let Some(t) = f.since {
-            qb.push(" AND at >= ").push_bind(t);
-        }
-        if let Some(t) = f.until {
-            qb.push(" AND at < ").push_bind(t);
-        }
-        qb.push(" ORDER BY at DESC, id DESC");
-        if let Some(limit) = f.limit {
-            qb.push(" LIMIT ").push_bind(check_limit(limit)?);
-        }
-        qb.build()
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(audit_from_row)
-            .collect()
-    }
-
     async fn apply_retention(
         &self,
         positions_before: DateTime<Utc>,
         alerts_before: Option<DateTime<Utc>>,
         audit_before: Option<DateTime<Utc>>,
     ) -> Result<RetentionReport> {
-        let mut report = RetentionReport::default();
+        let mut positions_deleted = 0u64;
         match self.layout {
             PositionsLayout::NativePartitions => {
                 // Whole partitions first: dropping a month is cheap and leaves no bloat.
@@ -1927,7 +741,7 @@ impl Store for PgStore {
                         .execute(&mut *tx)
                         .await?;
                     tx.commit().await?;
-                    report.positions_deleted += u64::try_from(n).unwrap_or(0);
+                    positions_deleted += u64::try_from(n).unwrap_or(0);
                     if let Some(m) = part
                         .strip_prefix("positions_p")
                         .and_then(|d| d.parse::<i32>().ok())
@@ -1955,49 +769,21 @@ impl Store for PgStore {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                report.positions_deleted = u64::try_from(n).unwrap_or(0);
+                positions_deleted = u64::try_from(n).unwrap_or(0);
             }
         }
         let mut tx = self.pool.begin().await?;
-        report.positions_deleted +=
-            sqlx::query("DELETE FROM victim_positions WHERE device_time < $1")
-                .bind(positions_before)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
         if self.layout == PositionsLayout::NativePartitions {
-            report.positions_deleted += sqlx::query("DELETE FROM positions WHERE device_time < $1")
+            // Rows of the default partition and of months not yet over.
+            positions_deleted += sqlx::query("DELETE FROM positions WHERE device_time < $1")
                 .bind(positions_before)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
         }
-        if let Some(t) = alerts_before {
-            report.alerts_deleted =
-                sqlx::query("DELETE FROM alerts WHERE state = 'resolved' AND resolved_at < $1")
-                    .bind(t)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-        }
-        if let Some(t) = audit_before {
-            sqlx::query("INSERT INTO audit_retention_gate (open) VALUES (true)")
-                .execute(&mut *tx)
-                .await?;
-            report.audit_deleted = sqlx::query("DELETE FROM audit WHERE at < $1")
-                .bind(t)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            sqlx::query("DELETE FROM audit_retention_gate")
-                .execute(&mut *tx)
-                .await?;
-        }
-        report.changes_deleted = sqlx::query("DELETE FROM changes WHERE at < $1")
-            .bind(Utc::now() - chrono::Duration::days(CHANGE_LOG_DAYS))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let mut report =
+            Self::delete_expired(&mut tx, positions_before, alerts_before, audit_before).await?;
+        report.positions_deleted += positions_deleted;
         tx.commit().await?;
         Ok(report)
     }
@@ -2009,7 +795,7 @@ struct PgLease {
     name: String,
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl LeaseHold for PgLease {
     async fn still_held(&mut self) -> bool {
         let Some(conn) = self.conn.as_mut() else {

@@ -63,10 +63,7 @@ pub(super) async fn insert_records(store: &PgStore, records: &[StoredRecord]) ->
     if records.is_empty() {
         return Ok(());
     }
-    let rows = records
-        .iter()
-        .map(RecordRow::from_stored)
-        .collect::<Result<Vec<_>>>()?;
+    let rows = RecordRow::all(records)?;
     let times: Vec<_> = rows.iter().map(|r| r.device_time).collect();
     store.ensure_partitions_for(&times).await;
     let n = rows.len();
