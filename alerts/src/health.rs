@@ -722,10 +722,7 @@ mod tests {
         let mut r = rec_at(0);
         r.events = vec![DeviceEventKind::UnknownAlarm { code: 0x37 }];
         let out = h.on_record(&cfg, &r);
-        assert_eq!(
-            kinds(&out),
-            vec![(AlertKind::UnknownAlarm, Phase::Started)]
-        );
+        assert_eq!(kinds(&out), vec![(AlertKind::UnknownAlarm, Phase::Started)]);
         assert_eq!(out[0].evidence["code"], 0x37);
         assert_eq!(out[0].evidence["protocol"], "gt06");
         // Reported again: raised again (the alert service folds it into the open alert).
@@ -904,8 +901,9 @@ mod tests {
         // A "restored" dated in the future does not end it ...
         let mut restored = rec_dated(far_future + Duration::seconds(5), 20);
         restored.events = vec![DeviceEventKind::StrapRestored];
-        assert!(!kinds(&h.on_record(&cfg, &restored))
-            .contains(&(AlertKind::StrapTamper, Phase::Ended)));
+        assert!(
+            !kinds(&h.on_record(&cfg, &restored)).contains(&(AlertKind::StrapTamper, Phase::Ended))
+        );
         // ... a live record at t0+30 moves the order on, and a re-sent older "restored"
         // (device time t0+25, buffered) does not end it either ...
         h.on_record(&cfg, &rec_at(30));

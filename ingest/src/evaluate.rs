@@ -46,10 +46,10 @@ use em_geofence::{ComplianceEvent, SharedZoneIndex, SubjectMonitor};
 use em_model::{DeviceId, Subject, SubjectId};
 use em_store::{Store, StoredRecord};
 
-use em_alerts::health::{DeviceHealth, HealthConfig, HealthSignal};
 use crate::metrics as m;
 use crate::pipeline::{Control, ShardLinks, ShardProcessor};
 use crate::registry::Registry;
+use em_alerts::health::{DeviceHealth, HealthConfig, HealthSignal};
 
 /// Subjects by id, shared by the workers and the order-change task.
 #[derive(Clone, Default)]
@@ -207,7 +207,7 @@ impl Evaluator {
     }
 
     async fn emit_health(&self, sigs: Vec<HealthSignal>, subject: SubjectId, device: &str) {
-        for h in sigs {
+        for h in &sigs {
             tracing::info!(subject, device, kind = h.kind.as_str(), phase = ?h.phase, "device health");
         }
         for s in signals_from_health(sigs, subject, device) {
