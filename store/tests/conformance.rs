@@ -932,10 +932,9 @@ async fn change_log_and_cursors(s: Arc<dyn Store>) {
         })
         .await
         .expect("user");
-    let sid = s
-        .upsert_subject(&subject("LOG-1", Some(officer)))
-        .await
-        .expect("subject");
+    // One spec (base() reads the clock: calling it twice may straddle a second).
+    let spec = subject("LOG-1", Some(officer));
+    let sid = s.upsert_subject(&spec).await.expect("subject");
     s.upsert_device(&Device {
         device_id: "log-dev".into(),
         protocol: Protocol::Gt06,
@@ -974,8 +973,7 @@ async fn change_log_and_cursors(s: Arc<dyn Store>) {
 
     let log = s.changes_after(start, 100).await.expect("log");
     let kinds: Vec<Change> = log.iter().map(|e| e.change.clone()).collect();
-    let mut subj = subject("LOG-1", Some(officer));
-    subj.id = sid;
+    let subj = Subject { id: sid, ..spec };
     assert_eq!(
         kinds,
         vec![
