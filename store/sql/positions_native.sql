@@ -2,25 +2,8 @@
 -- positions_pYYYYMM, created ahead by em_ensure_position_partitions) plus a DEFAULT partition
 -- so no record is ever rejected. Idempotent; applied by PgStore at start-up.
 
-CREATE TABLE IF NOT EXISTS positions (
-    device_id       TEXT NOT NULL,
-    device_time     TIMESTAMPTZ NOT NULL,
-    seq             BIGINT NOT NULL,
-    received_time   TIMESTAMPTZ NOT NULL,
-    subject_id      BIGINT,
-    protocol        TEXT NOT NULL,
-    lat             DOUBLE PRECISION,
-    lon             DOUBLE PRECISION,
-    accuracy_m      REAL,
-    speed_kmh       REAL,
-    valid           BOOLEAN,
-    battery_pct     SMALLINT,
-    charging        BOOLEAN,
-    beacon_in_range BOOLEAN,
-    extra           JSONB NOT NULL,
-    -- The partition key is part of the key, as PostgreSQL requires for partitioned tables.
-    CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq)
-) PARTITION BY RANGE (device_time);
+-- (The table itself is created by PgStore from positions_columns.sql, PARTITION BY RANGE
+-- (device_time), before this file runs.)
 
 CREATE INDEX IF NOT EXISTS positions_subject_time ON positions (subject_id, device_time);
 

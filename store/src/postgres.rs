@@ -60,29 +60,21 @@ const EXTENSION_LOCK: i32 = 1;
 /// First key of the two-key advisory locks this store takes database-wide ("em" in ASCII).
 const ADVISORY_CLASS: i32 = 0x656d;
 
-/// The positions table of the TimescaleDB layout (same columns and key as the native one).
-const TIMESCALE_TABLE: &str = "CREATE TABLE IF NOT EXISTS positions (
-    device_id       TEXT NOT NULL,
-    device_time     TIMESTAMPTZ NOT NULL,
-    seq             BIGINT NOT NULL,
-    received_time   TIMESTAMPTZ NOT NULL,
-    subject_id      BIGINT,
-    protocol        TEXT NOT NULL,
-    lat             DOUBLE PRECISION,
-    lon             DOUBLE PRECISION,
-    accuracy_m      REAL,
-    speed_kmh       REAL,
-    valid           BOOLEAN,
-    battery_pct     SMALLINT,
-    charging        BOOLEAN,
-    beacon_in_range BOOLEAN,
-    extra           JSONB NOT NULL,
-    course_deg      REAL,
-    altitude_m      REAL,
-    satellites      SMALLINT,
-    fix_source      TEXT,
-    gsm_signal      SMALLINT,
-    CONSTRAINT positions_key PRIMARY KEY (device_id, device_time, seq))";
+/// Columns and key of the positions table, shared by both layouts.
+const POSITIONS_COLUMNS: &str = include_str!("../sql/positions_columns.sql");
+
+/// The positions table: a plain table (made a hypertable next) or range-partitioned by
+/// device time (native layout).
+fn positions_table(partitioned: bool) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS positions (\n{POSITIONS_COLUMNS}){}",
+        if partitioned {
+            " PARTITION BY RANGE (device_time)"
+        } else {
+            ""
+        }
+    )
+}
 
 /// TimescaleDB layout of a schema whose extension is already created, one statement per step
 /// (a continuous aggregate cannot be created inside a multi-statement implicit transaction).
@@ -91,7 +83,7 @@ const TIMESCALE_TABLE: &str = "CREATE TABLE IF NOT EXISTS positions (
 /// releases refuse the change once chunks are compressed).
 fn timescale_steps(compress: bool) -> Vec<String> {
     let mut steps = vec![
-        TIMESCALE_TABLE.to_string(),
+        positions_table(false),
         "SELECT create_hypertable('positions', by_range('device_time', INTERVAL '1 day'),
             if_not_exists => TRUE)"
             .into(),
@@ -436,6 +428,10 @@ impl PgStore {
                 }
             }
             PositionsLayout::NativePartitions => {
+                // Built from constants (positions_columns.sql), not from input.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(positions_table(true)))
+                    .execute(&mut *conn)
+                    .await?;
                 sqlx::raw_sql(POSITIONS_NATIVE_SQL)
                     .execute(&mut *conn)
                     .await?;
