@@ -104,7 +104,10 @@ fn token_key(token: &str) -> [u8; 32] {
 #[derive(Debug, Clone)]
 struct Session {
     user_id: UserId,
+    /// Idle expiry: each use moves it forward by the TTL…
     expires_at: Instant,
+    /// …but never past this absolute end (`session_max_secs` after login).
+    ends_at: Instant,
 }
 
 /// The server-side session map (idle timeout: each use extends the session by the TTL).
@@ -126,16 +129,18 @@ impl Sessions {
     }
 
     /// Start a session; returns the token to hand to the client.
-    pub(crate) fn create(&self, user_id: UserId, ttl: Duration) -> String {
+    pub(crate) fn create(&self, user_id: UserId, ttl: Duration, max_life: Duration) -> String {
         let token = new_token();
         let now = Instant::now();
         let mut map = self.lock();
-        map.retain(|_, s| s.expires_at > now);
+        map.retain(|_, s| s.expires_at > now && s.ends_at > now);
+        let ends_at = now + max_life;
         map.insert(
             token_key(&token),
             Session {
                 user_id,
-                expires_at: now + ttl,
+                expires_at: (now + ttl).min(ends_at),
+                ends_at,
             },
         );
         token
@@ -147,8 +152,8 @@ impl Sessions {
         let now = Instant::now();
         let mut map = self.lock();
         match map.get_mut(&key) {
-            Some(s) if s.expires_at > now => {
-                s.expires_at = now + ttl;
+            Some(s) if s.expires_at > now && s.ends_at > now => {
+                s.expires_at = (now + ttl).min(s.ends_at);
                 Some(s.user_id)
             }
             Some(_) => {
@@ -164,7 +169,7 @@ impl Sessions {
         let now = Instant::now();
         self.lock()
             .get(&token_key(token))
-            .is_some_and(|s| s.expires_at > now)
+            .is_some_and(|s| s.expires_at > now && s.ends_at > now)
     }
 
     pub(crate) fn remove(&self, token: &str) {
@@ -175,30 +180,55 @@ impl Sessions {
     pub(crate) fn remove_user(&self, user_id: UserId) {
         self.lock().retain(|_, s| s.user_id != user_id);
     }
+
+    /// End every session of a user but the one carrying `keep` (their own password change).
+    pub(crate) fn remove_user_except(&self, user_id: UserId, keep: &str) {
+        let keep = token_key(keep);
+        self.lock()
+            .retain(|k, s| s.user_id != user_id || *k == keep);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Failures {
+    /// Attempts counted (before their password was checked) since the last success.
     count: u32,
     last: Instant,
+    /// A refusal was already reported (audited) for the current back-off.
+    refusal_reported: bool,
 }
 
-/// Failed-login throttle per username: after [`Throttle::FREE_ATTEMPTS`] failures, each further
-/// attempt must wait an exponentially growing back-off (capped), or gets 429.
+/// Why an attempt may not go ahead now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub retry_after_secs: u64,
+    /// The first refusal of this back-off period (audit it; later ones are counted only).
+    pub first: bool,
+}
+
+/// Login throttle, per key (a user name, a source address). Each attempt is counted when it
+/// starts, before the password is checked, so parallel guesses are throttled like serial
+/// ones: after `free` attempts each further one must wait an exponentially growing back-off
+/// (capped) from the last, or is refused. A success clears the key.
 #[derive(Debug)]
 pub(crate) struct Throttle {
     map: Mutex<HashMap<String, Failures>>,
+    free: u32,
 }
 
 impl Throttle {
-    const FREE_ATTEMPTS: u32 = 3;
+    /// Attempts per user name before the back-off starts.
+    pub(crate) const FREE_PER_USER: u32 = 3;
+    /// Attempts per source address (offices share one) before the back-off starts.
+    pub(crate) const FREE_PER_ADDRESS: u32 = 20;
     const MAX_BACKOFF: Duration = Duration::from_secs(300);
     /// Failures older than this are forgotten.
     const WINDOW: Duration = Duration::from_secs(900);
 
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(free: u32) -> Self {
         Throttle {
             map: Mutex::new(HashMap::new()),
+            free,
         }
     }
 
@@ -206,40 +236,104 @@ impl Throttle {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn backoff(count: u32) -> Duration {
-        if count < Self::FREE_ATTEMPTS {
+    fn backoff(&self, count: u32) -> Duration {
+        if count < self.free {
             return Duration::ZERO;
         }
-        let exp = (count - Self::FREE_ATTEMPTS).min(16);
+        let exp = (count - self.free).min(16);
         Duration::from_secs(1u64 << exp).min(Self::MAX_BACKOFF)
     }
 
-    /// `Err(seconds to wait)` when this username must wait before trying again.
-    pub(crate) fn check(&self, username: &str) -> Result<(), u64> {
+    /// Counts an attempt for `key` now, or refuses it (the key must wait).
+    pub(crate) fn attempt(&self, key: &str) -> Result<(), Refused> {
         let now = Instant::now();
+        let key = key.to_lowercase();
         let mut map = self.lock();
         map.retain(|_, f| now.duration_since(f.last) < Self::WINDOW);
-        if let Some(f) = map.get(&username.to_lowercase()) {
-            let allowed_at = f.last + Self::backoff(f.count);
-            if allowed_at > now {
-                return Err(allowed_at.duration_since(now).as_secs().max(1));
-            }
+        let f = map.entry(key).or_insert(Failures {
+            count: 0,
+            last: now,
+            refusal_reported: false,
+        });
+        let allowed_at = f.last + self.backoff(f.count);
+        if f.count > 0 && allowed_at > now {
+            let first = !f.refusal_reported;
+            f.refusal_reported = true;
+            return Err(Refused {
+                retry_after_secs: allowed_at.duration_since(now).as_secs().max(1),
+                first,
+            });
         }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        f.refusal_reported = false;
         Ok(())
     }
 
-    pub(crate) fn failed(&self, username: &str) {
-        let mut map = self.lock();
-        let entry = map.entry(username.to_lowercase()).or_insert(Failures {
-            count: 0,
-            last: Instant::now(),
-        });
-        entry.count = entry.count.saturating_add(1);
-        entry.last = Instant::now();
+    /// A successful login: the key starts afresh.
+    pub(crate) fn succeeded(&self, key: &str) {
+        self.lock().remove(&key.to_lowercase());
     }
 
-    pub(crate) fn succeeded(&self, username: &str) {
-        self.lock().remove(&username.to_lowercase());
+    /// A counted attempt turned out legitimate: it no longer counts (per-address keys, where
+    /// one success must not wipe the failures of others behind the same address).
+    pub(crate) fn refund(&self, key: &str) {
+        if let Some(f) = self.lock().get_mut(&key.to_lowercase()) {
+            f.count = f.count.saturating_sub(1);
+        }
+    }
+}
+
+/// Password checks (argon2, ~19 MiB each) run on a bounded number of blocking threads at
+/// once; beyond that a login is refused with 503 and Retry-After instead of queueing memory.
+#[derive(Debug, Clone)]
+pub(crate) struct PasswordChecks {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl PasswordChecks {
+    pub(crate) fn new(slots: usize) -> Self {
+        PasswordChecks {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(slots.max(1))),
+        }
+    }
+
+    /// Verifies `password` against the PHC string `hash` on a blocking thread, or refuses at
+    /// once when every slot is busy.
+    pub(crate) async fn verify(&self, password: String, hash: String) -> Result<bool, ApiError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy {
+                retry_after_secs: 1,
+            })?;
+        tokio::task::spawn_blocking(move || {
+            let ok = verify_password(&password, &hash);
+            drop(permit);
+            ok
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("password check task: {e}")))
+    }
+
+    /// Hashes a new password under the same bound.
+    pub(crate) async fn hash(&self, password: String) -> Result<String, ApiError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy {
+                retry_after_secs: 1,
+            })?;
+        tokio::task::spawn_blocking(move || {
+            let h = hash_password(&password);
+            drop(permit);
+            h
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("password hashing task: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
     }
 }
 
@@ -330,31 +424,70 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_end() {
+        let hour = Duration::from_secs(3600);
         let s = Sessions::new();
-        let t = s.create(7, Duration::from_secs(60));
+        let t = s.create(7, Duration::from_secs(60), hour);
         assert_eq!(t.len(), 64);
         assert_eq!(s.touch(&t, Duration::from_secs(60)), Some(7));
         assert_eq!(s.touch("other", Duration::from_secs(60)), None);
         s.remove(&t);
         assert_eq!(s.touch(&t, Duration::from_secs(60)), None);
-        let t2 = s.create(8, Duration::ZERO);
+        let t2 = s.create(8, Duration::ZERO, hour);
         assert_eq!(s.touch(&t2, Duration::from_secs(60)), None);
-        let t3 = s.create(9, Duration::from_secs(60));
+        let t3 = s.create(9, Duration::from_secs(60), hour);
         s.remove_user(9);
         assert!(!s.is_live(&t3));
+        // However busy, a session ends at its absolute lifetime.
+        let t4 = s.create(10, Duration::from_secs(60), Duration::ZERO);
+        assert_eq!(s.touch(&t4, Duration::from_secs(60)), None);
+        // A password change ends the user's other sessions, not the one making it.
+        let a = s.create(11, hour, hour);
+        let b = s.create(11, hour, hour);
+        let other = s.create(12, hour, hour);
+        s.remove_user_except(11, &a);
+        assert!(s.is_live(&a));
+        assert!(!s.is_live(&b));
+        assert!(s.is_live(&other));
     }
 
     #[test]
-    fn throttle_backs_off_after_free_attempts() {
-        let th = Throttle::new();
-        for _ in 0..Throttle::FREE_ATTEMPTS {
-            assert!(th.check("Alice").is_ok());
-            th.failed("alice");
+    fn throttle_counts_attempts_before_they_are_checked() {
+        let th = Throttle::new(Throttle::FREE_PER_USER);
+        // Attempts in flight count: the fourth parallel guess is refused before any check.
+        for _ in 0..Throttle::FREE_PER_USER {
+            assert!(th.attempt("user:Alice").is_ok());
         }
-        assert!(th.check("ALICE").is_err());
-        assert!(th.check("bob").is_ok());
-        th.succeeded("alice");
-        assert!(th.check("alice").is_ok());
-        assert_eq!(Throttle::backoff(100), Throttle::MAX_BACKOFF);
+        let r = th.attempt("user:ALICE").expect_err("throttled");
+        assert!(r.first, "the first refusal is reported");
+        assert!(r.retry_after_secs >= 1);
+        let again = th.attempt("user:alice").expect_err("still throttled");
+        assert!(!again.first, "later refusals of the same back-off are not");
+        assert!(th.attempt("user:bob").is_ok());
+        th.succeeded("user:alice");
+        assert!(th.attempt("user:alice").is_ok());
+        assert_eq!(th.backoff(100), Throttle::MAX_BACKOFF);
+        // A refund takes back one attempt, no more.
+        let ip = Throttle::new(2);
+        assert!(ip.attempt("ip:10.0.0.1").is_ok());
+        assert!(ip.attempt("ip:10.0.0.1").is_ok());
+        ip.refund("ip:10.0.0.1");
+        assert!(ip.attempt("ip:10.0.0.1").is_ok());
+        assert!(ip.attempt("ip:10.0.0.1").is_err());
+    }
+
+    #[tokio::test]
+    async fn password_checks_are_bounded() {
+        let checks = PasswordChecks::new(1);
+        let hash = hash_password("correct horse battery").expect("hash");
+        let held = checks.permits.clone().try_acquire_owned().expect("slot");
+        assert!(matches!(
+            checks.verify("x".into(), hash.clone()).await,
+            Err(ApiError::Busy { .. })
+        ));
+        drop(held);
+        assert!(checks
+            .verify("correct horse battery".into(), hash)
+            .await
+            .expect("checked"));
     }
 }

@@ -48,6 +48,11 @@ pub struct DashboardConfig {
     pub tls_key: Option<PathBuf>,
     /// Idle timeout of a login session, seconds. Default 8 hours.
     pub session_ttl_secs: u64,
+    /// Absolute lifetime of a login session, however active, seconds. Default 12 hours.
+    pub session_max_secs: u64,
+    /// Password checks (argon2, ~19 MiB each) running at once; a login beyond that gets 503
+    /// with Retry-After. Default 4.
+    pub password_check_slots: usize,
     /// Optional XYZ raster tile URL template (`https://tiles.example/{z}/{x}/{y}.png`) drawn
     /// under the vector map; None = vector map only (offline installations).
     pub tile_url: Option<String>,
@@ -64,6 +69,8 @@ impl Default for DashboardConfig {
             tls_cert: None,
             tls_key: None,
             session_ttl_secs: 8 * 3600,
+            session_max_secs: 12 * 3600,
+            password_check_slots: 4,
             tile_url: None,
             login_failure_delay_ms: 750,
             secure_cookie: false,
@@ -75,6 +82,8 @@ impl Default for DashboardConfig {
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub session_ttl: Duration,
+    pub session_max: Duration,
+    pub password_checks: auth::PasswordChecks,
     pub tile_url: Option<String>,
     pub login_failure_delay: Duration,
     pub secure_cookie: bool,
@@ -84,6 +93,8 @@ impl Settings {
     fn from_config(c: &DashboardConfig) -> Self {
         Settings {
             session_ttl: Duration::from_secs(c.session_ttl_secs.max(1)),
+            session_max: Duration::from_secs(c.session_max_secs.max(1)),
+            password_checks: auth::PasswordChecks::new(c.password_check_slots),
             tile_url: c.tile_url.clone().filter(|u| !u.trim().is_empty()),
             login_failure_delay: Duration::from_millis(c.login_failure_delay_ms),
             secure_cookie: c.secure_cookie || (c.tls_cert.is_some() && c.tls_key.is_some()),
@@ -100,7 +111,10 @@ pub(crate) struct Inner {
     /// Stops a feed this state started itself.
     pub feed_stop: CancellationToken,
     pub sessions: auth::Sessions,
+    /// Login attempts per user name.
     pub throttle: auth::Throttle,
+    /// Login attempts per source address.
+    pub address_throttle: auth::Throttle,
 }
 
 impl Drop for Inner {
@@ -136,7 +150,8 @@ impl AppState {
                 feed: tokio::sync::OnceCell::new(),
                 feed_stop: CancellationToken::new(),
                 sessions: auth::Sessions::new(),
-                throttle: auth::Throttle::new(),
+                throttle: auth::Throttle::new(auth::Throttle::FREE_PER_USER),
+                address_throttle: auth::Throttle::new(auth::Throttle::FREE_PER_ADDRESS),
             }),
             settings: Arc::new(Settings::from_config(&DashboardConfig::default())),
         }
@@ -177,6 +192,10 @@ impl AppState {
     pub(crate) fn session_ttl(&self) -> Duration {
         self.settings.session_ttl
     }
+
+    pub(crate) fn session_max(&self) -> Duration {
+        self.settings.session_max
+    }
 }
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -195,6 +214,8 @@ pub fn api_routes() -> Vec<(&'static str, Method)> {
 }
 
 /// The complete HTTP application: API, web page, security headers and CSRF protection.
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()`: logins are throttled
+/// per source address too.
 pub fn router(state: AppState) -> Router {
     let mut api_router: Router<AppState> = Router::new();
     for (path, _method, handler) in api::route_table() {

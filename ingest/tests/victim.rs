@@ -60,6 +60,7 @@ async fn serve_dashboard(store: Arc<dyn Store>, alerts: Arc<AlertService>) -> St
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{addr}")

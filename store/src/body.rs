@@ -992,9 +992,26 @@ macro_rules! store_body {
                 if let Some(t) = f.until {
                     qb.push(" AND at < ").push_bind($d::ts(t));
                 }
+                if let Some(id) = f.before_id {
+                    qb.push(" AND id < ").push_bind(id);
+                }
+                if let Some(a) = &f.action {
+                    // A prefix match both dialects evaluate the same way (no LIKE escaping).
+                    qb.push(" AND substr(action, 1, length(")
+                        .push_bind(a.clone())
+                        .push(")) = ")
+                        .push_bind(a.clone());
+                }
                 qb.push(" ORDER BY at DESC, id DESC");
                 if let Some(limit) = f.limit {
                     qb.push(" LIMIT ").push_bind(check_limit(limit)?);
+                }
+                if let Some(offset) = f.offset {
+                    if f.limit.is_none() {
+                        // Both dialects need a LIMIT before OFFSET; -1 / ALL differ, so: a large one.
+                        qb.push(" LIMIT ").push_bind(i64::MAX);
+                    }
+                    qb.push(" OFFSET ").push_bind(check_limit(offset)?);
                 }
                 self.read_all(qb.build(), rows::audit).await
             }

@@ -215,7 +215,17 @@ pub struct AuditFilter {
     pub target_type: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
+    /// Only actions starting with this (`auth.` → every login event; `access.denied`).
+    #[serde(default)]
+    pub action: Option<String>,
     pub limit: Option<i64>,
+    /// Rows to skip (paging; newest first).
+    #[serde(default)]
+    pub offset: Option<i64>,
+    /// Only rows with a smaller id (stable paging while new rows arrive: pass the last id of
+    /// the previous page).
+    #[serde(default)]
+    pub before_id: Option<i64>,
 }
 
 /// New audit record (id and time are assigned by the store; `at` defaults to now when None).

@@ -1361,6 +1361,67 @@ async fn audit_log(s: Arc<dyn Store>) {
         .len(),
         2
     );
+    // The action filter runs in the database (a prefix), before the limit: a flood of other
+    // rows cannot hide the rows asked for.
+    for i in 0..30 {
+        s.append_audit(&NewAudit {
+            at: None,
+            actor_id: Some(3),
+            actor: "flood".into(),
+            action: "subject.list".into(),
+            target_type: "subject".into(),
+            target_id: None,
+            subject_id: None,
+            details: serde_json::json!({ "n": i }),
+        })
+        .await
+        .expect("flood");
+    }
+    let denied = s
+        .list_audit(&AuditFilter {
+            action: Some("access.denied".into()),
+            limit: Some(5),
+            ..Default::default()
+        })
+        .await
+        .expect("action");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].action, "access.denied");
+    let subject_actions = s
+        .list_audit(&AuditFilter {
+            action: Some("subject.".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("prefix");
+    assert_eq!(subject_actions.len(), 31);
+    assert!(s
+        .list_audit(&AuditFilter {
+            action: Some("subject.%".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("no wildcard")
+        .is_empty());
+    // Paging: newest first, pages do not overlap.
+    let page = |offset| AuditFilter {
+        limit: Some(10),
+        offset: Some(offset),
+        ..Default::default()
+    };
+    let p1 = s.list_audit(&page(0)).await.expect("page 1");
+    let p2 = s.list_audit(&page(10)).await.expect("page 2");
+    assert_eq!(p1.len(), 10);
+    assert_eq!(p2.len(), 10);
+    assert!(p1.last().expect("p1").id > p2[0].id);
+    let tail = s
+        .list_audit(&AuditFilter {
+            offset: Some(30),
+            ..Default::default()
+        })
+        .await
+        .expect("offset only");
+    assert_eq!(tail.len(), 4);
 }
 
 async fn retention(s: Arc<dyn Store>) {

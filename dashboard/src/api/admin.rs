@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::JsonBody;
-use crate::auth::{hash_password, CurrentUser, MIN_PASSWORD_LEN};
+use crate::auth::{CurrentUser, MIN_PASSWORD_LEN};
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::AppState;
 
@@ -37,13 +37,6 @@ fn valid_username(s: &str) -> bool {
     (3..=64).contains(&s.len())
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
-}
-
-async fn hash(pw: String) -> ApiResult<String> {
-    tokio::task::spawn_blocking(move || hash_password(&pw))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 fn role_field(v: Option<&Value>, errors: &mut FieldErrors) -> Option<Role> {
@@ -114,7 +107,7 @@ pub(crate) async fn create_user(
         username,
         display_name,
         role,
-        password_hash: hash(password).await?,
+        password_hash: st.settings.password_checks.hash(password).await?,
         active: true,
     };
     user.id = st.inner.store.upsert_user(&user).await?;
@@ -182,17 +175,47 @@ pub(crate) async fn update_user(
         None | Some(Value::Null) => None,
         Some(v) => password_field(Some(v), &mut errors),
     };
+    // Changing one's own password needs the current one (a stolen session must not be
+    // enough to take the account over).
+    let own_current = match (&new_password, id == me.id()) {
+        (Some(_), true) => match input.get("current_password").and_then(Value::as_str) {
+            Some(c) if !c.is_empty() => Some(c.to_string()),
+            _ => {
+                errors.insert(
+                    "current_password".into(),
+                    "required to change your own password".into(),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
+    if let Some(current) = own_current {
+        let ok = st
+            .settings
+            .password_checks
+            .verify(current, before.password_hash.clone())
+            .await?;
+        if !ok {
+            return Err(ApiError::field(
+                "current_password",
+                "is not your current password",
+            ));
+        }
+    }
     if let Some(pw) = new_password {
-        user.password_hash = hash(pw).await?;
+        user.password_hash = st.settings.password_checks.hash(pw).await?;
         changed.push("password");
     }
     st.inner.store.upsert_user(&user).await?;
     if changed.contains(&"password") || !user.active || user.role != before.role {
-        // Existing sessions of this user end (the current one too, if it is their own).
-        if id != me.id() {
+        if id == me.id() {
+            // Their own change: every other session ends, this one stays.
+            st.inner.sessions.remove_user_except(id, &me.token);
+        } else {
             st.inner.sessions.remove_user(id);
         }
     }

@@ -28,6 +28,7 @@ pub(crate) fn route_table() -> Vec<(&'static str, Method, MethodRouter<AppState>
         ("/api/login", M::POST, post(session::login)),
         ("/api/logout", M::POST, post(session::logout)),
         ("/api/me", M::GET, get(session::me)),
+        ("/api/me/password", M::POST, post(session::change_password)),
         ("/api/subjects", M::GET, get(subjects::list)),
         ("/api/subjects", M::POST, post(subjects::create)),
         ("/api/subjects/{id}", M::GET, get(subjects::detail)),

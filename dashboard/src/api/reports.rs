@@ -105,16 +105,38 @@ pub(crate) async fn curfew(
     Ok(Json(report).into_response())
 }
 
+/// Largest page of the audit view; a CSV export may take more.
+const AUDIT_PAGE_MAX: i64 = 5000;
+/// Largest CSV export of the audit log in one request.
+const AUDIT_EXPORT_MAX: i64 = 100_000;
+
+/// `GET /api/audit`: the audit log, newest first, filtered in the database (actor, subject,
+/// target type, action prefix, time window), paged with `limit` and `before_id` (the last id
+/// of the previous page; `offset` also works but shifts as new rows arrive), as JSON or (with
+/// `format=csv`) a CSV export. Every view and export is itself audited.
 pub(crate) async fn audit(
     State(st): State<AppState>,
     me: CurrentUser,
     Query(q): Query<Params>,
-) -> ApiResult<Json<Vec<AuditEntry>>> {
+) -> ApiResult<Response> {
     st.require_role(&me, &[Role::Supervisor, Role::Admin], "audit.view", "audit")
         .await?;
-    let limit = int_param(&q, "limit")?.unwrap_or(200);
-    if !(1..=5000).contains(&limit) {
-        return Err(ApiError::field("limit", "must be 1..5000"));
+    let format = q.get("format").map(|s| s.as_str()).unwrap_or("json");
+    if format != "json" && format != "csv" {
+        return Err(ApiError::field("format", "must be json or csv"));
+    }
+    let max = if format == "csv" {
+        AUDIT_EXPORT_MAX
+    } else {
+        AUDIT_PAGE_MAX
+    };
+    let limit = int_param(&q, "limit")?.unwrap_or(if format == "csv" { max } else { 200 });
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::field("limit", format!("must be 1..{max}")));
+    }
+    let offset = int_param(&q, "offset")?.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::field("offset", "must be >= 0"));
     }
     let mut actor_id = int_param(&q, "actor_id")?;
     if let Some(name) = q.get("actor").map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -123,10 +145,6 @@ pub(crate) async fn audit(
             None => return Err(ApiError::field("actor", "no such user")),
         }
     }
-    let action = q
-        .get("action")
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
     let filter = AuditFilter {
         actor_id,
         subject_id: int_param(&q, "subject_id")?,
@@ -136,22 +154,73 @@ pub(crate) async fn audit(
             .filter(|s| !s.is_empty()),
         since: time_param(&q, "since")?,
         until: time_param(&q, "until")?,
-        // The action filter is applied here, so fetch more to fill the page.
-        limit: Some(if action.is_some() { 5000 } else { limit }),
+        action: q
+            .get("action")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()),
+        limit: Some(limit),
+        offset: Some(offset),
+        before_id: int_param(&q, "before_id")?,
     };
-    let mut entries = st.inner.store.list_audit(&filter).await?;
-    if let Some(a) = &action {
-        entries.retain(|e| e.action.starts_with(a.as_str()));
-    }
-    entries.truncate(usize::try_from(limit).unwrap_or(200));
+    let entries = st.inner.store.list_audit(&filter).await?;
     st.audit(
         &me,
-        "audit.view",
+        if format == "csv" {
+            "audit.export"
+        } else {
+            "audit.view"
+        },
         "audit",
         None,
         filter.subject_id,
-        json!({ "filter": filter, "action": action, "count": entries.len() }),
+        json!({ "filter": filter, "count": entries.len() }),
     )
     .await?;
-    Ok(Json(entries))
+    if format == "csv" {
+        let body = audit_csv(&entries).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let name = format!(
+            "attachment; filename=\"audit-{}.csv\"",
+            Utc::now().format("%Y%m%dT%H%M%SZ")
+        );
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (header::CONTENT_DISPOSITION, name),
+            ],
+            body,
+        )
+            .into_response());
+    }
+    Ok(Json(entries).into_response())
+}
+
+/// The audit rows as CSV (details as compact JSON in one column).
+fn audit_csv(entries: &[AuditEntry]) -> Result<String, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "id",
+        "at",
+        "actor_id",
+        "actor",
+        "action",
+        "target_type",
+        "target_id",
+        "subject_id",
+        "details",
+    ])?;
+    for e in entries {
+        w.write_record([
+            e.id.to_string(),
+            e.at.to_rfc3339(),
+            e.actor_id.map(|v| v.to_string()).unwrap_or_default(),
+            e.actor.clone(),
+            e.action.clone(),
+            e.target_type.clone(),
+            e.target_id.clone().unwrap_or_default(),
+            e.subject_id.map(|v| v.to_string()).unwrap_or_default(),
+            e.details.to_string(),
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

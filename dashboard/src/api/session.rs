@@ -2,7 +2,9 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::JsonBody;
-use crate::auth::{hash_password, verify_password, CurrentUser, SESSION_COOKIE};
+use crate::auth::{hash_password, CurrentUser, MIN_PASSWORD_LEN, SESSION_COOKIE};
 use crate::error::{ApiError, ApiResult};
 use crate::{AppState, OPENAPI_JSON};
 
@@ -68,6 +70,7 @@ fn cookie(st: &AppState, value: &str, clear: bool) -> Option<HeaderValue> {
 
 pub(crate) async fn login(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     JsonBody(req): JsonBody<LoginRequest>,
 ) -> ApiResult<Response> {
     let username = req.username.trim().to_string();
@@ -75,32 +78,54 @@ pub(crate) async fn login(
         tokio::time::sleep(st.settings.login_failure_delay).await;
         return Err(ApiError::BadCredentials);
     }
-    if let Err(retry_after_secs) = st.inner.throttle.check(&username) {
-        st.audit_as(
-            None,
-            &username,
-            "auth.login_throttled",
-            "user",
-            None,
-            None,
-            json!({ "retry_after_secs": retry_after_secs }),
-        )
-        .await?;
-        return Err(ApiError::TooManyRequests { retry_after_secs });
+    // Counted now, before the (costly) check: parallel guesses wait like serial ones.
+    let address = format!("ip:{}", peer.ip().to_canonical());
+    let user_key = format!("user:{username}");
+    let throttled = st
+        .inner
+        .address_throttle
+        .attempt(&address)
+        .map_err(|r| (r, "address"))
+        .and_then(|()| {
+            st.inner.throttle.attempt(&user_key).map_err(|r| {
+                // Not checked after all: the address gets its attempt back.
+                st.inner.address_throttle.refund(&address);
+                (r, "user")
+            })
+        });
+    if let Err((refused, by)) = throttled {
+        if refused.first {
+            // One audit row per back-off period, however many attempts it refuses.
+            st.audit_as(
+                None,
+                &username,
+                "auth.login_throttled",
+                "user",
+                None,
+                None,
+                json!({ "retry_after_secs": refused.retry_after_secs, "by": by,
+                        "source": peer.ip().to_canonical().to_string() }),
+            )
+            .await?;
+        }
+        metrics_login("throttled");
+        return Err(ApiError::TooManyRequests {
+            retry_after_secs: refused.retry_after_secs,
+        });
     }
     let user = st.inner.store.get_user_by_name(&username).await?;
     let (hash, usable) = match &user {
         Some(u) if u.active => (u.password_hash.clone(), true),
         _ => (dummy_hash().to_string(), false),
     };
-    let password = req.password;
-    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .map_err(|e| ApiError::Internal(format!("password check task: {e}")))?;
+    let verified = st
+        .settings
+        .password_checks
+        .verify(req.password, hash)
+        .await?;
     let user = match user {
         Some(u) if usable && verified => u,
         other => {
-            st.inner.throttle.failed(&username);
             st.audit_as(
                 other.as_ref().map(|u| u.id),
                 &username,
@@ -109,16 +134,19 @@ pub(crate) async fn login(
                 other.as_ref().map(|u| u.id.to_string()),
                 None,
                 json!({ "reason": if other.is_none() { "unknown user" }
-                        else if !usable { "user deactivated" } else { "wrong password" } }),
+                        else if !usable { "user deactivated" } else { "wrong password" },
+                        "source": peer.ip().to_canonical().to_string() }),
             )
             .await?;
+            metrics_login("failed");
             tokio::time::sleep(st.settings.login_failure_delay).await;
             return Err(ApiError::BadCredentials);
         }
     };
-    st.inner.throttle.succeeded(&username);
+    st.inner.throttle.succeeded(&user_key);
+    st.inner.address_throttle.refund(&address);
     let ttl = st.session_ttl();
-    let token = st.inner.sessions.create(user.id, ttl);
+    let token = st.inner.sessions.create(user.id, ttl, st.session_max());
     st.audit_as(
         Some(user.id),
         &user.username,
@@ -165,4 +193,71 @@ pub(crate) async fn me(State(st): State<AppState>, me: CurrentUser) -> Json<serd
         "tile_url": st.settings.tile_url,
         "session_ttl_secs": st.session_ttl().as_secs(),
     }))
+}
+
+fn metrics_login(outcome: &'static str) {
+    tracing::debug!(outcome, "login refused");
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct PasswordChange {
+    current_password: String,
+    new_password: String,
+}
+
+/// `POST /api/me/password`: the caller changes their own password. The current password is
+/// required (checked like a login: counted first, bounded); every other session of the user
+/// ends, the one making the change stays.
+pub(crate) async fn change_password(
+    State(st): State<AppState>,
+    me: CurrentUser,
+    JsonBody(req): JsonBody<PasswordChange>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if req.new_password.chars().count() < MIN_PASSWORD_LEN || req.new_password.len() > 1024 {
+        return Err(ApiError::field(
+            "new_password",
+            format!("must be {MIN_PASSWORD_LEN} to 1024 characters"),
+        ));
+    }
+    let user_key = format!("user:{}", me.user.username);
+    if let Err(refused) = st.inner.throttle.attempt(&user_key) {
+        return Err(ApiError::TooManyRequests {
+            retry_after_secs: refused.retry_after_secs,
+        });
+    }
+    let ok = st
+        .settings
+        .password_checks
+        .verify(req.current_password, me.user.password_hash.clone())
+        .await?;
+    if !ok {
+        st.audit(
+            &me,
+            "auth.password_change_failed",
+            "user",
+            Some(me.id().to_string()),
+            None,
+            json!({ "reason": "wrong current password" }),
+        )
+        .await?;
+        return Err(ApiError::field(
+            "current_password",
+            "is not your current password",
+        ));
+    }
+    st.inner.throttle.succeeded(&user_key);
+    let mut user = me.user.clone();
+    user.password_hash = st.settings.password_checks.hash(req.new_password).await?;
+    st.inner.store.upsert_user(&user).await?;
+    st.inner.sessions.remove_user_except(user.id, &me.token);
+    st.audit(
+        &me,
+        "auth.password_change",
+        "user",
+        Some(user.id.to_string()),
+        None,
+        json!({ "other_sessions_ended": true }),
+    )
+    .await?;
+    Ok(Json(json!({ "changed": true })))
 }

@@ -82,6 +82,7 @@ pub async fn start(store: Arc<dyn Store>, config: DashboardConfig) -> App {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             eprintln!("test server stopped: {e}");
         }
