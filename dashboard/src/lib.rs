@@ -13,6 +13,7 @@ mod api;
 pub mod auth;
 pub mod curfew;
 pub mod error;
+pub mod serve;
 pub mod zone_input;
 
 use std::net::SocketAddr;
@@ -53,6 +54,13 @@ pub struct DashboardConfig {
     /// Password checks (argon2, ~19 MiB each) running at once; a login beyond that gets 503
     /// with Retry-After. Default 4.
     pub password_check_slots: usize,
+    /// Open connections from one source address (an office behind NAT counts as one);
+    /// 0 = unlimited. Default 256.
+    pub max_connections_per_ip: usize,
+    /// Open connections in all; 0 = unlimited. Default 10,000.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers. Default 10.
+    pub header_timeout_secs: u64,
     /// Optional XYZ raster tile URL template (`https://tiles.example/{z}/{x}/{y}.png`) drawn
     /// under the vector map; None = vector map only (offline installations).
     pub tile_url: Option<String>,
@@ -71,6 +79,9 @@ impl Default for DashboardConfig {
             session_ttl_secs: 8 * 3600,
             session_max_secs: 12 * 3600,
             password_check_slots: 4,
+            max_connections_per_ip: 256,
+            max_connections: 10_000,
+            header_timeout_secs: 10,
             tile_url: None,
             login_failure_delay_ms: 750,
             secure_cookie: false,
@@ -383,7 +394,12 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = state.with_config(&config);
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let router = router(state);
+    let limits = serve::HttpLimits {
+        max_connections_per_ip: config.max_connections_per_ip,
+        max_connections: config.max_connections,
+        header_timeout: Duration::from_secs(config.header_timeout_secs.max(1)),
+    };
     let local = listener.local_addr()?;
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -405,8 +421,17 @@ pub async fn serve_on(
                 h2.graceful_shutdown(Some(Duration::from_secs(10)));
             });
             tracing::info!(bind = %local, "dashboard listening (HTTPS)");
-            axum_server::from_tcp_rustls(listener, tls)
-                .with_context(|| format!("dashboard HTTPS server on {local}"))?
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            let mut server = axum_server::from_tcp_rustls(listener, tls)
+                .with_context(|| format!("dashboard HTTPS server on {local}"))?;
+            // The header deadline applies here too. Connection counts per address are not
+            // kept on this path (TLS is usually terminated by a proxy that keeps them).
+            server
+                .http_builder()
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            server
                 .handle(handle)
                 .serve(app)
                 .await
@@ -416,10 +441,18 @@ pub async fn serve_on(
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("dashboard listener on {local}"))?;
             tracing::info!(bind = %local, "dashboard listening (HTTP)");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-                .context("dashboard HTTP server")?;
+            serve::serve_limited(
+                listener,
+                router,
+                limits,
+                |_| true,
+                |peer, why| {
+                    tracing::warn!(%peer, reason = why.as_str(), "dashboard connection refused")
+                },
+                shutdown,
+                Duration::from_secs(10),
+            )
+            .await;
         }
         _ => anyhow::bail!("dashboard: tls_cert and tls_key must be set together"),
     }

@@ -287,3 +287,108 @@ async fn password_change_ends_other_sessions_and_sessions_have_an_end() {
     assert_eq!(s.get("/api/me").await.status, StatusCode::UNAUTHORIZED);
     let _ = Role::Officer;
 }
+
+/// Reads until the server closes the connection (or `wait` passes); true when it closed.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // e.g. a 408 response before the close
+            Err(_) => return false,
+        }
+    }
+}
+
+/// One client opening connections it never finishes: beyond its per-address share they are
+/// closed at once, the rest when the header deadline passes; others are served meanwhile.
+/// Loopback only, bounded in count (120 connections) and time (a few seconds).
+#[tokio::test]
+async fn unfinished_requests_cannot_exhaust_the_dashboard() {
+    use tokio::io::AsyncWriteExt;
+    let store = em_store::testing::sqlite_store().await;
+    let alerts = Arc::new(
+        em_alerts::AlertService::new(store.clone(), em_alerts::AlertConfig::default())
+            .expect("alerts"),
+    );
+    let cfg = em_dashboard::DashboardConfig {
+        bind: ([127, 0, 0, 1], 0).into(),
+        max_connections_per_ip: 50,
+        max_connections: 1000,
+        header_timeout_secs: 1,
+        ..config()
+    };
+    let listener = em_dashboard::bind(&cfg).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(em_dashboard::serve_on(
+        listener,
+        cfg,
+        em_dashboard::AppState::new(store, alerts),
+        shutdown.clone(),
+    ));
+
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("partial request");
+        held.push(s);
+    }
+    // Over the per-address share: closed at once.
+    let mut refused = 0;
+    for s in held.iter_mut().skip(50) {
+        if closed_within(s, Duration::from_millis(500)).await {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 65,
+        "only {refused} of 70 over the limit were closed"
+    );
+    // Another address is served meanwhile.
+    let other = tokio::net::TcpSocket::new_v4().expect("socket");
+    other
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut o = other.connect(addr).await.expect("connect from 127.0.0.2");
+    o.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut resp = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_string(&mut o, &mut resp),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // The unfinished ones are cut off at the header deadline (1 s).
+    for s in held.iter_mut().take(50) {
+        assert!(
+            closed_within(s, Duration::from_secs(4)).await,
+            "an unfinished request outlived the header deadline"
+        );
+    }
+    drop(held);
+    // And the first address is served again.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut resp = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut resp),
+    )
+    .await
+    .expect("answered")
+    .expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+}

@@ -9,7 +9,6 @@
 //! networks are closed before the request is read.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -19,13 +18,13 @@ use bytes::Bytes;
 use chrono::Utc;
 use em_model::Protocol;
 use em_protocols::osmand;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AllowList;
 use crate::metrics as m;
 use crate::pipeline::Pipeline;
-use crate::registry::{Credential, Refusal, Registry};
+use crate::registry::{Credential, Registry};
 
 const P: Protocol = Protocol::Osmand;
 
@@ -48,44 +47,26 @@ pub fn router(pipeline: Pipeline, registry: Registry) -> Router {
 pub async fn serve(
     listener: TcpListener,
     allow: AllowList,
+    limits: em_dashboard::serve::HttpLimits,
     pipeline: Pipeline,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(protocol = %P, addr = ?listener.local_addr().ok(), "device listener started");
-    let app = router(pipeline, registry).into_make_service();
-    axum::serve(AllowedListener { listener, allow }, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-}
-
-/// The OsmAnd TCP listener with the source allow list applied at accept.
-struct AllowedListener {
-    listener: TcpListener,
-    allow: AllowList,
-}
-
-impl axum::serve::Listener for AllowedListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let (io, peer) = axum::serve::Listener::accept(&mut self.listener).await;
-            if self.allow.permits(peer.ip()) {
-                return (io, peer);
-            }
-            let refusal = Refusal::SourceNotAllowed;
-            m::device_rejected(P, refusal.as_str());
-            tracing::warn!(protocol = %P, %peer, reason = %refusal,
-                "connection refused: source not in the listener's allow list");
-            drop(io);
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
+    em_dashboard::serve::serve_limited(
+        listener,
+        router(pipeline, registry),
+        limits,
+        move |ip| allow.permits(ip),
+        |peer, why| {
+            m::device_rejected(P, why.as_str());
+            tracing::warn!(protocol = %P, %peer, reason = why.as_str(), "connection refused");
+        },
+        shutdown,
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    Ok(())
 }
 
 async fn report(

@@ -324,8 +324,15 @@ impl Service {
             addrs.osmand = lst.local_addr().ok();
             let (p, r, s) = (pipeline.clone(), registry.clone(), shutdown.clone());
             let allow = l.osmand.allow.clone();
+            // The same limits as the other device listeners; the headers of a report must
+            // arrive within the login timeout.
+            let limits = em_dashboard::serve::HttpLimits {
+                max_connections_per_ip: l.max_connections_per_ip,
+                max_connections: l.max_connections,
+                header_timeout: Duration::from_secs(l.login_timeout_secs.max(1)),
+            };
             listeners_tracker.spawn(async move {
-                if let Err(e) = crate::osmand::serve(lst, allow, p, r, s).await {
+                if let Err(e) = crate::osmand::serve(lst, allow, limits, p, r, s).await {
                     tracing::error!(error = %e, "OsmAnd listener failed");
                 }
             });

@@ -528,3 +528,77 @@ async fn em_records_of_a_device_registered_under_another_protocol_are_refused() 
     poller.abort();
     svc.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The OsmAnd HTTP listener has the device listeners' limits (issue 13, finding 1)
+// ---------------------------------------------------------------------------------------
+
+/// One client opening unfinished requests cannot take the OsmAnd listener: beyond its
+/// per-address share the connections are closed at once, the rest at the header deadline
+/// (the login timeout), and a tag reporting from another address is served all along.
+/// Loopback only; 60 connections; a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_osmand_requests_are_bounded_and_cut_off() {
+    let db = sqlite_db().await;
+    register(
+        &*db.store,
+        "osm-flood",
+        Protocol::Osmand,
+        Some("osm-token-0123456789"),
+    )
+    .await;
+    let mut cfg = test_config(&db);
+    cfg.listeners.max_connections_per_ip = 20;
+    cfg.listeners.login_timeout_secs = 1;
+    let svc = start(cfg).await;
+    let addr = svc.addrs.osmand.expect("osmand");
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        let mut s = connect(addr).await;
+        let _ = s
+            .write_all(b"GET /?id=osm-flood HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        held.push(s);
+    }
+    let mut closed_at_once = 0;
+    for s in held.iter_mut().skip(20) {
+        if closed_by_server(s, Duration::from_millis(500)).await {
+            closed_at_once += 1;
+        }
+    }
+    assert!(
+        closed_at_once >= 38,
+        "{closed_at_once} of 40 over the share closed"
+    );
+    // A tag on another address reports meanwhile.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.3:0".parse().expect("addr"))
+        .expect("bind 127.0.0.3");
+    let mut o = sock.connect(addr).await.expect("connect");
+    let q = format!(
+        "{}&token=osm-token-0123456789",
+        osmand_query("osm-flood", 55.4)
+    );
+    o.write_all(format!("GET {q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    tokio::time::timeout(T, o.read_to_end(&mut resp))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 200"));
+    for s in held.iter_mut().take(20) {
+        assert!(
+            closed_by_server(s, Duration::from_secs(4)).await,
+            "an unfinished request outlived the header deadline"
+        );
+    }
+    drop(held);
+    let q = format!(
+        "{}&token=osm-token-0123456789",
+        osmand_query("osm-flood", 55.5)
+    );
+    assert_eq!(http(addr, &q, "").await, 200, "the address is served again");
+    svc.stop().await;
+}

@@ -1,0 +1,174 @@
+//! HTTP serving with the limits every listener of the service has (the device listeners keep
+//! the same policy): connections per source address and in all, a deadline for a request's
+//! headers (a client that opens connections and never finishes a request is cut off), and a
+//! graceful shutdown that lets requests in flight finish. Used by the dashboard (HTTP) and the
+//! OsmAnd listener.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Limits of one HTTP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Open connections from one source address; 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Open connections in all; 0 = unlimited.
+    pub max_connections: usize,
+    /// Time a client has to send the headers of a request.
+    pub header_timeout: Duration,
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The source is not allowed on this listener.
+    Source,
+    PerIpLimit,
+    TotalLimit,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Source => "source_not_allowed",
+            Refused::PerIpLimit => "per_ip_limit",
+            Refused::TotalLimit => "total_limit",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    per_ip: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// Counts open connections per source address and in all.
+#[derive(Clone, Default)]
+struct Limiter {
+    limits: Option<HttpLimits>,
+    counts: Arc<Mutex<Counts>>,
+}
+
+struct Permit {
+    ip: IpAddr,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Limiter {
+    fn acquire(&self, ip: IpAddr) -> Result<Permit, Refused> {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = self.limits {
+            if l.max_connections > 0 && c.total >= l.max_connections {
+                return Err(Refused::TotalLimit);
+            }
+            if l.max_connections_per_ip > 0
+                && c.per_ip.get(&ip).copied().unwrap_or(0) >= l.max_connections_per_ip
+            {
+                return Err(Refused::PerIpLimit);
+            }
+        }
+        *c.per_ip.entry(ip).or_default() += 1;
+        c.total += 1;
+        Ok(Permit {
+            ip,
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` under `limits` until `shutdown`, then waits (at most `grace`)
+/// for requests in flight. `allow` decides per source address, before anything is read;
+/// `refused` is told of every refused connection (logs, metrics). Handlers can extract
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve_limited(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    allow: impl Fn(IpAddr) -> bool + Send + Sync + 'static,
+    refused: impl Fn(SocketAddr, Refused) + Send + Sync + 'static,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let limiter = Limiter {
+        limits: Some(limits),
+        counts: Arc::default(),
+    };
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !allow(peer.ip().to_canonical()) {
+            refused(peer, Refused::Source);
+            continue;
+        }
+        let permit = match limiter.acquire(peer.ip().to_canonical()) {
+            Ok(p) => p,
+            Err(why) => {
+                refused(peer, why);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after the grace period");
+    }
+}
