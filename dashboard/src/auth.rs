@@ -101,91 +101,99 @@ fn token_key(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-#[derive(Debug, Clone)]
-struct Session {
-    user_id: UserId,
-    /// Idle expiry: each use moves it forward by the TTL…
-    expires_at: Instant,
-    /// …but never past this absolute end (`session_max_secs` after login).
-    ends_at: Instant,
+/// Dashboard sessions, kept in the store so that every instance knows them: a login on one
+/// instance is valid on all, and a logout, password change or deactivation ends sessions
+/// everywhere. Keyed by the SHA-256 of the token, so the store never holds a usable token.
+/// Each use moves the idle expiry forward by the TTL, never past the absolute end.
+pub(crate) struct Sessions {
+    store: std::sync::Arc<dyn Store>,
 }
 
-/// The server-side session map (idle timeout: each use extends the session by the TTL).
-#[derive(Debug)]
-pub(crate) struct Sessions {
-    map: Mutex<HashMap<[u8; 32], Session>>,
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+fn hash_hex(token: &str) -> String {
+    hex::encode(token_key(token))
+}
+
+fn chrono_of(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 impl Sessions {
-    pub(crate) fn new() -> Self {
-        Sessions {
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
-        // A panic while holding this lock cannot leave the map inconsistent (single inserts/removes).
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn new(store: std::sync::Arc<dyn Store>) -> Self {
+        Sessions { store }
     }
 
     /// Start a session; returns the token to hand to the client.
-    pub(crate) fn create(&self, user_id: UserId, ttl: Duration, max_life: Duration) -> String {
+    pub(crate) async fn create(
+        &self,
+        user_id: UserId,
+        ttl: Duration,
+        max_life: Duration,
+    ) -> Result<String, ApiError> {
         let token = new_token();
-        let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, s| s.expires_at > now && s.ends_at > now);
-        let ends_at = now + max_life;
-        map.insert(
-            token_key(&token),
-            Session {
+        let now = chrono::Utc::now();
+        // Expired sessions go now and then (about one login in fifty).
+        if OsRng.next_u32().is_multiple_of(50) {
+            let _ = self.store.purge_sessions(now).await;
+        }
+        self.store
+            .create_session(&em_store::NewSession {
+                token_hash: hash_hex(&token),
                 user_id,
-                expires_at: (now + ttl).min(ends_at),
-                ends_at,
-            },
-        );
-        token
+                created_at: now,
+                expires_at: now + chrono_of(ttl),
+                ends_at: now + chrono_of(max_life),
+            })
+            .await?;
+        Ok(token)
     }
 
-    /// The user of a live session, extending it; expired sessions are removed.
-    pub(crate) fn touch(&self, token: &str, ttl: Duration) -> Option<UserId> {
-        let key = token_key(token);
-        let now = Instant::now();
-        let mut map = self.lock();
-        match map.get_mut(&key) {
-            Some(s) if s.expires_at > now && s.ends_at > now => {
-                s.expires_at = (now + ttl).min(s.ends_at);
-                Some(s.user_id)
-            }
-            Some(_) => {
-                map.remove(&key);
-                None
-            }
-            None => None,
-        }
+    /// The user of a live session, extending it.
+    pub(crate) async fn touch(
+        &self,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<UserId>, ApiError> {
+        let now = chrono::Utc::now();
+        Ok(self
+            .store
+            .touch_session(&hash_hex(token), now, now + chrono_of(ttl))
+            .await?)
     }
 
     /// Whether a session is live, without extending it (used by long-lived SSE streams).
-    pub(crate) fn is_live(&self, token: &str) -> bool {
-        let now = Instant::now();
-        self.lock()
-            .get(&token_key(token))
-            .is_some_and(|s| s.expires_at > now && s.ends_at > now)
+    pub(crate) async fn is_live(&self, token: &str) -> bool {
+        self.store
+            .session_live(&hash_hex(token), chrono::Utc::now())
+            .await
+            .unwrap_or(false)
     }
 
-    pub(crate) fn remove(&self, token: &str) {
-        self.lock().remove(&token_key(token));
+    pub(crate) async fn remove(&self, token: &str) -> Result<(), ApiError> {
+        Ok(self.store.delete_session(&hash_hex(token)).await?)
     }
 
-    /// End every session of a user (deactivation, password change).
-    pub(crate) fn remove_user(&self, user_id: UserId) {
-        self.lock().retain(|_, s| s.user_id != user_id);
+    /// End every session of a user (deactivation, password change by an admin).
+    pub(crate) async fn remove_user(&self, user_id: UserId) -> Result<(), ApiError> {
+        self.store.delete_user_sessions(user_id, None).await?;
+        Ok(())
     }
 
     /// End every session of a user but the one carrying `keep` (their own password change).
-    pub(crate) fn remove_user_except(&self, user_id: UserId, keep: &str) {
-        let keep = token_key(keep);
-        self.lock()
-            .retain(|k, s| s.user_id != user_id || *k == keep);
+    pub(crate) async fn remove_user_except(
+        &self,
+        user_id: UserId,
+        keep: &str,
+    ) -> Result<(), ApiError> {
+        self.store
+            .delete_user_sessions(user_id, Some(&hash_hex(keep)))
+            .await?;
+        Ok(())
     }
 }
 
@@ -392,6 +400,7 @@ impl FromRequestParts<AppState> for CurrentUser {
             .inner
             .sessions
             .touch(&token, state.session_ttl())
+            .await?
             .ok_or(ApiError::Unauthorized)?;
         // Re-read the user on every request so deactivation and role changes apply at once.
         let user = state.inner.store.get_user(user_id).await?;
@@ -402,7 +411,7 @@ impl FromRequestParts<AppState> for CurrentUser {
                 via_bearer,
             }),
             _ => {
-                state.inner.sessions.remove(&token);
+                state.inner.sessions.remove(&token).await?;
                 Err(ApiError::Unauthorized)
             }
         }
@@ -422,32 +431,58 @@ mod tests {
         assert!(!verify_password("x", "not a phc string"));
     }
 
-    #[test]
-    fn sessions_expire_and_end() {
+    #[tokio::test]
+    async fn sessions_expire_and_end() {
         let hour = Duration::from_secs(3600);
-        let s = Sessions::new();
-        let t = s.create(7, Duration::from_secs(60), hour);
+        let s = Sessions::new(em_store::testing::sqlite_store().await);
+        let t = s
+            .create(7, Duration::from_secs(60), hour)
+            .await
+            .expect("create");
         assert_eq!(t.len(), 64);
-        assert_eq!(s.touch(&t, Duration::from_secs(60)), Some(7));
-        assert_eq!(s.touch("other", Duration::from_secs(60)), None);
-        s.remove(&t);
-        assert_eq!(s.touch(&t, Duration::from_secs(60)), None);
-        let t2 = s.create(8, Duration::ZERO, hour);
-        assert_eq!(s.touch(&t2, Duration::from_secs(60)), None);
-        let t3 = s.create(9, Duration::from_secs(60), hour);
-        s.remove_user(9);
-        assert!(!s.is_live(&t3));
+        assert_eq!(
+            s.touch(&t, Duration::from_secs(60)).await.expect("touch"),
+            Some(7)
+        );
+        assert_eq!(
+            s.touch("other", Duration::from_secs(60))
+                .await
+                .expect("touch"),
+            None
+        );
+        s.remove(&t).await.expect("remove");
+        assert_eq!(
+            s.touch(&t, Duration::from_secs(60)).await.expect("touch"),
+            None
+        );
+        let t2 = s.create(8, Duration::ZERO, hour).await.expect("create");
+        assert_eq!(
+            s.touch(&t2, Duration::from_secs(60)).await.expect("touch"),
+            None
+        );
+        let t3 = s
+            .create(9, Duration::from_secs(60), hour)
+            .await
+            .expect("create");
+        s.remove_user(9).await.expect("remove user");
+        assert!(!s.is_live(&t3).await);
         // However busy, a session ends at its absolute lifetime.
-        let t4 = s.create(10, Duration::from_secs(60), Duration::ZERO);
-        assert_eq!(s.touch(&t4, Duration::from_secs(60)), None);
+        let t4 = s
+            .create(10, Duration::from_secs(60), Duration::ZERO)
+            .await
+            .expect("create");
+        assert_eq!(
+            s.touch(&t4, Duration::from_secs(60)).await.expect("touch"),
+            None
+        );
         // A password change ends the user's other sessions, not the one making it.
-        let a = s.create(11, hour, hour);
-        let b = s.create(11, hour, hour);
-        let other = s.create(12, hour, hour);
-        s.remove_user_except(11, &a);
-        assert!(s.is_live(&a));
-        assert!(!s.is_live(&b));
-        assert!(s.is_live(&other));
+        let a = s.create(11, hour, hour).await.expect("create");
+        let b = s.create(11, hour, hour).await.expect("create");
+        let other = s.create(12, hour, hour).await.expect("create");
+        s.remove_user_except(11, &a).await.expect("remove others");
+        assert!(s.is_live(&a).await);
+        assert!(!s.is_live(&b).await);
+        assert!(s.is_live(&other).await);
     }
 
     #[test]

@@ -156,11 +156,11 @@ impl AppState {
     pub fn new(store: Arc<dyn Store>, alerts: Arc<AlertService>) -> Self {
         AppState {
             inner: Arc::new(Inner {
+                sessions: auth::Sessions::new(store.clone()),
                 store,
                 alerts,
                 feed: tokio::sync::OnceCell::new(),
                 feed_stop: CancellationToken::new(),
-                sessions: auth::Sessions::new(),
                 throttle: auth::Throttle::new(auth::Throttle::FREE_PER_USER),
                 address_throttle: auth::Throttle::new(auth::Throttle::FREE_PER_ADDRESS),
             }),

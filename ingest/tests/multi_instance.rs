@@ -493,8 +493,17 @@ async fn three_instances_share_one_bus() {
         instances[2].dashboard,
     );
 
-    // A's live feed.
+    // A's live feed. Sessions are shared: a login on A is valid on B and C.
     let token_a = login(&http, a_dash).await;
+    for dash in [b_dash, c_dash] {
+        let me = http
+            .get(format!("http://{dash}/api/me"))
+            .bearer_auth(&token_a)
+            .send()
+            .await
+            .expect("me");
+        assert_eq!(me.status(), 200, "a session from A is valid on {dash}");
+    }
     let mut feed_a = sse_events(http.clone(), a_dash, token_a.clone());
     let first = tokio::time::timeout(Duration::from_secs(10), feed_a.recv())
         .await

@@ -240,6 +240,35 @@ impl Store for GatedStore {
         self.inner.acquire_lease(name, holder).await
     }
 
+    async fn create_session(&self, session: &NewSession) -> Result<()> {
+        self.inner.create_session(session).await
+    }
+
+    async fn touch_session(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Option<UserId>> {
+        self.inner.touch_session(token_hash, now, expires_at).await
+    }
+
+    async fn session_live(&self, token_hash: &str, now: DateTime<Utc>) -> Result<bool> {
+        self.inner.session_live(token_hash, now).await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<()> {
+        self.inner.delete_session(token_hash).await
+    }
+
+    async fn delete_user_sessions(&self, user_id: UserId, keep: Option<&str>) -> Result<u64> {
+        self.inner.delete_user_sessions(user_id, keep).await
+    }
+
+    async fn purge_sessions(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.inner.purge_sessions(now).await
+    }
+
     async fn unacknowledged_alerts(&self, before: DateTime<Utc>) -> Result<Vec<Alert>> {
         self.inner.unacknowledged_alerts(before).await
     }

@@ -970,6 +970,79 @@ macro_rules! store_body {
                 self.read_all(q, rows::user).await
             }
 
+            async fn create_session(&self, n: &NewSession) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO sessions (token_hash, user_id, created_at, expires_at, ends_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&n.token_hash)
+                .bind(n.user_id)
+                .bind($d::ts(n.created_at))
+                .bind($d::ts(n.expires_at.min(n.ends_at)))
+                .bind($d::ts(n.ends_at))
+                .execute(&self.pool)
+                .await
+                .map_err(|e| map_unique(e, || "session exists".to_string()))?;
+                Ok(())
+            }
+
+            async fn touch_session(
+                &self,
+                token_hash: &str,
+                now: DateTime<Utc>,
+                expires_at: DateTime<Utc>,
+            ) -> Result<Option<UserId>> {
+                Ok(sqlx::query_scalar(
+                    "UPDATE sessions SET expires_at = CASE WHEN $3 < ends_at THEN $3 ELSE ends_at END
+                     WHERE token_hash = $1 AND expires_at > $2 AND ends_at > $2
+                     RETURNING user_id",
+                )
+                .bind(token_hash)
+                .bind($d::ts(now))
+                .bind($d::ts(expires_at))
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn session_live(&self, token_hash: &str, now: DateTime<Utc>) -> Result<bool> {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM sessions
+                     WHERE token_hash = $1 AND expires_at > $2 AND ends_at > $2",
+                )
+                .bind(token_hash)
+                .bind($d::ts(now))
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(n > 0)
+            }
+
+            async fn delete_session(&self, token_hash: &str) -> Result<()> {
+                sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn delete_user_sessions(&self, user_id: UserId, keep: Option<&str>) -> Result<u64> {
+                Ok(sqlx::query(
+                    "DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2",
+                )
+                .bind(user_id)
+                .bind(keep.unwrap_or(""))
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+            }
+
+            async fn purge_sessions(&self, now: DateTime<Utc>) -> Result<u64> {
+                Ok(sqlx::query("DELETE FROM sessions WHERE expires_at <= $1 OR ends_at <= $1")
+                    .bind($d::ts(now))
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
+            }
+
             async fn append_audit(&self, entry: &NewAudit) -> Result<i64> {
                 let mut conn = self.pool.acquire().await?;
                 Self::insert_audit(&mut conn, entry).await

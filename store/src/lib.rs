@@ -241,6 +241,17 @@ pub struct NewAudit {
     pub details: serde_json::Value,
 }
 
+/// A new dashboard session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewSession {
+    /// Hex SHA-256 of the token (the token itself is never stored).
+    pub token_hash: String,
+    pub user_id: UserId,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
 /// Counts returned by a retention run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionReport {
@@ -400,6 +411,25 @@ pub trait Store: Send + Sync + 'static {
     /// SQLite: a row with an expiry renewed by [`Lease::still_held`]. `None` when another
     /// holder has it.
     async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>>;
+
+    // --- dashboard sessions (shared by every instance) --------------------------------------
+    /// Stores a new session under the hash of its token.
+    async fn create_session(&self, session: &NewSession) -> Result<()>;
+    /// The user of a live session (idle expiry and absolute end both after `now`), moving its
+    /// idle expiry to `expires_at` (capped at its end). `None` when unknown or expired.
+    async fn touch_session(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Option<UserId>>;
+    /// Whether a session is live at `now`, without extending it.
+    async fn session_live(&self, token_hash: &str, now: DateTime<Utc>) -> Result<bool>;
+    async fn delete_session(&self, token_hash: &str) -> Result<()>;
+    /// Ends every session of `user_id`, but the one with hash `keep` when given.
+    async fn delete_user_sessions(&self, user_id: UserId, keep: Option<&str>) -> Result<u64>;
+    /// Deletes sessions expired at `now`.
+    async fn purge_sessions(&self, now: DateTime<Utc>) -> Result<u64>;
 
     // --- users + audit --------------------------------------------------------------------
     /// Insert (id = 0) or update a user; returns its id.

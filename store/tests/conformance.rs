@@ -1064,6 +1064,82 @@ async fn change_log_and_cursors(s: Arc<dyn Store>) {
     stop.cancel();
 }
 
+async fn sessions(s: Arc<dyn Store>) {
+    let now = Utc::now();
+    let new = |hash: &str, user: UserId, idle: i64, end: i64| NewSession {
+        token_hash: hash.into(),
+        user_id: user,
+        created_at: now,
+        expires_at: now + Duration::seconds(idle),
+        ends_at: now + Duration::seconds(end),
+    };
+    s.create_session(&new("a", 1, 60, 3600)).await.expect("a");
+    s.create_session(&new("b", 1, 60, 3600)).await.expect("b");
+    s.create_session(&new("c", 2, 60, 3600)).await.expect("c");
+    s.create_session(&new("short", 3, 3600, 30))
+        .await
+        .expect("short");
+    assert!(matches!(
+        s.create_session(&new("a", 9, 60, 60)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // A touch moves the idle expiry, never past the end.
+    assert_eq!(
+        s.touch_session("a", now, now + Duration::seconds(600))
+            .await
+            .expect("touch"),
+        Some(1)
+    );
+    assert!(s
+        .session_live("a", now + Duration::seconds(300))
+        .await
+        .expect("live"));
+    assert!(!s
+        .session_live("b", now + Duration::seconds(300))
+        .await
+        .expect("idle"));
+    assert_eq!(
+        s.touch_session("short", now, now + Duration::seconds(600))
+            .await
+            .expect("touch"),
+        Some(3)
+    );
+    assert!(!s
+        .session_live("short", now + Duration::seconds(60))
+        .await
+        .expect("ended"));
+    assert_eq!(
+        s.touch_session(
+            "short",
+            now + Duration::seconds(31),
+            now + Duration::seconds(900)
+        )
+        .await
+        .expect("after the end"),
+        None
+    );
+    assert_eq!(
+        s.touch_session("nope", now, now).await.expect("unknown"),
+        None
+    );
+    // Ending a user's sessions, keeping one.
+    assert_eq!(
+        s.delete_user_sessions(1, Some("a")).await.expect("others"),
+        1
+    );
+    assert!(s.session_live("a", now).await.expect("kept"));
+    assert!(!s.session_live("b", now).await.expect("gone"));
+    assert!(s.session_live("c", now).await.expect("other user"));
+    s.delete_session("c").await.expect("logout");
+    assert!(!s.session_live("c", now).await.expect("logged out"));
+    assert_eq!(
+        s.purge_sessions(now + Duration::seconds(4000))
+            .await
+            .expect("purge"),
+        2
+    );
+}
+
 async fn leases(s: Arc<dyn Store>) {
     let mut a = s
         .acquire_lease("job-x", "holder-a")
@@ -1742,6 +1818,7 @@ conformance!(
     untrusted_time_is_flagged_and_moves_no_latest_state,
     alert_writes_are_versioned_and_atomic,
     change_log_and_cursors,
+    sessions,
     leases,
     outbox,
     audit_log,

@@ -214,9 +214,9 @@ pub(crate) async fn update_user(
     if changed.contains(&"password") || !user.active || user.role != before.role {
         if id == me.id() {
             // Their own change: every other session ends, this one stays.
-            st.inner.sessions.remove_user_except(id, &me.token);
+            st.inner.sessions.remove_user_except(id, &me.token).await?;
         } else {
-            st.inner.sessions.remove_user(id);
+            st.inner.sessions.remove_user(id).await?;
         }
     }
     st.audit(

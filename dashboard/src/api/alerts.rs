@@ -216,7 +216,7 @@ impl Feed {
                     }
                 },
                 _ = self.tick.tick() => {
-                    if !self.st.inner.sessions.is_live(&self.me.token) {
+                    if !self.st.inner.sessions.is_live(&self.me.token).await {
                         return Some((Event::default().event("session_expired").data("{}"), false));
                     }
                 }

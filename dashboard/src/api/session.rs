@@ -146,7 +146,11 @@ pub(crate) async fn login(
     st.inner.throttle.succeeded(&user_key);
     st.inner.address_throttle.refund(&address);
     let ttl = st.session_ttl();
-    let token = st.inner.sessions.create(user.id, ttl, st.session_max());
+    let token = st
+        .inner
+        .sessions
+        .create(user.id, ttl, st.session_max())
+        .await?;
     st.audit_as(
         Some(user.id),
         &user.username,
@@ -169,7 +173,7 @@ pub(crate) async fn login(
 }
 
 pub(crate) async fn logout(State(st): State<AppState>, me: CurrentUser) -> ApiResult<Response> {
-    st.inner.sessions.remove(&me.token);
+    st.inner.sessions.remove(&me.token).await?;
     st.audit(
         &me,
         "auth.logout",
@@ -249,7 +253,10 @@ pub(crate) async fn change_password(
     let mut user = me.user.clone();
     user.password_hash = st.settings.password_checks.hash(req.new_password).await?;
     st.inner.store.upsert_user(&user).await?;
-    st.inner.sessions.remove_user_except(user.id, &me.token);
+    st.inner
+        .sessions
+        .remove_user_except(user.id, &me.token)
+        .await?;
     st.audit(
         &me,
         "auth.password_change",
