@@ -414,28 +414,22 @@ pub async fn serve_on(
                         key.display()
                     )
                 })?;
-            let handle = axum_server::Handle::new();
-            let h2 = handle.clone();
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                h2.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .with_context(|| format!("dashboard listener on {local}"))?;
             tracing::info!(bind = %local, "dashboard listening (HTTPS)");
-            let app = router.into_make_service_with_connect_info::<SocketAddr>();
-            let mut server = axum_server::from_tcp_rustls(listener, tls)
-                .with_context(|| format!("dashboard HTTPS server on {local}"))?;
-            // The header deadline applies here too. Connection counts per address are not
-            // kept on this path (TLS is usually terminated by a proxy that keeps them).
-            server
-                .http_builder()
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            server
-                .handle(handle)
-                .serve(app)
-                .await
-                .with_context(|| format!("dashboard HTTPS server on {local}"))?;
+            serve::serve_limited(
+                listener,
+                router,
+                limits,
+                Some(tls.get_inner()),
+                |_| true,
+                |peer, why| {
+                    tracing::warn!(%peer, reason = why.as_str(), "dashboard connection refused")
+                },
+                shutdown,
+                Duration::from_secs(10),
+            )
+            .await;
         }
         (None, None) => {
             let listener = tokio::net::TcpListener::from_std(listener)
@@ -445,6 +439,7 @@ pub async fn serve_on(
                 listener,
                 router,
                 limits,
+                None,
                 |_| true,
                 |peer, why| {
                     tracing::warn!(%peer, reason = why.as_str(), "dashboard connection refused")

@@ -103,12 +103,15 @@ impl Drop for Permit {
 
 /// Serves `app` on `listener` under `limits` until `shutdown`, then waits (at most `grace`)
 /// for requests in flight. `allow` decides per source address, before anything is read;
-/// `refused` is told of every refused connection (logs, metrics). Handlers can extract
-/// `ConnectInfo<SocketAddr>`.
+/// `refused` is told of every refused connection (logs, metrics). With `tls`, each connection
+/// is a TLS one (the handshake must also finish within the header deadline). Handlers can
+/// extract `ConnectInfo<SocketAddr>`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_limited(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     allow: impl Fn(IpAddr) -> bool + Send + Sync + 'static,
     refused: impl Fn(SocketAddr, Refused) + Send + Sync + 'static,
     shutdown: CancellationToken,
@@ -123,6 +126,7 @@ pub async fn serve_limited(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -154,12 +158,38 @@ pub async fn serve_limited(
             req.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(req)
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let deadline = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake not finished in time");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
             drop(permit);

@@ -57,6 +57,7 @@ pub async fn serve(
         listener,
         router(pipeline, registry),
         limits,
+        None,
         move |ip| allow.permits(ip),
         |peer, why| {
             m::device_rejected(P, why.as_str());
