@@ -81,6 +81,9 @@ pub struct ListenersConfig {
     pub gt06_port: u16,
     /// Teltonika Codec 8/8E TCP port; 0 = disabled.
     pub teltonika_port: u16,
+    /// Teltonika Codec 8/8E UDP port (its own port space; the `[listeners.teltonika]` allow
+    /// list applies); 0 = disabled.
+    pub teltonika_udp_port: u16,
     /// H02 TCP port; 0 = disabled.
     pub h02_port: u16,
     /// OsmAnd HTTP port; 0 = disabled.
@@ -186,6 +189,7 @@ impl Default for ListenersConfig {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             gt06_port: 5023,
             teltonika_port: 5027,
+            teltonika_udp_port: 5027,
             h02_port: 5013,
             osmand_port: 5055,
             idle_timeout_secs: 600,

@@ -17,3 +17,4 @@ pub mod pipeline;
 pub mod registry;
 pub mod service;
 pub mod tcp;
+pub mod udp;

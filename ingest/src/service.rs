@@ -31,6 +31,8 @@ use crate::tcp::{Gt06, TcpServer, TcpSettings, Teltonika, H02};
 pub struct BoundAddrs {
     pub gt06: Option<SocketAddr>,
     pub teltonika: Option<SocketAddr>,
+    /// Teltonika over UDP.
+    pub teltonika_udp: Option<SocketAddr>,
     pub h02: Option<SocketAddr>,
     pub osmand: Option<SocketAddr>,
     /// The embedded MQTT endpoint.
@@ -249,6 +251,16 @@ impl Service {
         let gt06 = bind_opt::<Gt06>(l.gt06_port, addr(l.gt06_port), reuse).await?;
         let telt = bind_opt::<Teltonika>(l.teltonika_port, addr(l.teltonika_port), reuse).await?;
         let h02 = bind_opt::<H02>(l.h02_port, addr(l.h02_port), reuse).await?;
+        let telt_udp = if l.teltonika_udp_port > 0 {
+            let a = addr(l.teltonika_udp_port);
+            Some(
+                tokio::net::UdpSocket::bind(a)
+                    .await
+                    .with_context(|| format!("binding the Teltonika UDP listener to {a}"))?,
+            )
+        } else {
+            None
+        };
         let osmand = if l.osmand_port > 0 {
             Some(
                 tokio::net::TcpListener::bind(addr(l.osmand_port))
@@ -317,6 +329,16 @@ impl Service {
                 pipeline.clone(),
                 registry.clone(),
                 connections.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(sock) = telt_udp {
+            addrs.teltonika_udp = sock.local_addr().ok();
+            listeners_tracker.spawn(crate::udp::serve(
+                sock,
+                l.teltonika.allow.clone(),
+                pipeline.clone(),
+                registry.clone(),
                 shutdown.clone(),
             ));
         }
@@ -572,6 +594,7 @@ fn write_addr_file(path: &std::path::Path, a: &BoundAddrs) -> std::io::Result<()
     let json = serde_json::json!({
         "gt06": show(a.gt06),
         "teltonika": show(a.teltonika),
+        "teltonika_udp": show(a.teltonika_udp),
         "h02": show(a.h02),
         "osmand": show(a.osmand),
         "mqtt": show(a.mqtt),

@@ -417,6 +417,7 @@ url = "{url}"
 bind = "127.0.0.1"
 gt06_port = 0
 teltonika_port = 0
+teltonika_udp_port = 0
 h02_port = 0
 osmand_port = 0
 
