@@ -13,6 +13,7 @@ mod api;
 pub mod auth;
 pub mod curfew;
 pub mod error;
+pub mod limits;
 pub mod serve;
 pub mod zone_input;
 

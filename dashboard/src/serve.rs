@@ -4,9 +4,8 @@
 //! graceful shutdown that lets requests in flight finish. Used by the dashboard (HTTP) and the
 //! OsmAnd listener.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -17,6 +16,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::limits::{ConnectionLimiter, LimitExceeded};
 
 /// Limits of one HTTP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,59 +49,6 @@ impl Refused {
     }
 }
 
-#[derive(Default)]
-struct Counts {
-    per_ip: HashMap<IpAddr, usize>,
-    total: usize,
-}
-
-/// Counts open connections per source address and in all.
-#[derive(Clone, Default)]
-struct Limiter {
-    limits: Option<HttpLimits>,
-    counts: Arc<Mutex<Counts>>,
-}
-
-struct Permit {
-    ip: IpAddr,
-    counts: Arc<Mutex<Counts>>,
-}
-
-impl Limiter {
-    fn acquire(&self, ip: IpAddr) -> Result<Permit, Refused> {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = self.limits {
-            if l.max_connections > 0 && c.total >= l.max_connections {
-                return Err(Refused::TotalLimit);
-            }
-            if l.max_connections_per_ip > 0
-                && c.per_ip.get(&ip).copied().unwrap_or(0) >= l.max_connections_per_ip
-            {
-                return Err(Refused::PerIpLimit);
-            }
-        }
-        *c.per_ip.entry(ip).or_default() += 1;
-        c.total += 1;
-        Ok(Permit {
-            ip,
-            counts: self.counts.clone(),
-        })
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Serves `app` on `listener` under `limits` until `shutdown`, then waits (at most `grace`)
 /// for requests in flight. `allow` decides per source address, before anything is read;
 /// `refused` is told of every refused connection (logs, metrics). With `tls`, each connection
@@ -117,10 +65,7 @@ pub async fn serve_limited(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let limiter = Limiter {
-        limits: Some(limits),
-        counts: Arc::default(),
-    };
+    let limiter = ConnectionLimiter::new(limits.max_connections_per_ip, limits.max_connections);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -145,10 +90,14 @@ pub async fn serve_limited(
             refused(peer, Refused::Source);
             continue;
         }
-        let permit = match limiter.acquire(peer.ip().to_canonical()) {
+        let permit = match limiter.try_acquire(peer.ip().to_canonical()) {
             Ok(p) => p,
-            Err(why) => {
-                refused(peer, why);
+            Err(LimitExceeded::PerIp) => {
+                refused(peer, Refused::PerIpLimit);
+                continue;
+            }
+            Err(LimitExceeded::Total) => {
+                refused(peer, Refused::TotalLimit);
                 continue;
             }
         };

@@ -8,7 +8,8 @@ pub mod config;
 pub mod evaluate;
 /// The device-health rules live with the other alert rules in `em-alerts`.
 pub use em_alerts::health;
-pub mod limits;
+/// Connection limits: one policy for every listener (kept beside the HTTP server).
+pub use em_dashboard::limits;
 pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_server;

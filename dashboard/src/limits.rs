@@ -1,5 +1,7 @@
-//! Connection admission: a per-IP and a total limit on concurrent device connections. A
-//! permit is held for the life of the connection and released on drop.
+//! Connection admission, one policy for every listener of the service (device TCP listeners,
+//! the embedded MQTT endpoint, the OsmAnd and dashboard HTTP servers): a per-IP and a total
+//! limit on concurrent connections. A permit is held for the life of the connection and
+//! released on drop.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
