@@ -1,7 +1,8 @@
 //! Administration: users, devices and device assignments (admin only; supervisors may list
 //! users to assign caseloads).
 
-use axum::extract::{Path, State};
+use super::Path;
+use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
 use em_model::{Device, Protocol, Role, SubjectId, User, UserId};
