@@ -72,6 +72,11 @@ async fn schemathesis_finds_no_violation() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
             .current_dir(cwd)
+            .arg("--config-file")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/schemathesis.toml"
+            ))
             .arg("run")
             .arg(format!("{base}/api/openapi.json"))
             .args(["--url", &base])
