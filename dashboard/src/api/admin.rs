@@ -132,6 +132,9 @@ pub(crate) async fn update_user(
 ) -> ApiResult<Json<User>> {
     st.require_role(&me, &[Role::Admin], "user.update", "user")
         .await?;
+    if !input.is_object() {
+        return Err(ApiError::field("_", "expected a JSON object"));
+    }
     let before = st
         .inner
         .store
