@@ -257,6 +257,7 @@ pub fn router(state: AppState) -> Router {
             security_headers,
         ))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(1024 * 1024))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -323,6 +324,38 @@ async fn security_headers(
         HeaderValue::from_static("no-referrer"),
     );
     res
+}
+
+/// Every error of the API has the JSON error body (`{"error": …}`): an error response under
+/// `/api/` that is not JSON (a rejection of axum or tower-http, such as 405 or 413) gets the
+/// body of its status; headers (`Allow`, `Retry-After`) are kept.
+async fn json_errors(req: Request<Body>, next: Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    let res = next.run(req).await;
+    let status = res.status();
+    if !api || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (mut parts, _) = res.into_parts();
+    let message = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase();
+    let body = serde_json::json!({ "error": message }).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 async fn no_store(req: Request<Body>, next: Next) -> Response {

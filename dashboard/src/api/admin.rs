@@ -1,7 +1,8 @@
 //! Administration: users, devices and device assignments (admin only; supervisors may list
 //! users to assign caseloads).
 
-use axum::extract::{Path, State};
+use super::Path;
+use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
 use em_model::{Device, Protocol, Role, SubjectId, User, UserId};
@@ -131,6 +132,9 @@ pub(crate) async fn update_user(
 ) -> ApiResult<Json<User>> {
     st.require_role(&me, &[Role::Admin], "user.update", "user")
         .await?;
+    if !input.is_object() {
+        return Err(ApiError::field("_", "expected a JSON object"));
+    }
     let before = st
         .inner
         .store

@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use axum::extract::{Path, Query, State};
+use super::{Path, Query};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use em_geofence::{CompiledGeometry, CompiledSchedule, GeofenceError};

@@ -1,7 +1,8 @@
 //! Victim data: a protected person's device positions (its own class, read only by supervisors
 //! and victim liaison officers, every read audited) and the class of a device.
 
-use axum::extract::{Path, Query, State};
+use super::{Path, Query};
+use axum::extract::State;
 use axum::Json;
 use chrono::Duration;
 use em_model::{DeviceClass, Role};

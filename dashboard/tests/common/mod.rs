@@ -312,3 +312,197 @@ impl SseReader {
         }
     }
 }
+
+/// Seeds data whose optional fields are both set and unset, so that responses exercise every
+/// nullable field: a subject without officer or order, a device with full and bare records, a
+/// record without position, a victim device, zones with and without schedule, and alerts in
+/// every state (with and without device, zone, end, acknowledgement, resolution note).
+pub async fn seed_variety(app: &App) {
+    use em_alerts::{Phase, Signal};
+    use em_model::{
+        AlertKind, Device, DeviceClass, ExceptionKind, FixSource, Position, Protocol, Record,
+        ScheduleException, ScheduleSpec, WeeklyWindow, ZoneGeometry, ZoneKind, ZoneSpec,
+    };
+    use em_store::StoredRecord;
+    use serde_json::json;
+
+    let s = app.store.as_ref();
+    let now = Utc::now();
+    s.upsert_subject(&Subject {
+        officer_id: None,
+        ..subject("CASE-C", "Chris Carlsen", app.officer_a)
+    })
+    .await
+    .expect("subject c");
+    s.upsert_subject(&Subject {
+        order_start: Some(now - chrono::Duration::days(30)),
+        order_end: Some(now + chrono::Duration::days(300)),
+        ..subject("CASE-D", "Dana Dahl", app.officer_b)
+    })
+    .await
+    .expect("subject d");
+    for (id, class) in [
+        ("tag-a", DeviceClass::OffenderTag),
+        ("tag-b", DeviceClass::OffenderTag),
+        ("victim-1", DeviceClass::Victim),
+    ] {
+        s.upsert_device(&Device {
+            device_id: id.into(),
+            protocol: Protocol::Em,
+            secret: None,
+            active: true,
+            class,
+        })
+        .await
+        .expect("device");
+    }
+    s.assign_device("tag-a", app.subject_a, now - chrono::Duration::days(2))
+        .await
+        .expect("assign a");
+    s.assign_device("tag-b", app.subject_b, now - chrono::Duration::days(2))
+        .await
+        .expect("assign b");
+    let full = Position {
+        lat: 55.6761,
+        lon: 12.5683,
+        accuracy_m: Some(8.0),
+        speed_kmh: Some(4.5),
+        course_deg: Some(45.0),
+        altitude_m: Some(12.0),
+        satellites: Some(9),
+        valid: true,
+        source: FixSource::Gnss,
+    };
+    let bare = Position {
+        accuracy_m: None,
+        speed_kmh: None,
+        course_deg: None,
+        altitude_m: None,
+        satellites: None,
+        valid: false,
+        ..full
+    };
+    let mut records = Vec::new();
+    let mut victim = Vec::new();
+    for (i, pos) in [Some(full), Some(bare), None].into_iter().enumerate() {
+        let t = now - chrono::Duration::minutes(30 - 5 * i as i64);
+        let mut r = Record::new("tag-a", Protocol::Em, t);
+        r.position = pos;
+        if i == 0 {
+            r.battery_pct = Some(80);
+            r.charging = Some(false);
+            r.beacon_in_range = Some(true);
+        }
+        records.push(StoredRecord {
+            subject_id: Some(app.subject_a),
+            record: r,
+        });
+        let mut v = Record::new("victim-1", Protocol::Em, t);
+        v.position = pos.or(Some(full));
+        victim.push(v);
+    }
+    // Subject b's latest record has no position at all.
+    records.push(StoredRecord {
+        subject_id: Some(app.subject_b),
+        record: Record::new("tag-b", Protocol::Em, now - chrono::Duration::minutes(3)),
+    });
+    s.insert_records(&records).await.expect("records");
+    s.insert_victim_records(&victim)
+        .await
+        .expect("victim records");
+
+    let zone = ZoneSpec {
+        id: 0,
+        subject_id: Some(app.subject_a),
+        group: None,
+        name: "Home".into(),
+        kind: ZoneKind::Inclusion,
+        geometry: ZoneGeometry::Circle {
+            center: [12.5683, 55.6761],
+            radius_m: 150.0,
+        },
+        schedule: Some(ScheduleSpec {
+            windows: vec![WeeklyWindow {
+                day: 1,
+                start: "21:00".into(),
+                end: "07:00".into(),
+            }],
+            exceptions: vec![
+                ScheduleException {
+                    kind: ExceptionKind::Absence,
+                    start: now,
+                    end: now + chrono::Duration::hours(2),
+                    note: None,
+                },
+                ScheduleException {
+                    kind: ExceptionKind::Absence,
+                    start: now + chrono::Duration::days(1),
+                    end: now + chrono::Duration::days(2),
+                    note: Some("hospital".into()),
+                },
+            ],
+        }),
+        is_curfew_home: true,
+    };
+    let home = s.upsert_zone(&zone).await.expect("home zone");
+    s.upsert_zone(&ZoneSpec {
+        name: "Park".into(),
+        kind: ZoneKind::Exclusion,
+        geometry: ZoneGeometry::Polygon {
+            rings: vec![vec![[12.0, 55.0], [12.1, 55.0], [12.1, 55.1]]],
+        },
+        schedule: None,
+        is_curfew_home: false,
+        ..zone.clone()
+    })
+    .await
+    .expect("park zone");
+
+    let kinds = [
+        (AlertKind::LostCommunication, None, None),
+        (AlertKind::LowBattery, Some("tag-a"), None),
+        (AlertKind::InclusionZoneExit, Some("tag-a"), Some(home)),
+        (AlertKind::StrapTamper, Some("tag-a"), None),
+    ];
+    let mut ids = Vec::new();
+    for (kind, device, zone) in kinds {
+        let alert = app
+            .alerts
+            .handle(Signal {
+                kind,
+                phase: Phase::Started,
+                subject_id: app.subject_a,
+                device_id: device.map(Into::into),
+                zone_id: zone,
+                at: now - chrono::Duration::minutes(20),
+                evidence: json!({}),
+            })
+            .await
+            .expect("raise")
+            .expect("kind enabled");
+        ids.push(alert.id);
+    }
+    // The zone exit ends and is resolved with a note; one alert is acknowledged.
+    app.alerts
+        .handle(Signal {
+            kind: AlertKind::InclusionZoneExit,
+            phase: Phase::Ended,
+            subject_id: app.subject_a,
+            device_id: Some("tag-a".into()),
+            zone_id: Some(home),
+            at: now - chrono::Duration::minutes(10),
+            evidence: json!({}),
+        })
+        .await
+        .expect("end");
+    let sup = app.login("super").await;
+    let r = sup.post(&format!("/api/alerts/{}/ack", ids[1]), None).await;
+    assert_eq!(r.status, StatusCode::OK, "ack: {}", r.text);
+    let r = sup
+        .post(
+            &format!("/api/alerts/{}/resolve", ids[2]),
+            Some(json!({ "code": "other", "note": "checked on site" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "resolve: {}", r.text);
+}
