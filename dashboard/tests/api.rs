@@ -869,6 +869,18 @@ async fn scenario_curfew_report(store: Arc<dyn Store>) {
         .get("content-disposition")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("curfew-20240101-20240103.csv")));
+    // A week asked in local time is named by its local days (23–30 Nov), not the UTC dates.
+    let week = sup
+        .get("/api/reports/curfew?from=2026-11-23T00:00:00%2B01:00&to=2026-12-01T00:00:00%2B01:00&format=csv")
+        .await;
+    assert_eq!(week.status, StatusCode::OK, "{}", week.text);
+    let name = week
+        .headers
+        .get("content-disposition")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(name.contains("curfew-20261123-20261130.csv"), "{name}");
     let lines: Vec<&str> = csv.text.lines().collect();
     assert_eq!(lines[0], "row_type,subject_id,reference,subject_name,officer,required_hours,compliant_hours,violation_hours,violation_count,compliance_pct,alert_id,alert_kind,violation_start,violation_end,note");
     let subject_line = format!(

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Offset, Utc};
 use em_model::{AuditEntry, Role};
 use em_store::{AlertFilter, AuditFilter};
 use serde_json::json;
@@ -90,9 +90,8 @@ pub(crate) async fn curfew(
     if format == "csv" {
         let body = curfew::to_csv(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
         let filename = format!(
-            "attachment; filename=\"curfew-{}-{}.csv\"",
-            from.format("%Y%m%d"),
-            to.format("%Y%m%d")
+            "attachment; filename=\"{}\"",
+            period_file_name(&q, from, to)
         );
         return Ok((
             [
@@ -104,6 +103,32 @@ pub(crate) async fn curfew(
             .into_response());
     }
     Ok(Json(report).into_response())
+}
+
+/// The report's file name names the days it covers as the caller gave them: the first day and
+/// the last day the (exclusive) end still covers, in the UTC offset of the query's times (UTC
+/// when they have none). A week asked as 23 Nov 00:00+01:00 to 1 Dec 00:00+01:00 is
+/// `curfew-20261123-20261130.csv`, not the UTC dates 22 Nov and 1 Dec.
+fn period_file_name(q: &Params, from: DateTime<Utc>, to: DateTime<Utc>) -> String {
+    let offset_of = |field: &str| {
+        q.get(field)
+            .and_then(|raw| DateTime::parse_from_rfc3339(raw.trim()).ok())
+            .map(|t| *t.offset())
+    };
+    let to_offset = offset_of("to")
+        .or_else(|| offset_of("from"))
+        .unwrap_or(Utc.fix());
+    let from_offset = offset_of("from").unwrap_or(to_offset);
+    let first = from.with_timezone(&from_offset).date_naive();
+    let last = (to - Duration::nanoseconds(1))
+        .with_timezone(&to_offset)
+        .date_naive()
+        .max(first);
+    format!(
+        "curfew-{}-{}.csv",
+        first.format("%Y%m%d"),
+        last.format("%Y%m%d")
+    )
 }
 
 /// Largest page of the audit view; a CSV export may take more.
