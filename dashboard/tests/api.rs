@@ -1249,3 +1249,67 @@ async fn raise(
         .expect("raise")
         .expect("kind enabled")
 }
+
+/// Issue 14, finding 7: a case reference names one subject, and a device id must be one its
+/// protocol can send.
+#[tokio::test]
+async fn duplicate_references_and_malformed_device_ids_are_refused() {
+    let app = start(em_store::testing::sqlite_store().await, config()).await;
+    let sup = app.login("super").await;
+    let dup = sup
+        .post(
+            "/api/subjects",
+            Some(
+                json!({"reference": "case-a", "display_name": "Someone Else",
+                        "timezone": "Europe/Copenhagen", "officer_id": app.officer_a}),
+            ),
+        )
+        .await;
+    assert_eq!(dup.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", dup.text);
+    assert!(dup.json()["errors"]["reference"].is_string());
+    // Saving a subject under its own reference is fine.
+    let same = sup
+        .put(
+            &format!("/api/subjects/{}", app.subject_a),
+            json!({"reference": "CASE-A", "display_name": "Alex Andersen",
+                   "timezone": "Europe/Copenhagen", "officer_id": app.officer_a}),
+        )
+        .await;
+    assert_eq!(same.status, StatusCode::OK, "{}", same.text);
+
+    let admin = app.login("admin").await;
+    for (id, protocol) in [
+        ("12ab", "gt06"),
+        ("35830710000000", "gt06"),
+        ("3520940000000155", "teltonika"),
+        ("12345", "h02"),
+    ] {
+        let r = admin
+            .post(
+                "/api/devices",
+                Some(json!({"device_id": id, "protocol": protocol})),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{id} {protocol}: {}",
+            r.text
+        );
+        assert!(r.json()["errors"]["device_id"].is_string());
+    }
+    for (id, protocol) in [
+        ("358307100000006", "gt06"),
+        ("352094000000015", "teltonika"),
+        ("8800000012", "h02"),
+        ("phone-7", "osmand"),
+    ] {
+        let r = admin
+            .post(
+                "/api/devices",
+                Some(json!({"device_id": id, "protocol": protocol})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{id} {protocol}: {}", r.text);
+    }
+}

@@ -40,6 +40,23 @@ fn valid_username(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
 
+/// What is wrong with a device id for its protocol, if anything: GT06/Concox and Teltonika
+/// identify by IMEI (15 digits; GT06 sends it as 8 BCD bytes, a leading 0 dropped), H02 by a
+/// numeric terminal id (10 to 15 digits). A device registered under an id it can never send
+/// would never be admitted — or, worse, a typo would register a stranger's id.
+fn device_id_format_error(p: Protocol, id: &str) -> Option<&'static str> {
+    let digits = id.bytes().all(|b| b.is_ascii_digit());
+    match p {
+        Protocol::Gt06 | Protocol::Teltonika if !(digits && id.len() == 15) => {
+            Some("must be the device's IMEI: 15 digits")
+        }
+        Protocol::H02 if !(digits && (10..=15).contains(&id.len())) => {
+            Some("must be the device's numeric id: 10 to 15 digits")
+        }
+        _ => None,
+    }
+}
+
 fn role_field(v: Option<&Value>, errors: &mut FieldErrors) -> Option<Role> {
     match v.and_then(Value::as_str).map(str::parse::<Role>) {
         Some(Ok(r)) => Some(r),
@@ -316,7 +333,14 @@ pub(crate) async fn upsert_device(
         .and_then(Value::as_str)
         .map(str::parse::<Protocol>)
     {
-        Some(Ok(p)) => Some(p),
+        Some(Ok(p)) => {
+            if let Some(id) = &device_id {
+                if let Some(why) = device_id_format_error(p, id) {
+                    errors.insert("device_id".into(), why.into());
+                }
+            }
+            Some(p)
+        }
         Some(Err(e)) => {
             errors.insert("protocol".into(), e);
             None

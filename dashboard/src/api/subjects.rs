@@ -177,6 +177,23 @@ async fn parse_subject(st: &AppState, id: SubjectId, input: &Value) -> ApiResult
         return Err(ApiError::field("_", "expected a JSON object"));
     };
     let reference = str_field(obj, "reference", 64, &mut errors);
+    if let Some(r) = &reference {
+        // A case reference names one subject in the OMS: two subjects with the same one would
+        // send the OMS alerts it cannot tell apart.
+        let taken = st
+            .inner
+            .store
+            .list_subjects(None)
+            .await?
+            .into_iter()
+            .any(|s| s.id != id && s.reference.trim().eq_ignore_ascii_case(r.trim()));
+        if taken {
+            errors.insert(
+                "reference".into(),
+                "is already the case reference of another subject".into(),
+            );
+        }
+    }
     let display_name = str_field(obj, "display_name", 100, &mut errors);
     let timezone = str_field(obj, "timezone", 64, &mut errors);
     if let Some(tz) = &timezone {
