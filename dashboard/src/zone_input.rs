@@ -14,7 +14,7 @@
 //! device. Whether the device exists and may be a victim device, and who may save such a zone,
 //! is checked by the API (supervisors only).
 
-use chrono::{DateTime, NaiveTime, Utc};
+use chrono::{DateTime, NaiveTime, Timelike, Utc};
 use em_model::{
     ExceptionKind, LonLat, ScheduleException, ScheduleSpec, WeeklyWindow, ZoneGeometry, ZoneKind,
 };
@@ -402,12 +402,86 @@ fn self_intersection(ring: &[LonLat]) -> Option<(usize, usize)> {
 }
 
 /// `Some(None)` = no schedule (always active); `Some(Some(_))` = schedule; `None` = errors.
+const WEEK_MIN: u32 = 7 * 24 * 60;
+
+/// A weekly window as [start, start + length) in minutes from Monday 00:00 (the end may pass
+/// the end of the week: the week is a circle).
+fn week_span(w: &WeeklyWindow) -> Option<(u32, u32)> {
+    let minutes = |t: &str| parse_hhmm(t).map(|t| t.hour() * 60 + t.minute());
+    let (s, e) = (minutes(&w.start)?, minutes(&w.end)?);
+    let start = (u32::from(w.day).checked_sub(1)?) * 24 * 60 + s;
+    let len = if e > s { e - s } else { e + 24 * 60 - s };
+    Some((start, start + len))
+}
+
+/// Whether two spans of the weekly circle share a minute.
+fn spans_overlap(a: (u32, u32), b: (u32, u32)) -> bool {
+    let w = i64::from(WEEK_MIN);
+    let (a0, a1) = (i64::from(a.0), i64::from(a.1));
+    [-w, 0, w].iter().any(|k| {
+        let (b0, b1) = (i64::from(b.0) + k, i64::from(b.1) + k);
+        a0 < b1 && b0 < a1
+    })
+}
+
+/// Whether two zone geometries overlap, by points of each tested against the other (circle
+/// centres and rims, polygon vertices and ring centres). Dynamic zones move and are not
+/// compared.
+pub fn geometries_overlap(a: &ZoneGeometry, b: &ZoneGeometry) -> bool {
+    use em_geofence::CompiledGeometry;
+    fn probes(g: &ZoneGeometry) -> Vec<LonLat> {
+        match g {
+            ZoneGeometry::Circle { center, radius_m } => {
+                let mut v = vec![*center];
+                let dlat = radius_m / 111_320.0;
+                let dlon = dlat / center[1].to_radians().cos().max(0.01);
+                for k in 0..8 {
+                    let t = f64::from(k) * std::f64::consts::FRAC_PI_4;
+                    v.push([center[0] + dlon * t.cos(), center[1] + dlat * t.sin()]);
+                }
+                v
+            }
+            ZoneGeometry::Polygon { rings } => ring_probes(rings),
+            ZoneGeometry::MultiPolygon { polygons } => {
+                polygons.iter().flat_map(|r| ring_probes(r)).collect()
+            }
+            ZoneGeometry::Dynamic { .. } => Vec::new(),
+        }
+    }
+    fn ring_probes(rings: &[Vec<LonLat>]) -> Vec<LonLat> {
+        let Some(outer) = rings.first() else {
+            return Vec::new();
+        };
+        let mut v = outer.clone();
+        if !outer.is_empty() {
+            let n = outer.len() as f64;
+            let c = outer
+                .iter()
+                .fold([0.0, 0.0], |acc, p| [acc[0] + p[0] / n, acc[1] + p[1] / n]);
+            v.push(c);
+        }
+        v
+    }
+    let (Ok(ca), Ok(cb)) = (
+        CompiledGeometry::compile(0, a),
+        CompiledGeometry::compile(0, b),
+    ) else {
+        return false;
+    };
+    let inside = |g: &CompiledGeometry, p: &LonLat| {
+        g.signed_distance_m(p[0], p[1]).is_some_and(|d| d <= 0.0)
+    };
+    probes(a).iter().any(|p| inside(&cb, p)) || probes(b).iter().any(|p| inside(&ca, p))
+}
+
 fn parse_schedule(
     obj: &serde_json::Map<String, Value>,
     errors: &mut FieldErrors,
 ) -> Option<Option<ScheduleSpec>> {
     let before = errors.len();
     let mut windows = Vec::new();
+    // Where each kept window stands in the input (errors name the input's index).
+    let mut positions: Vec<usize> = Vec::new();
     match obj.get("windows") {
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
@@ -439,12 +513,40 @@ fn parse_schedule(
                 let start = time("start");
                 let end = time("end");
                 if let (Some(day), Some(start), Some(end)) = (day, start, end) {
-                    windows.push(WeeklyWindow { day, start, end });
+                    if start == end {
+                        // 22:00-22:00 could mean nothing or a whole day: say which.
+                        errors.insert(
+                            format!("windows[{i}].end"),
+                            "must differ from start (for a whole day, use 00:00-23:59 or two windows)"
+                                .into(),
+                        );
+                    } else {
+                        positions.push(i);
+                        windows.push(WeeklyWindow { day, start, end });
+                    }
                 }
             }
         }
         Some(_) => {
             errors.insert("windows".into(), "must be a list of weekly windows".into());
+        }
+    }
+    // Windows of one zone must not overlap (on the weekly circle, across midnight and Sunday
+    // to Monday): an overlap is a typing mistake, and it makes the required hours count twice.
+    let spans: Vec<(usize, (u32, u32))> = positions
+        .iter()
+        .zip(&windows)
+        .filter_map(|(&at, w)| week_span(w).map(|span| (at, span)))
+        .collect();
+    for (j, &(at_j, span_j)) in spans.iter().enumerate() {
+        if let Some(&(at_i, _)) = spans[..j]
+            .iter()
+            .find(|(_, span_i)| spans_overlap(*span_i, span_j))
+        {
+            errors.insert(
+                format!("windows[{at_j}].start"),
+                format!("overlaps windows[{at_i}]"),
+            );
         }
     }
     let mut exceptions = Vec::new();
@@ -594,6 +696,71 @@ mod tests {
             assert!(err.contains_key(f), "missing {f} in {err:?}");
         }
         assert!(!err.contains_key("windows[0].start"));
+    }
+
+    fn windows(ws: serde_json::Value) -> Result<ZoneDraft, FieldErrors> {
+        parse_zone(&json!({"name":"Home","kind":"inclusion","shape":"circle",
+            "center":[12.5,55.6],"radius_m":100, "windows": ws}))
+    }
+
+    #[test]
+    fn empty_and_overlapping_windows_are_refused() {
+        let err = windows(json!([{"day":1,"start":"22:00","end":"22:00"}])).expect_err("0 or 24 h");
+        assert!(err.contains_key("windows[0].end"), "{err:?}");
+        // Monday 21:00-07:00 runs into Tuesday; Tuesday 06:00-08:00 overlaps it.
+        let err = windows(json!([{"day":1,"start":"21:00","end":"07:00"},
+                                 {"day":2,"start":"06:00","end":"08:00"}]))
+        .expect_err("overlap");
+        assert_eq!(
+            err.get("windows[1].start").map(String::as_str),
+            Some("overlaps windows[0]")
+        );
+        // Sunday night into Monday morning overlaps a Monday window (the week is a circle).
+        let err = windows(json!([{"day":1,"start":"05:00","end":"06:00"},
+                                 {"day":7,"start":"22:00","end":"06:00"}]))
+        .expect_err("wraps the week");
+        assert!(err.contains_key("windows[1].start"), "{err:?}");
+        // Back to back is fine, and so is every night of the week.
+        windows(json!([{"day":1,"start":"21:00","end":"07:00"},
+                       {"day":2,"start":"07:00","end":"08:00"}]))
+        .expect("adjacent");
+        let nights: Vec<_> = (1..=7)
+            .map(|d| json!({"day": d, "start": "21:00", "end": "07:00"}))
+            .collect();
+        windows(json!(nights)).expect("every night");
+    }
+
+    #[test]
+    fn overlapping_geometries_are_found() {
+        let home = ZoneGeometry::Circle {
+            center: [12.5, 55.6],
+            radius_m: 50.0,
+        };
+        let over = ZoneGeometry::Circle {
+            center: [12.5005, 55.6],
+            radius_m: 200.0,
+        };
+        let far = ZoneGeometry::Circle {
+            center: [12.6, 55.6],
+            radius_m: 200.0,
+        };
+        let square = ZoneGeometry::Polygon {
+            rings: vec![vec![
+                [12.49, 55.59],
+                [12.51, 55.59],
+                [12.51, 55.61],
+                [12.49, 55.61],
+                [12.49, 55.59],
+            ]],
+        };
+        assert!(geometries_overlap(&home, &over));
+        assert!(geometries_overlap(&over, &home));
+        assert!(!geometries_overlap(&home, &far));
+        assert!(
+            geometries_overlap(&square, &home),
+            "the home inside a large square"
+        );
+        assert!(!geometries_overlap(&square, &far));
     }
 
     #[test]

@@ -1313,3 +1313,66 @@ async fn duplicate_references_and_malformed_device_ids_are_refused() {
         assert_eq!(r.status, StatusCode::OK, "{id} {protocol}: {}", r.text);
     }
 }
+
+/// Issue 14, finding 6: an exclusion zone over the subject's own curfew home is refused, as
+/// are empty and overlapping weekly windows.
+#[tokio::test]
+async fn exclusion_over_the_curfew_home_and_bad_windows_are_refused() {
+    let app = start(em_store::testing::sqlite_store().await, config()).await;
+    let a = app.login("officer.a").await;
+    let path = format!("/api/subjects/{}/zones", app.subject_a);
+    let home = a
+        .post(
+            &path,
+            Some(json!({
+                "name": "Home", "kind": "inclusion", "is_curfew_home": true, "shape": "circle",
+                "center": [12.50, 55.60], "radius_m": 60,
+                "windows": [{"day": 1, "start": "21:00", "end": "07:00"}]
+            })),
+        )
+        .await;
+    assert_eq!(home.status, StatusCode::OK, "{}", home.text);
+    let over = a
+        .post(
+            &path,
+            Some(json!({
+                "name": "Park", "kind": "exclusion", "shape": "circle",
+                "center": [12.5004, 55.6002], "radius_m": 150
+            })),
+        )
+        .await;
+    assert_eq!(
+        over.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        over.text
+    );
+    assert!(over.json()["errors"]["kind"].is_string());
+    let elsewhere = a
+        .post(
+            &path,
+            Some(json!({
+                "name": "School", "kind": "exclusion", "shape": "circle",
+                "center": [12.55, 55.62], "radius_m": 150
+            })),
+        )
+        .await;
+    assert_eq!(elsewhere.status, StatusCode::OK, "{}", elsewhere.text);
+    let bad = a
+        .post(
+            &path,
+            Some(json!({
+                "name": "Work", "kind": "inclusion", "shape": "circle", "center": [12.52, 55.61],
+                "radius_m": 100, "windows": [{"day": 2, "start": "22:00", "end": "22:00"},
+                                              {"day": 3, "start": "08:00", "end": "12:00"},
+                                              {"day": 3, "start": "11:00", "end": "13:00"}]
+            })),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    let errs = bad.json()["errors"].clone();
+    assert!(
+        errs["windows[0].end"].is_string() && errs["windows[2].start"].is_string(),
+        "{errs}"
+    );
+}

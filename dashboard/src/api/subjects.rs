@@ -8,7 +8,8 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use em_geofence::{CompiledGeometry, CompiledSchedule, GeofenceError};
 use em_model::{
-    AlertState, BreachRules, DeviceClass, Role, Subject, SubjectId, ZoneGeometry, ZoneId, ZoneSpec,
+    AlertState, BreachRules, DeviceClass, Role, Subject, SubjectId, ZoneGeometry, ZoneId, ZoneKind,
+    ZoneSpec,
 };
 use em_store::AlertFilter;
 use serde::Serialize;
@@ -436,6 +437,38 @@ fn engine_check(draft: &ZoneDraft) -> ApiResult<()> {
     }
 }
 
+/// An exclusion zone must not cover the subject's curfew home (nor a curfew home lie in one of
+/// their exclusion zones): the order could not be kept, and every night at home would raise
+/// a breach.
+async fn check_home_not_excluded(
+    st: &AppState,
+    subject: SubjectId,
+    zone_id: Option<ZoneId>,
+    d: &ZoneDraft,
+) -> ApiResult<()> {
+    let is_exclusion = d.kind == ZoneKind::Exclusion;
+    if !is_exclusion && !d.is_curfew_home {
+        return Ok(());
+    }
+    for other in st.inner.store.list_zones(Some(subject)).await? {
+        if Some(other.id) == zone_id || other.subject_id != Some(subject) {
+            continue;
+        }
+        let clash = (is_exclusion && other.is_curfew_home)
+            || (d.is_curfew_home && other.kind == ZoneKind::Exclusion);
+        if clash && crate::zone_input::geometries_overlap(&d.geometry, &other.geometry) {
+            return Err(ApiError::field(
+                "kind",
+                format!(
+                    "an exclusion zone may not overlap the subject's curfew home ({:?}, zone {})",
+                    other.name, other.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn draft(input: &Value) -> ApiResult<ZoneDraft> {
     let d = parse_zone(input).map_err(ApiError::Validation)?;
     engine_check(&d)?;
@@ -544,6 +577,7 @@ pub(crate) async fn create_zone(
     )
     .await?;
     adopt_victim_device(&st, &me, &d.geometry, id).await?;
+    check_home_not_excluded(&st, id, None, &d).await?;
     let zone = ZoneSpec {
         id: 0,
         subject_id: Some(id),
@@ -640,6 +674,7 @@ pub(crate) async fn update_zone(
     .await?;
     if let Some(sid) = before.subject_id {
         adopt_victim_device(&st, &me, &d.geometry, sid).await?;
+        check_home_not_excluded(&st, sid, Some(id), &d).await?;
     } else if matches!(d.geometry, ZoneGeometry::Dynamic { .. }) {
         return Err(ApiError::field(
             "shape",
