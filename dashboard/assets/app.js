@@ -504,10 +504,15 @@ async function loadOverviewMap() {
 
 // ---------------------------------------------------------------- alerts
 
+// Triage order, the same as the server's: unresolved first; then escalated, most severe (an
+// acknowledged critical stays above an open low battery), open before acknowledged, newest.
 function sortAlerts(list) {
+  const resolved = (x) => (x.state === "resolved" ? 1 : 0);
   return list.sort((a, b) =>
-    (STATE_RANK[a.state] - STATE_RANK[b.state]) ||
+    (resolved(a) - resolved(b)) ||
+    ((b.escalated ? 1 : 0) - (a.escalated ? 1 : 0)) ||
     (SEV_RANK[b.severity] - SEV_RANK[a.severity]) ||
+    (STATE_RANK[a.state] - STATE_RANK[b.state]) ||
     (new Date(b.started_at) - new Date(a.started_at)) || (b.id - a.id));
 }
 
@@ -531,13 +536,15 @@ function alertItem(a, compact) {
       h("span", { class: "sev " + a.severity }, a.severity),
       h("span", { class: "subject" }, subjectName(a.subject_id)),
       h("span", { class: "kind muted" }, KIND_WORDS[a.kind] || a.kind),
-      h("span", { class: "state " + a.state }, a.state)),
+      h("span", { class: "state " + a.state }, a.state),
+      a.escalated ? h("span", { class: "escalated-badge", title: "Not acknowledged in time: escalated to supervisors" }, "escalated") : ""),
     h("div", { class: "msg" }, a.message),
     h("div", { class: "meta" },
       `Started ${fmtTime(a.started_at)}`,
+      a.state === "open" ? ` · waiting ${ago(a.created_at).replace(" ago", "")}` : "",
+      a.acknowledged_at ? ` · acknowledged ${ago(a.acknowledged_at)}` : "",
       a.occurrences > 1 ? ` · ${a.occurrences} repeats, last ${ago(a.last_seen_at)}` : "",
       a.ended_at ? ` · condition ended ${fmtTime(a.ended_at)}` : "",
-      a.escalated ? " · ESCALATED" : "",
       a.resolution_code ? ` · resolved: ${a.resolution_code}${a.resolution_note ? " — " + a.resolution_note : ""}` : ""));
   if (!compact) {
     const buttons = h("div", { class: "buttons" });

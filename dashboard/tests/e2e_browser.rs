@@ -406,6 +406,16 @@ async fn drive(page: &mut Page, app: &App) -> Result<(), String> {
     page.wait_for(&format!("{item_css}[data-state=\"acknowledged\"]"), 10)
         .await
         .map_err(|e| format!("alert not shown acknowledged: {e}"))?;
+    // Triage: the acknowledged high alert stays above the open low-battery one (issue 14).
+    let first = page
+        .eval("document.querySelector('#alert-list li.alert').dataset.alertId")
+        .await?;
+    if first != json!(alert.id.to_string()) {
+        return Err(format!(
+            "after acknowledging, the queue starts with {first}, expected {}",
+            alert.id
+        ));
+    }
     let stored = app
         .store
         .get_alert(alert.id)

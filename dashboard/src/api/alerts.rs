@@ -19,19 +19,19 @@ use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-/// Queue order: open before acknowledged before resolved, then most severe, then newest.
+/// Triage order of the queue (the page sorts the same way): every unresolved alert before the
+/// resolved ones; among the unresolved, escalated first, then the most severe — an
+/// acknowledged critical stays above an open low battery — then open before acknowledged,
+/// then newest.
 pub(crate) fn sort_alerts(alerts: &mut [Alert]) {
-    fn rank(s: AlertState) -> u8 {
-        match s {
-            AlertState::Open => 0,
-            AlertState::Acknowledged => 1,
-            AlertState::Resolved => 2,
-        }
-    }
     alerts.sort_by(|a, b| {
-        rank(a.state)
-            .cmp(&rank(b.state))
+        let resolved = |x: &Alert| x.state == AlertState::Resolved;
+        let open_rank = |x: &Alert| u8::from(x.state != AlertState::Open);
+        resolved(a)
+            .cmp(&resolved(b))
+            .then(b.escalated.cmp(&a.escalated))
             .then(b.severity.cmp(&a.severity))
+            .then(open_rank(a).cmp(&open_rank(b)))
             .then(b.started_at.cmp(&a.started_at))
             .then(b.id.cmp(&a.id))
     });
@@ -262,4 +262,56 @@ pub(crate) async fn stream(
         Some((Ok(event), more.then_some(feed)))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use em_model::{AlertKind, Severity};
+
+    fn alert(id: i64, severity: Severity, state: AlertState, escalated: bool) -> Alert {
+        let t = Utc
+            .timestamp_opt(1_700_000_000 + id, 0)
+            .single()
+            .expect("time");
+        Alert {
+            id,
+            subject_id: 1,
+            device_id: None,
+            kind: AlertKind::LowBattery,
+            severity,
+            state,
+            zone_id: None,
+            message: String::new(),
+            started_at: t,
+            created_at: t,
+            last_seen_at: t,
+            ended_at: None,
+            escalated,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            resolved_by: None,
+            resolved_at: None,
+            resolution_code: None,
+            resolution_note: None,
+            evidence: serde_json::json!({}),
+            occurrences: 1,
+        }
+    }
+
+    #[test]
+    fn triage_order() {
+        let mut v = vec![
+            alert(1, Severity::Low, AlertState::Open, false),
+            alert(2, Severity::Critical, AlertState::Acknowledged, false),
+            alert(3, Severity::Critical, AlertState::Resolved, false),
+            alert(4, Severity::Medium, AlertState::Open, true),
+            alert(5, Severity::Critical, AlertState::Open, false),
+        ];
+        sort_alerts(&mut v);
+        let ids: Vec<i64> = v.iter().map(|a| a.id).collect();
+        // Escalated first; then critical open, critical acknowledged, low open; resolved last.
+        assert_eq!(ids, vec![4, 5, 2, 1, 3]);
+    }
 }
