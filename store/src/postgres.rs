@@ -672,6 +672,21 @@ store_body! {
 
     async fn acquire_lease(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
         use sqlx::Connection;
+        // Standby instances ask every second: look on a pooled connection first, and open the
+        // lease's own connection only when the lock is free (the try below decides races).
+        let held: bool = sqlx::query_scalar(
+            "WITH k AS (SELECT hashtextextended(current_schema() || '.em_lease.' || $1, 0) AS key)
+             SELECT EXISTS (SELECT 1 FROM pg_locks l, k WHERE l.locktype = 'advisory'
+               AND l.granted AND l.objsubid = 1
+               AND l.classid = ((k.key >> 32) & 4294967295)::oid
+               AND l.objid = (k.key & 4294967295)::oid)",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        if held {
+            return Ok(None);
+        }
         let opts = (*self.pool.connect_options()).clone();
         let mut conn = PgConnection::connect_with(&opts).await?;
         let got: bool = sqlx::query_scalar(
