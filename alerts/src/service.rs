@@ -132,11 +132,6 @@ impl AlertNotices {
         AlertNotices { stream }
     }
 
-    /// Change id of the last notice returned.
-    pub fn last(&self) -> em_model::ChangeId {
-        self.stream.last()
-    }
-
     /// The next alert notice with its change id.
     pub async fn next(&mut self) -> Result<(em_model::ChangeId, AlertNotice), StoreError> {
         loop {

@@ -306,16 +306,20 @@ impl PasswordChecks {
         }
     }
 
-    /// Verifies `password` against the PHC string `hash` on a blocking thread, or refuses at
-    /// once when every slot is busy.
-    pub(crate) async fn verify(&self, password: String, hash: String) -> Result<bool, ApiError> {
-        let permit = self
-            .permits
+    /// A free slot, or 503 at once when every slot is busy.
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.permits
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Busy {
                 retry_after_secs: 1,
-            })?;
+            })
+    }
+
+    /// Verifies `password` against the PHC string `hash` on a blocking thread, or refuses at
+    /// once when every slot is busy.
+    pub(crate) async fn verify(&self, password: String, hash: String) -> Result<bool, ApiError> {
+        let permit = self.slot()?;
         tokio::task::spawn_blocking(move || {
             let ok = verify_password(&password, &hash);
             drop(permit);
@@ -327,13 +331,7 @@ impl PasswordChecks {
 
     /// Hashes a new password under the same bound.
     pub(crate) async fn hash(&self, password: String) -> Result<String, ApiError> {
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Busy {
-                retry_after_secs: 1,
-            })?;
+        let permit = self.slot()?;
         tokio::task::spawn_blocking(move || {
             let h = hash_password(&password);
             drop(permit);

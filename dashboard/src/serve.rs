@@ -35,16 +35,15 @@ pub struct HttpLimits {
 pub enum Refused {
     /// The source is not allowed on this listener.
     Source,
-    PerIpLimit,
-    TotalLimit,
+    /// Over the listener's connection limits.
+    Limit(LimitExceeded),
 }
 
 impl Refused {
     pub fn as_str(self) -> &'static str {
         match self {
             Refused::Source => "source_not_allowed",
-            Refused::PerIpLimit => "per_ip_limit",
-            Refused::TotalLimit => "total_limit",
+            Refused::Limit(l) => l.as_str(),
         }
     }
 }
@@ -92,12 +91,8 @@ pub async fn serve_limited(
         }
         let permit = match limiter.try_acquire(peer.ip().to_canonical()) {
             Ok(p) => p,
-            Err(LimitExceeded::PerIp) => {
-                refused(peer, Refused::PerIpLimit);
-                continue;
-            }
-            Err(LimitExceeded::Total) => {
-                refused(peer, Refused::TotalLimit);
+            Err(l) => {
+                refused(peer, Refused::Limit(l));
                 continue;
             }
         };

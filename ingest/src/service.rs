@@ -421,7 +421,6 @@ impl Service {
         bg.push(tokio::spawn(apply_order_changes(
             changes.follow(orders_from),
             bindings,
-            store.clone(),
             zones.clone(),
             subjects.clone(),
             registry.clone(),
@@ -642,13 +641,11 @@ async fn bind_opt<P: crate::tcp::TcpProtocol>(
 async fn apply_order_changes(
     mut changes: ChangeStream,
     mut bindings: GroupBindings,
-    store: Arc<dyn Store>,
     zones: SharedZoneIndex,
     subjects: SubjectCache,
     registry: Registry,
     shutdown: CancellationToken,
 ) {
-    let _ = &store;
     loop {
         let entry = tokio::select! {
             _ = shutdown.cancelled() => break,

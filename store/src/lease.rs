@@ -102,7 +102,6 @@ pub async fn run_leased<F, Fut>(
                     holder = holder.as_str(),
                     "lease taken; job running here"
                 );
-                metrics_lease(name, true);
                 waiting_logged = false;
                 let token = shutdown.child_token();
                 let run = job(token.clone());
@@ -123,7 +122,6 @@ pub async fn run_leased<F, Fut>(
                         }
                     }
                 }
-                metrics_lease(name, false);
                 if !lost {
                     lease.release().await;
                 }
@@ -142,8 +140,4 @@ pub async fn run_leased<F, Fut>(
             _ = tokio::time::sleep(RETRY) => {}
         }
     }
-}
-
-fn metrics_lease(name: &'static str, held: bool) {
-    tracing::debug!(lease = name, held, "lease state");
 }

@@ -108,7 +108,6 @@ pub(crate) async fn login(
             )
             .await?;
         }
-        metrics_login("throttled");
         return Err(ApiError::TooManyRequests {
             retry_after_secs: refused.retry_after_secs,
         });
@@ -138,7 +137,6 @@ pub(crate) async fn login(
                         "source": peer.ip().to_canonical().to_string() }),
             )
             .await?;
-            metrics_login("failed");
             tokio::time::sleep(st.settings.login_failure_delay).await;
             return Err(ApiError::BadCredentials);
         }
@@ -197,10 +195,6 @@ pub(crate) async fn me(State(st): State<AppState>, me: CurrentUser) -> Json<serd
         "tile_url": st.settings.tile_url,
         "session_ttl_secs": st.session_ttl().as_secs(),
     }))
-}
-
-fn metrics_login(outcome: &'static str) {
-    tracing::debug!(outcome, "login refused");
 }
 
 #[derive(Debug, Deserialize)]
